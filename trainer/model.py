@@ -106,6 +106,9 @@ def export(model, tokenizer, out: str | Path, merge: bool = False, extra: dict |
     adapter). Written to out.tmp and renamed, so a half-written export never replaces a good one."""
     from trainer.tokenizer import to_hf
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars would clutter train.log
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
