@@ -39,10 +39,13 @@ def is_loopback(host) -> bool:
 
 
 def _caller() -> str:
-    for frame in reversed(traceback.extract_stack()[:-3]):
-        if not any(part in frame.filename for part in ("socket.py", "offline.py", "ssl.py", "http", "urllib3",
-                                                       "requests", "httpx", "httpcore", "asyncio")):
-            return f"{frame.filename}:{frame.lineno} in {frame.name}"
+    """The innermost frame outside the socket and HTTP plumbing: the code that asked."""
+    plumbing = ("/http/", "/urllib3/", "/requests/", "/httpx/", "/httpcore/", "/asyncio/", "/anyio/")
+    for frame in reversed(traceback.extract_stack()[:-1]):
+        name = os.path.basename(frame.filename)
+        if frame.filename == __file__ or name in ("socket.py", "ssl.py") or any(p in frame.filename for p in plumbing):
+            continue
+        return f"{frame.filename}:{frame.lineno} in {frame.name}"
     return "unknown caller"
 
 
