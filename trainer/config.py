@@ -277,8 +277,13 @@ def load(config: str | None = None, **overrides) -> Config:
     if not cfg.run.name:
         import time
 
+        # the run (and so every checkpoint path) names the config, model, data source and time
         stem = Path(config).stem if config else "run"
-        cfg = cfg.replace(run=dataclasses.replace(cfg.run, name=f"{stem}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"))
+        model = "gpt2" if cfg.model.type == "gpt2" else "scratch"
+        model += "-lora" if cfg.model.lora else ""
+        source = Path(cfg.data.source.rstrip("/")).stem or "data"
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        cfg = cfg.replace(run=dataclasses.replace(cfg.run, name=f"{stem}-{model}-{source}-{stamp}"))
     return cfg
 
 
