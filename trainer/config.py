@@ -24,7 +24,7 @@ from trainer.errors import UserError
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = ""  # run name; "" derives <config name>-<UTC timestamp>
+    name: str = ""  # run name; "" derives <config>-<model>-<data source>-<UTC time>
     out_dir: str = "volumes"  # root of checkpoints/<run>/ and metrics/<run>/
     seed: int = 1337  # seeds init, dropout and the batch sampler
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -357,6 +357,28 @@ def grad_clip(cfg: Config) -> float:
     if cfg.train.grad_clip >= 0:
         return cfg.train.grad_clip
     return 2.0 if cfg.model.lora else 1.0
+
+
+def reference_markdown() -> str:
+    """The config reference for the README, read from the field comments above."""
+    import inspect
+    import re
+
+    out = []
+    for section, cls in _section_classes().items():
+        out.append(f"\n**`{section}`**: {(cls.__doc__ or '').strip() if cls.__doc__ and 'Config(' not in cls.__doc__ else ''}"
+                   .rstrip(": ") + "\n\n| key | default | meaning |\n| --- | --- | --- |")
+        source = inspect.getsource(cls)
+        for f in dataclasses.fields(cls):
+            comment = re.search(rf"^\s+{f.name}: [^=]+= .*?  # (.*)$", source, re.M)
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            meaning = comment.group(1).replace("|", "\\|") if comment else ""
+            out.append(f"| `{f.name}` | `{default!r}` | {meaning} |")
+    return "\n".join(out).strip() + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")
 
 
 __all__ = ["Config", "load", "build", "from_dict", "read_yaml", "changed_frozen_keys", "grad_clip",

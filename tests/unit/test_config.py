@@ -86,3 +86,9 @@ def test_every_shipped_config_loads_and_names_its_command(path):
 def test_there_are_the_required_configs():
     names = {p.name for p in CONFIGS}
     assert {"default.yaml", "smoke.yaml", "char_scratch.yaml", "gpt2_lora.yaml", "gpt2_full.yaml"} <= names
+
+
+def test_readme_config_reference_is_current():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("<!-- config-reference -->\n", 1)[1].split("<!-- /config-reference -->", 1)[0]
+    assert block == C.reference_markdown(), "regenerate the README block with `python -m trainer.config`"
