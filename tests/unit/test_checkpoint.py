@@ -1,0 +1,126 @@
+"""Checkpoint contract: atomic directories with a manifest, `latest`, verification,
+fallback from a corrupt newest checkpoint, keep-last-K, best/ and the mirror; loading
+restores weights and optimizer exactly and never unpickles code."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from trainer import checkpoint as ckpt
+from trainer.errors import UserError
+
+
+def tiny():
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=16, vocab_size=50))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randint(0, 50, (2, 8)), labels=torch.randint(0, 50, (2, 8))).loss.backward()
+    opt.step()
+    return model, opt
+
+
+def save(run_dir, step, model, opt, **kw):
+    return ckpt.save_checkpoint(run_dir, ckpt.step_name(step), model, opt, {ckpt.STEP: step},
+                                {"step": step}, "run: {}\n", **kw)
+
+
+def test_save_load_round_trip(tmp_path):
+    model, opt = tiny()
+    path = save(tmp_path, 3, model, opt)
+    assert path.name == "step_000003" and ckpt.latest_name(tmp_path) == "step_000003"
+    assert ckpt.verify(path) is None
+    assert not list(tmp_path.glob("*.tmp"))
+    other, other_opt = GPT2LMHeadModel(model.config), torch.optim.AdamW(GPT2LMHeadModel(model.config).parameters())
+    other_opt = torch.optim.AdamW(other.parameters(), lr=1e-2)
+    state = ckpt.load_checkpoint(path, other, other_opt)
+    assert state[ckpt.STEP] == 3
+    for (k, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert other.lm_head.weight.data_ptr() == other.transformer.wte.weight.data_ptr()  # still tied
+    a, b = opt.state_dict()["state"][0]["exp_avg"], other_opt.state_dict()["state"][0]["exp_avg"]
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete_manifest", "delete_file"])
+def test_corrupt_latest_falls_back_to_previous(tmp_path, damage, caplog):
+    model, opt = tiny()
+    good = save(tmp_path, 1, model, opt)
+    bad = save(tmp_path, 2, model, opt)
+    target = bad / ckpt.MODEL
+    if damage == "truncate":
+        target.write_bytes(target.read_bytes()[:100])
+    elif damage == "flip":
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(bytes(data))
+    elif damage == "delete_manifest":
+        (bad / ckpt.MANIFEST).unlink()
+    else:
+        (bad / ckpt.OPTIMIZER).unlink()
+    assert ckpt.verify(bad) is not None
+    with caplog.at_level("WARNING", logger="trainer"):
+        assert ckpt.find_valid(tmp_path) == good
+    assert "falling back to step_000001" in caplog.text
+
+
+def test_leftover_tmp_dir_is_never_a_candidate(tmp_path):
+    model, opt = tiny()
+    good = save(tmp_path, 1, model, opt)
+    (tmp_path / "step_000002.tmp").mkdir()  # a save killed mid-write
+    assert ckpt.find_valid(tmp_path) == good
+
+
+def test_no_valid_checkpoint_is_a_user_error(tmp_path):
+    model, opt = tiny()
+    only = save(tmp_path, 1, model, opt)
+    (only / ckpt.STATE).write_bytes(b"garbage")
+    with pytest.raises(UserError, match="no valid checkpoint"):
+        ckpt.find_valid(tmp_path)
+
+
+def test_keep_last_and_best(tmp_path):
+    model, opt = tiny()
+    for step in range(1, 6):
+        path = save(tmp_path, step, model, opt, keep_last=2)
+        if step == 2:
+            ckpt.update_best(tmp_path, path, {"val_loss": 1.0})
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000004", "step_000005"]
+    assert ckpt.verify(tmp_path / "best") is None  # survives pruning of step_000002
+    assert '"checkpoint": "step_000002"' in (tmp_path / "best.json").read_text()
+
+
+def test_mirror_copies_each_checkpoint(tmp_path):
+    model, opt = tiny()
+    run_dir, mirror_root = tmp_path / "primary" / "run1", tmp_path / "backup"
+    for step in (1, 2, 3):
+        save(run_dir, step, model, opt, keep_last=2, mirror_dir=str(mirror_root))
+    mirrored = mirror_root / "run1"
+    assert ckpt.latest_name(mirrored) == "step_000003"
+    assert sorted(p.name for p in mirrored.glob("step_*")) == ["step_000002", "step_000003"]
+    assert ckpt.verify(mirrored / "step_000003") is None
+    assert ckpt.find_valid(mirrored) == mirrored / "step_000003"
+
+
+def test_loading_never_unpickles_code(tmp_path):
+    model, opt = tiny()
+    path = save(tmp_path, 1, model, opt)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    (path / ckpt.STATE).write_bytes(pickle.dumps({"step": Evil()}))
+    # re-sign the manifest so that only the unpickler stands in the way
+    import hashlib
+    import json
+
+    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    data = (path / ckpt.STATE).read_bytes()
+    manifest["files"][ckpt.STATE] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(pickle.UnpicklingError):
+        ckpt.load_checkpoint(path, GPT2LMHeadModel(model.config))

@@ -1,0 +1,94 @@
+"""The config loader: precedence defaults < YAML < env < CLI, strict names and types with
+suggestions, resume's frozen keys, and every shipped file under configs/ loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trainer import config as C
+from trainer.errors import UserError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+def test_precedence(tmp_path):
+    yml = tmp_path / "c.yaml"
+    yml.write_text("train:\n  max_steps: 7\n  lr: 3e-4\nmodel:\n  n_layer: 3\n")
+    env = {"TRAINER_TRAIN_MAX_STEPS": "9", "TRAINER_CHECKPOINT_MIRROR_DIR": "/backup"}
+    cfg = C.build(yaml_path=yml, environ=env, overrides={"model.n_layer": 5})
+    assert cfg.train.max_steps == 9  # env beats YAML
+    assert cfg.train.lr == 3e-4  # YAML 1.1's "3e-4" string is read as a float
+    assert cfg.model.n_layer == 5  # CLI beats YAML
+    assert cfg.checkpoint.mirror_dir == "/backup"
+    assert C.build(yaml_path=yml, environ=env, overrides={"train.max_steps": 11}).train.max_steps == 11
+    assert C.build(environ={}).train.max_steps == C.TrainConfig().max_steps
+
+
+def test_aliases_from_the_replaced_setups():
+    cfg = C.build(environ={}, overrides={"steps": 10, "seed": 42})
+    assert (cfg.train.max_steps, cfg.run.seed) == (10, 42)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"train.max_step": 3}, "did you mean 'max_steps'"),
+    ({"trian.lr": 1.0}, "did you mean 'train'"),
+    ({"train.max_steps": "abc"}, "train.max_steps: expected int"),
+    ({"model.lora": "maybe"}, "model.lora: expected bool"),
+    ({"model.n_embd": 30, "model.n_head": 4}, "divisible"),
+])
+def test_bad_keys_and_types_are_named(overrides, expected):
+    with pytest.raises(UserError, match=expected):
+        C.build(environ={}, overrides=overrides)
+
+
+def test_problems_are_collected_and_raised_once():
+    with pytest.raises(UserError) as err:
+        C.build(environ={}, overrides={"train.max_steps": 0, "model.dropout": 1.5})
+    assert "train.max_steps" in str(err.value) and "model.dropout" in str(err.value)
+
+
+def test_unknown_env_variable_is_an_error():
+    with pytest.raises(UserError, match="TRAINER_TRAIN_MAXSTEPS"):
+        C.build(environ={"TRAINER_TRAIN_MAXSTEPS": "5"})
+
+
+def test_frozen_keys_on_resume():
+    old = C.build(environ={})
+    new = C.build(base=old.to_dict(), environ={}, overrides={"model.n_layer": 9, "train.max_steps": 999})
+    assert C.changed_frozen_keys(old, new) == ["model.n_layer"]
+
+
+def test_round_trip_through_yaml():
+    import yaml
+
+    cfg = C.build(environ={}, overrides={"model.lora_targets": "c_attn,c_proj"})
+    assert cfg.model.lora_targets == ["c_attn", "c_proj"]
+    assert C.from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
+
+
+def test_grad_clip_defaults_follow_the_seeds():
+    assert C.grad_clip(C.build(environ={})) == 1.0
+    lora = C.build(environ={}, overrides={"model.type": "gpt2", "data.tokenizer": "gpt2", "model.lora": True})
+    assert C.grad_clip(lora) == 2.0
+    assert C.grad_clip(C.build(environ={}, overrides={"train.grad_clip": 0.5})) == 0.5
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads_and_names_its_command(path):
+    assert path.read_text().startswith("# "), f"{path.name} must open with the command that runs it"
+    first = path.read_text().splitlines()[0]
+    assert "trainer " in first or "just " in first or "docker " in first
+    C.build(yaml_path=path, environ={})
+
+
+def test_there_are_the_required_configs():
+    names = {p.name for p in CONFIGS}
+    assert {"default.yaml", "smoke.yaml", "char_scratch.yaml", "gpt2_lora.yaml", "gpt2_full.yaml"} <= names
+
+
+def test_readme_config_reference_is_current():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("<!-- config-reference -->\n", 1)[1].split("<!-- /config-reference -->", 1)[0]
+    assert block == C.reference_markdown(), "regenerate the README block with `python -m trainer.config`"
