@@ -42,3 +42,46 @@ def model_dir(tmp_path_factory, tok):
     path = tmp_path_factory.mktemp("tiny-gpt2")
     save_hf_folder(path, tiny_model(tok.get_vocab_size()), tok)
     return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningServer:
+    """A real uvicorn server on 127.0.0.1 in a background thread."""
+
+    def __init__(self, app):
+        import threading
+        import time
+
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            if time.time() > deadline:
+                raise RuntimeError("test server did not start")
+            time.sleep(0.02)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def server(model_dir):
+    from trainer.serve import create_app
+
+    s = RunningServer(create_app(str(model_dir), name="tiny"))
+    yield s
+    s.stop()
