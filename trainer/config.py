@@ -1,0 +1,356 @@
+"""Typed configuration: one dataclass per section, defaults < YAML < env < CLI.
+
+Every field has a default and a one-line comment with its unit. `load()` merges the
+layers, rejects unknown keys (suggesting the closest one) and wrong types, and returns a
+frozen `Config`. Environment overrides are `TRAINER_<SECTION>_<KEY>`, e.g.
+`TRAINER_TRAIN_MAX_STEPS=50`; CLI overrides are `--train.max_steps=50`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from trainer.errors import UserError
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = ""  # run name; "" derives <config name>-<UTC timestamp>
+    out_dir: str = "volumes"  # root of checkpoints/<run>/ and metrics/<run>/
+    seed: int = 1337  # seeds init, dropout and the batch sampler
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    offline: bool = True  # install the socket guard: any non-loopback connection is an error
+    compile: bool = False  # torch.compile the model (CUDA mostly; off keeps CPU start-up fast)
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    type: str = "from_scratch"  # from_scratch | gpt2
+    path: str = "vendor/models/gpt2"  # local HF folder for type=gpt2 (loaded with local_files_only)
+    n_layer: int = 4  # transformer blocks (from_scratch)
+    n_head: int = 4  # attention heads (from_scratch)
+    n_embd: int = 128  # width (from_scratch)
+    block_size: int = 128  # context length in tokens; capped at the model's positions
+    dropout: float = 0.0  # dropout probability in attention, residual and embeddings
+    lora: bool = False  # train a LoRA adapter instead of all weights
+    lora_r: int = 8  # LoRA rank
+    lora_alpha: int = 16  # LoRA scaling numerator (scale = alpha / r)
+    lora_dropout: float = 0.05  # dropout on the LoRA branch
+    lora_targets: list = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])  # module names
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "python-stdlib"  # python-stdlib | a .txt/.md file or folder | .jsonl | .bin/.npy/.pt tokens
+    name: str = ""  # prepared folder name under prepared_dir; "" derives it from source and tokenizer
+    prepared_dir: str = "data/prepared"  # where prepared folders live
+    tokenizer: str = "bpe"  # gpt2 | bpe | char
+    tokenizer_path: str = "vendor/tokenizers/gpt2"  # gpt2 files (vocab.json + merges.txt or tokenizer.json)
+    vocab_size: int = 4096  # bpe only: target vocabulary size
+    text_field: str = "text"  # jsonl: the field holding the text
+    val_fraction: float = 0.05  # share of documents (or token chunks) held out for validation
+    split_seed: int = 1337  # seeds the train/val split
+    max_bytes: int = 0  # read at most this many bytes of text (0 = all), in sorted file order
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 200  # optimizer steps
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-4  # floor of the cosine decay
+    warmup_steps: int = 20  # linear warmup steps (0 = no warmup)
+    schedule: str = "cosine"  # cosine | constant
+    weight_decay: float = 0.1  # AdamW decay on matrices; biases and norms get none
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = -1.0  # max grad norm; -1 = 1.0 for full training, 2.0 for LoRA; 0 = off
+    eval_interval: int = 50  # steps between validation runs (0 = only at the end)
+    eval_iters: int = 10  # validation batches per evaluation
+    log_interval: int = 25  # steps between console lines
+    sample_at_end: bool = True  # write samples.txt at the end
+    export_at_end: bool = True  # write the HF export to checkpoints/<run>/final/
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    interval: int = 100  # steps between checkpoints (0 = only at the end and on signals)
+    keep_last: int = 3  # step directories kept (0 = all)
+    best: bool = True  # keep best/ by validation loss
+    mirror_dir: str = ""  # second location each completed checkpoint is copied to ("" = none)
+    enabled: bool = True  # write checkpoints at all
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    prompt: str = ""  # "" = "QUESTION: " for gpt2, the start token for from-scratch
+    max_new_tokens: int = 300  # tokens generated
+    temperature: float = 0.7  # softmax temperature (0 = greedy)
+    top_k: int = 50  # keep the k most likely tokens (0 = all)
+    seed: int = 1234  # seeds the sampling
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    interval: int = 1  # GRPO: iterations between held-out evaluations
+    replicates: int = 4  # GRPO: completions per held-out problem
+    num_problems: int = 32  # GRPO: held-out problems per evaluation
+    watch_interval: float = 10.0  # evaluator --watch: seconds between scans
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    url: str = "http://127.0.0.1:8000/v1"  # OpenAI-compatible server for GRPO rollouts
+    host: str = "127.0.0.1"  # trainer serve: bind address (loopback unless told otherwise)
+    port: int = 8000  # trainer serve: port
+    timeout: float = 60.0  # seconds per request
+    retries: int = 5  # attempts before a request is given up
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def replace(self, **sections) -> "Config":
+        return dataclasses.replace(self, **sections)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+# keys that may not change when resuming: they define the weights' shapes or the token ids
+FROZEN_ON_RESUME = ("model.", "data.")
+# short flags from the setups Airlock replaces (`--steps 10 --seed 42`)
+ALIASES = {"steps": "train.max_steps", "seed": "run.seed", "lr": "train.lr",
+           "batch_size": "train.batch_size", "block_size": "model.block_size", "name": "run.name"}
+
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def _closest(word: str, options) -> str:
+    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else f"; valid: {', '.join(sorted(options))}"
+
+
+def _coerce(value, typ, where: str, from_text: bool):
+    """Check (and, for env strings, parse) one value against a field's type."""
+    if from_text and isinstance(value, str) and typ is not str:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            pass
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        if value is None:
+            return ""
+    elif typ is list:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    raise UserError(f"{where}: expected {typ.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _apply(tree: dict, layer: dict, origin: str, from_text: bool = False) -> None:
+    """Merge one layer of {section: {key: value}} into tree, validating names and types."""
+    classes = _section_classes()
+    for section, values in layer.items():
+        if section not in classes:
+            raise UserError(f"{origin}: unknown section {section!r}{_closest(section, classes)}")
+        if not isinstance(values, dict):
+            raise UserError(f"{origin}: section {section!r} must be a mapping of key: value")
+        hints = typing.get_type_hints(classes[section])
+        for key, value in values.items():
+            if key not in hints:
+                raise UserError(f"{origin}: unknown key {section}.{key}{_closest(key, hints)}")
+            tree[section][key] = _coerce(value, hints[key], f"{origin}: {section}.{key}", from_text)
+
+
+def _dotted(overrides: dict, origin: str) -> dict:
+    """{'train.max_steps': 5} -> {'train': {'max_steps': 5}}; resolves aliases."""
+    layer: dict = {}
+    for raw, value in overrides.items():
+        key = ALIASES.get(raw, raw).replace("-", "_")
+        if "." not in key:
+            options = [f"{s}.{k}" for s, c in _section_classes().items() for k in typing.get_type_hints(c)]
+            raise UserError(f"{origin}: unknown option --{raw}{_closest(raw, list(options) + list(ALIASES))}")
+        section, name = key.split(".", 1)
+        layer.setdefault(section, {})[name] = value
+    return layer
+
+
+def _env_layer(environ) -> dict:
+    """TRAINER_TRAIN_MAX_STEPS=50 -> {'train': {'max_steps': '50'}}."""
+    layer: dict = {}
+    for var, value in environ.items():
+        if not var.startswith("TRAINER_"):
+            continue
+        rest = var[len("TRAINER_"):].lower()
+        section = next((s for s in SECTIONS if rest.startswith(s + "_")), None)
+        if section is None:
+            raise UserError(f"environment: unknown variable {var}{_closest(rest, SECTIONS)} "
+                            f"(form: TRAINER_<SECTION>_<KEY>)")
+        layer.setdefault(section, {})[rest[len(section) + 1:]] = value
+    return layer
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} not found; pass an existing file, e.g. --config configs/smoke.yaml")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        raise UserError(f"config file {path}{where} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must be a mapping of sections (run:, model:, train: ...)")
+    return data
+
+
+def build(base: dict | None = None, yaml_path: str | None = None, overrides: dict | None = None,
+          environ=None) -> Config:
+    """Merge layers onto `base` (a to_dict() tree; defaults when None) and validate."""
+    tree = base if base is not None else Config().to_dict()
+    tree = json.loads(json.dumps(tree))  # deep copy
+    if yaml_path:
+        _apply(tree, read_yaml(yaml_path), str(yaml_path))
+    _apply(tree, _env_layer(os.environ if environ is None else environ), "environment", from_text=True)
+    _apply(tree, _dotted(overrides or {}, "command line"), "command line", from_text=True)
+    classes = _section_classes()
+    cfg = Config(**{s: classes[s](**v) for s, v in tree.items()})
+    validate(cfg)
+    return cfg
+
+
+def load(config: str | None = None, **overrides) -> Config:
+    """defaults < YAML < env < CLI. The config name (for run names) is the YAML's stem."""
+    cfg = build(yaml_path=config, overrides=overrides)
+    if not cfg.run.name:
+        import time
+
+        stem = Path(config).stem if config else "run"
+        cfg = cfg.replace(run=dataclasses.replace(cfg.run, name=f"{stem}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"))
+    return cfg
+
+
+def from_dict(tree: dict) -> Config:
+    """A config saved in a run or checkpoint (already validated once)."""
+    classes = _section_classes()
+    merged = Config().to_dict()
+    for section, values in tree.items():
+        if section in merged:
+            merged[section].update({k: v for k, v in values.items() if k in merged[section]})
+    return Config(**{s: classes[s](**v) for s, v in merged.items()})
+
+
+def changed_frozen_keys(old: Config, new: Config) -> list[str]:
+    """Keys that define weights or token ids and differ between two configs."""
+    a, b = old.to_dict(), new.to_dict()
+    out = []
+    for section in a:
+        for key in a[section]:
+            dotted = f"{section}.{key}"
+            if dotted.startswith(FROZEN_ON_RESUME) and a[section][key] != b[section][key]:
+                out.append(dotted)
+    return out
+
+
+def validate(cfg: Config) -> None:
+    """Collect every problem, raise once."""
+    problems = []
+    m, d, t, c = cfg.model, cfg.data, cfg.train, cfg.checkpoint
+    if m.type not in ("from_scratch", "gpt2"):
+        problems.append(f"model.type={m.type!r} must be from_scratch or gpt2")
+    if d.tokenizer not in ("gpt2", "bpe", "char"):
+        problems.append(f"data.tokenizer={d.tokenizer!r} must be gpt2, bpe or char")
+    if m.type == "gpt2" and d.tokenizer != "gpt2":
+        problems.append(f"model.type=gpt2 needs data.tokenizer=gpt2 (got {d.tokenizer!r})")
+    if m.lora and m.type != "gpt2":
+        problems.append("model.lora=true needs model.type=gpt2 (LoRA adapts pretrained weights)")
+    if m.n_embd % max(m.n_head, 1):
+        problems.append(f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
+    for name, value in (("model.n_layer", m.n_layer), ("model.n_head", m.n_head), ("model.n_embd", m.n_embd),
+                        ("model.block_size", m.block_size), ("model.lora_r", m.lora_r),
+                        ("train.max_steps", t.max_steps), ("train.batch_size", t.batch_size),
+                        ("train.grad_accum", t.grad_accum), ("train.eval_iters", t.eval_iters),
+                        ("train.log_interval", t.log_interval), ("data.vocab_size", d.vocab_size)):
+        if value < 1:
+            problems.append(f"{name}={value} must be at least 1")
+    for name, value in (("model.dropout", m.dropout), ("model.lora_dropout", m.lora_dropout)):
+        if not 0.0 <= value < 1.0:
+            problems.append(f"{name}={value} must be in [0, 1)")
+    if not 0.0 < d.val_fraction < 1.0:
+        problems.append(f"data.val_fraction={d.val_fraction} must be in (0, 1)")
+    if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
+        problems.append(f"train.lr={t.lr} and train.min_lr={t.min_lr} need 0 <= min_lr <= lr, lr > 0")
+    if t.schedule not in ("cosine", "constant"):
+        problems.append(f"train.schedule={t.schedule!r} must be cosine or constant")
+    for name, value in (("train.warmup_steps", t.warmup_steps), ("train.eval_interval", t.eval_interval),
+                        ("checkpoint.interval", c.interval), ("checkpoint.keep_last", c.keep_last),
+                        ("data.max_bytes", d.max_bytes)):
+        if value < 0:
+            problems.append(f"{name}={value} must not be negative")
+    if cfg.run.device != "auto" and not (cfg.run.device == "cpu" or cfg.run.device.startswith("cuda")):
+        problems.append(f"run.device={cfg.run.device!r} must be auto, cpu or cuda[:N]")
+    if cfg.run.name and ("/" in cfg.run.name or cfg.run.name.startswith(".")):
+        problems.append(f"run.name={cfg.run.name!r} must be a plain folder name (no '/', not starting with '.')")
+    if problems:
+        raise UserError("invalid config: " + "; ".join(problems))
+
+
+def grad_clip(cfg: Config) -> float:
+    """The seeds' convention: 1.0 for full training, 2.0 for LoRA, unless set."""
+    if cfg.train.grad_clip >= 0:
+        return cfg.train.grad_clip
+    return 2.0 if cfg.model.lora else 1.0
+
+
+__all__ = ["Config", "load", "build", "from_dict", "read_yaml", "changed_frozen_keys", "grad_clip",
+           "UserError", "SECTIONS"]
