@@ -147,7 +147,7 @@ class Engine:
     # ------------------------------------------------------------ completions
 
     def complete(self, req: CompletionRequest) -> dict:
-        from trainer.grpo.sampling import sample
+        from trainer.generate import sample
 
         if req.model != self.name and req.model not in self.adapters:
             raise ServeError(404, f"The model `{req.model}` does not exist.", "NotFoundError", "model")

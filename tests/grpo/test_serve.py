@@ -13,7 +13,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from trainer.grpo.sampling import sample
+from trainer.generate import sample
 
 
 def client(server):
