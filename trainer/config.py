@@ -145,6 +145,7 @@ class Config:
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 # keys that may not change when resuming: they define the weights' shapes or the token ids
 FROZEN_ON_RESUME = ("model.", "data.")
+NOT_CONFIG_ENV = {"TRAINER_DEBUG"}  # TRAINER_* variables that are not config keys
 # short flags from the setups Airlock replaces (`--steps 10 --seed 42`)
 ALIASES = {"steps": "train.max_steps", "seed": "run.seed", "lr": "train.lr",
            "batch_size": "train.batch_size", "block_size": "model.block_size", "name": "run.name"}
@@ -226,7 +227,7 @@ def _env_layer(environ) -> dict:
     """TRAINER_TRAIN_MAX_STEPS=50 -> {'train': {'max_steps': '50'}}."""
     layer: dict = {}
     for var, value in environ.items():
-        if not var.startswith("TRAINER_"):
+        if not var.startswith("TRAINER_") or var in NOT_CONFIG_ENV:
             continue
         rest = var[len("TRAINER_"):].lower()
         section = next((s for s in SECTIONS if rest.startswith(s + "_")), None)

@@ -249,3 +249,20 @@ class Batches:
         window = np.asarray(data[starts[:, None] + np.arange(self.block_size + 1)], dtype=np.int64)
         xy = torch.from_numpy(window)
         return xy[:, :-1], xy[:, 1:]
+
+
+def prepare_command(config: str | None = None, **overrides) -> str:
+    """Tokenize a corpus into data/prepared/<name>/ (train.bin, val.bin, meta.json, tokenizer.json).
+
+    Args:
+      config: YAML file; its data section says what to prepare. Override with --data.source=PATH
+        (.txt/.md file or folder, .jsonl, .bin/.npy/.pt tokens, or python-stdlib),
+        --data.tokenizer=gpt2|bpe|char, --data.vocab_size=N, --data.text_field=NAME.
+    """
+    from trainer import config as configs
+    from trainer.offline import go_offline
+
+    cfg = configs.load(config, **overrides)
+    if cfg.run.offline:
+        go_offline()
+    return str(prepare(cfg.data))

@@ -80,6 +80,39 @@ def sample_text(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, te
     return tokenizer.decode(new[0].tolist(), skip_special_tokens=False)
 
 
+def sample_command(run: str | None = None, checkpoint: str | None = None, prompt: str | None = None,
+                   max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
+                   seed: int | None = None, num_samples: int = 1, out_dir: str = "volumes") -> str:
+    """Generate text from a checkpoint (only the new tokens are printed).
+
+    Args:
+      run: run name (newest valid checkpoint); default: the most recent run.
+      checkpoint: a step directory (also $CHECKPOINT_PATH).
+      prompt: text to continue; default "QUESTION: " for gpt2, the start token for from-scratch.
+      max_new_tokens, temperature, top_k, seed: default to the run's sample section.
+      num_samples: how many samples, each with seed+i.
+    """
+    from trainer import checkpoint as ckpt
+    from trainer.offline import go_offline
+
+    go_offline()
+    step_dir = ckpt.locate(run, checkpoint, out_dir)
+    model, tok, cfg, _ = ckpt.restore(step_dir)
+    s = cfg.sample
+    if prompt is None:
+        prompt = s.prompt or ("QUESTION: " if cfg.model.type == "gpt2" else "")
+    ids = tok.encode(str(prompt)).ids if prompt else [tok.token_to_id("<|endoftext|>")]
+    texts = []
+    for i in range(int(num_samples)):
+        text = sample_text(model, tok, ids, max_new_tokens or s.max_new_tokens,
+                           s.temperature if temperature is None else temperature,
+                           s.top_k if top_k is None else top_k, (s.seed if seed is None else seed) + i,
+                           torch.device("cpu"))
+        print(f"--- sample {i + 1} from {step_dir} ---\n{prompt}{text}", flush=True)
+        texts.append(text)
+    return "\n".join(texts)
+
+
 @dataclass
 class Sample:
     tokens: list[int]  # generated ids, ending with the stop/eos id when finish_reason == "stop"

@@ -1,0 +1,180 @@
+"""The offline environment: HF offline variables, the socket guard, and `trainer doctor`.
+
+The guard patches socket connect and name resolution so that any non-loopback connection
+raises NetworkBlocked naming the caller, before a single packet leaves the machine.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import sys
+import traceback
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+               "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", ""}
+
+
+class NetworkBlocked(ConnectionError):
+    """A connection to a non-loopback address while run.offline is true."""
+
+
+def set_offline_env() -> None:
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def is_loopback(host) -> bool:
+    if isinstance(host, bytes):
+        host = host.decode()
+    host = str(host).strip("[]")
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _caller() -> str:
+    for frame in reversed(traceback.extract_stack()[:-3]):
+        if not any(part in frame.filename for part in ("socket.py", "offline.py", "ssl.py", "http", "urllib3",
+                                                       "requests", "httpx", "httpcore", "asyncio")):
+            return f"{frame.filename}:{frame.lineno} in {frame.name}"
+    return "unknown caller"
+
+
+def _blocked(host, port) -> NetworkBlocked:
+    return NetworkBlocked(f"network access to {host}:{port} blocked by Airlock's offline guard (run.offline=true), "
+                          f"called from {_caller()}; everything must load from local folders")
+
+
+_original = {}
+
+
+def install_guard() -> None:
+    """Idempotent. Loopback and Unix sockets stay allowed (the GRPO server, tests)."""
+    if _original:
+        return
+    _original["connect"] = socket.socket.connect
+    _original["connect_ex"] = socket.socket.connect_ex
+    _original["getaddrinfo"] = socket.getaddrinfo
+
+    def check(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not is_loopback(address[0]):
+            raise _blocked(address[0], address[1])
+
+    def connect(self, address):
+        check(self, address)
+        return _original["connect"](self, address)
+
+    def connect_ex(self, address):
+        check(self, address)
+        return _original["connect_ex"](self, address)
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host is not None and not is_loopback(host):
+            raise _blocked(host, port)
+        return _original["getaddrinfo"](host, port, *args, **kwargs)
+
+    socket.socket.connect = connect
+    socket.socket.connect_ex = connect_ex
+    socket.getaddrinfo = getaddrinfo
+
+
+def remove_guard() -> None:
+    if not _original:
+        return
+    socket.socket.connect = _original.pop("connect")
+    socket.socket.connect_ex = _original.pop("connect_ex")
+    socket.getaddrinfo = _original.pop("getaddrinfo")
+
+
+def guard_active() -> bool:
+    return bool(_original)
+
+
+def go_offline() -> None:
+    set_offline_env()
+    install_guard()
+
+
+def doctor(cfg) -> int:
+    """Report versions, device, offline mode and whether the config's tokenizer, weights and
+    data are present and load under the socket guard. -> number of problems."""
+    import platform
+
+    import numpy
+    import peft
+    import tokenizers
+    import torch
+    import transformers
+
+    from trainer import data, model as models, tokenizer as tk
+    from trainer.errors import UserError
+
+    problems = 0
+
+    def report(ok: bool, what: str, detail: str) -> None:
+        nonlocal problems
+        problems += not ok
+        print(f"  [{'ok' if ok else 'FAIL'}] {what}: {detail}")
+
+    print("versions:")
+    print(f"  python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"peft {peft.__version__}, tokenizers {tokenizers.__version__}, numpy {numpy.__version__}")
+    cuda = torch.cuda.is_available()
+    print(f"device: {'cuda: ' + torch.cuda.get_device_name(0) if cuda else 'cpu'} "
+          f"(run.device={cfg.run.device}, {torch.get_num_threads()} CPU threads)")
+    print("offline:")
+    set_offline_env()
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        report(os.environ.get(key) == "1", key, os.environ.get(key, "unset"))
+    install_guard()
+    report(guard_active(), "socket guard", "installed: non-loopback connections raise")
+    print("assets (loaded under the guard):")
+    try:
+        path = data.prepared_path(cfg.data)
+        meta = data.read_meta(path)
+        report(True, "data", f"{path}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, "
+                             f"{meta['tokenizer']} vocab {meta['vocab_size']}")
+        tok = tk.load(path)
+        report(True, "tokenizer", f"{path / tk.TOKENIZER_FILE}: {tok.get_vocab_size()} tokens")
+    except (UserError, OSError, ValueError) as e:
+        report(False, "data", f"{e} (run `trainer prepare --config ...`)")
+        tok = None
+        if cfg.data.tokenizer == "gpt2":
+            try:
+                tok = tk.load_gpt2(cfg.data.tokenizer_path)
+                report(True, "tokenizer", f"gpt2 from local files: {tok.get_vocab_size()} tokens")
+            except (UserError, NetworkBlocked) as e2:
+                report(False, "tokenizer", str(e2))
+    if cfg.model.type == "gpt2":
+        try:
+            m = models.load_pretrained(cfg.model.path)
+            fixture = (os.path.exists(os.path.join(cfg.model.path, "FIXTURE.txt")))
+            report(True, "weights", f"{cfg.model.path}: {sum(p.numel() for p in m.parameters()):,} parameters"
+                                    + (" (FIXTURE: tiny random GPT-2 for tests, not the real weights)" if fixture else ""))
+        except (UserError, NetworkBlocked, OSError, ValueError) as e:
+            report(False, "weights", str(e))
+    else:
+        report(True, "weights", "from_scratch: initialised from run.seed, nothing to load")
+    print("ok: this config needs no network" if problems == 0 else f"{problems} problem(s) found")
+    sys.stdout.flush()
+    return problems
+
+
+def doctor_command(config: str | None = None, **overrides) -> None:
+    """Check that a config can run here with no network: versions, device, offline mode,
+    and the tokenizer, weights and data it needs, loaded under the socket guard.
+
+    Args:
+      config: YAML file to check (default: the built-in defaults).
+    """
+    from trainer import config as configs
+
+    problems = doctor(configs.load(config, **overrides))
+    if problems:
+        sys.exit(1)

@@ -1,0 +1,386 @@
+"""The pretrain / fine-tune loop: fresh runs and bit-exact resumes.
+
+A step is: lr for this step -> grad_accum micro-batches (each a pure function of
+(seed, step, micro)) -> clip -> AdamW. Everything that decides the next step's numbers
+(weights, optimizer moments, every RNG, the step) is in the checkpoint, so a resumed run
+reproduces the uninterrupted one bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import socket
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from trainer import checkpoint as ckpt
+from trainer import config as configs
+from trainer import data, metrics, offline, runtime
+from trainer import model as models
+from trainer import tokenizer as tk
+from trainer.errors import UserError
+from trainer.generate import sample_text
+
+log = logging.getLogger("trainer")
+
+
+def run_dirs(cfg) -> tuple[Path, Path]:
+    root = Path(cfg.run.out_dir)
+    return root / "checkpoints" / cfg.run.name, root / "metrics" / cfg.run.name
+
+
+def lr_at(step: int, t) -> float:
+    """Linear warmup to lr, then cosine to min_lr at max_steps (step counts from 1)."""
+    if t.warmup_steps and step <= t.warmup_steps:
+        return t.lr * step / t.warmup_steps
+    if t.schedule == "constant":
+        return t.lr
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
+
+
+def make_optimizer(model, cfg, device) -> torch.optim.Optimizer:
+    t = cfg.train
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(models.param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+                             fused=fused)
+
+
+def lm_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; x, y (B, T) ids."""
+    logits = model(input_ids=x).logits  # (B, T, V)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+
+
+@torch.no_grad()
+def estimate_loss(model, batches: data.Batches, iters: int, device) -> float:
+    """Mean val loss over the same `iters` batches every time, so evaluations compare."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    for i in range(iters):
+        x, y = batches.get_batch("val", i)
+        with runtime.autocast(device):
+            losses.append(lm_loss(model, x.to(device), y.to(device)).item())
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def _check_writable(path: Path, what: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{what} {path} is not writable ({e.strerror}); set run.out_dir to a writable folder "
+                        "or fix the mount's permissions") from None
+
+
+def provenance(cfg, meta: dict, device, model_cfg) -> dict:
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("torch", "transformers", "peft", "tokenizers", "safetensors", "numpy", "airlock-trainer"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    out = {"config_hash": cfg.hash(), "data_sha256": meta.get("sha256", {}), "data_source": meta.get("source"),
+           "tokenizer": meta.get("tokenizer"), "vocab_size": meta.get("vocab_size"), "versions": versions,
+           "host": socket.gethostname(), "platform": platform.platform(), "device": str(device),
+           "seed": cfg.run.seed, "image_id": os.environ.get("AIRLOCK_IMAGE_ID"),
+           "git_commit": os.environ.get("AIRLOCK_GIT_COMMIT") or _git_commit()}
+    if model_cfg.type == "gpt2":
+        fixture = Path(model_cfg.path) / "FIXTURE.txt"
+        out["weights"] = {"path": model_cfg.path, "fixture": fixture.exists()}
+    return out
+
+
+def _git_commit() -> str | None:
+    head = Path(__file__).resolve().parents[1] / ".git" / "HEAD"
+    try:
+        ref = head.read_text().strip()
+        if ref.startswith("ref: "):
+            return (head.parent / ref[5:]).read_text().strip()
+        return ref
+    except OSError:
+        return None
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def train(cfg, resume_dir: Path | None = None) -> dict:
+    """Run (or continue) training. -> summary dict with the final step, losses and weights sha256."""
+    ckpt_dir, metrics_dir = run_dirs(cfg)
+    if resume_dir is None and ckpt.latest_name(ckpt_dir) is not None:
+        raise UserError(f"run {cfg.run.name!r} already has checkpoints in {ckpt_dir}; continue it with "
+                        f"`trainer resume --run {cfg.run.name}` or pick a new run.name")
+    _check_writable(ckpt_dir, "checkpoint directory")
+    _check_writable(metrics_dir, "metrics directory")
+    metrics.setup_logging(metrics_dir / "train.log")
+    if cfg.run.offline:
+        offline.go_offline()
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    device = runtime.pick_device(cfg.run.device)
+
+    prepared = data.prepared_path(cfg.data)
+    if not (prepared / "meta.json").is_file():
+        log.info(f"prepared data {prepared} not found: preparing it now")
+        data.prepare(cfg.data, log=log.info)
+    meta = data.read_meta(prepared)
+    if meta["tokenizer"] != cfg.data.tokenizer:
+        raise UserError(f"{prepared} was prepared with tokenizer {meta['tokenizer']!r} but data.tokenizer="
+                        f"{cfg.data.tokenizer!r}; set data.name to a new folder or re-run `trainer prepare`")
+    tok = tk.load(prepared)
+    tok_json = (prepared / tk.TOKENIZER_FILE).read_bytes()
+
+    runtime.seed_everything(cfg.run.seed)
+    model, block_size = models.build_model(cfg.model, meta["vocab_size"], meta["eot_id"], cfg.run.seed)
+    if block_size != cfg.model.block_size:
+        cfg = cfg.replace(model=dataclasses.replace(cfg.model, block_size=block_size))
+    model.to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    batches = data.Batches.open(prepared, block_size, cfg.train.batch_size, cfg.run.seed)
+    clip = configs.grad_clip(cfg)
+
+    start_step, tracker = 0, {"first_loss": None, "last_ckpt_loss": None, "best_val": None, "tokens": 0,
+                              "recent": []}
+    if resume_dir is not None:
+        state = ckpt.load_checkpoint(resume_dir, model, optimizer, map_location=device)
+        runtime.set_rng_state(state[ckpt.RNG])
+        start_step = state[ckpt.STEP]
+        tracker.update(state[ckpt.TRACKER])
+        log.info(f"resumed {cfg.run.name} from {resume_dir} at step {start_step}")
+    if cfg.run.compile:
+        model = torch.compile(model)
+    model.train()
+
+    t = cfg.train
+    total, trainable = models.count_parameters(model)
+    log.info(f"run {cfg.run.name}: {cfg.model.type}{' + LoRA' if cfg.model.lora else ''}, {total:,} parameters "
+             f"({trainable:,} trainable), vocab {meta['vocab_size']}, block {block_size}, device {device}; "
+             f"{t.max_steps} steps x {t.batch_size * t.grad_accum} sequences; grad clip {clip}")
+    run_info = provenance(cfg, meta, device, cfg.model)
+    _write_json(metrics_dir / "manifest.json", run_info)
+    (ckpt_dir / ckpt.CONFIG).write_text(cfg.to_yaml())
+    (metrics_dir / ckpt.CONFIG).write_text(cfg.to_yaml())
+
+    rows = metrics.Metrics(metrics_dir, resume_step=start_step)
+    stop = runtime.StopFlag().install()
+    tokens_per_step = t.batch_size * t.grad_accum * block_size
+    recent = deque(tracker["recent"], maxlen=20)
+    last_saved = start_step
+    progress = None
+    if sys.stderr.isatty() and start_step < t.max_steps:
+        from tqdm import tqdm
+
+        progress = tqdm(total=t.max_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False)
+
+    def save(step: int, reason: str) -> Path | None:
+        nonlocal last_saved
+        if not cfg.checkpoint.enabled:
+            return None
+        tracker["recent"] = list(recent)
+        now = sum(recent) / len(recent) if recent else float("nan")
+        state = {ckpt.STEP: step, ckpt.RNG: runtime.rng_state(),
+                 ckpt.SAMPLER: {"seed": cfg.run.seed, "next_step": step + 1},
+                 ckpt.SCHEDULER: {"step": step, "lr": lr_at(max(step, 1), t)}, ckpt.TRACKER: dict(tracker)}
+        trainer_state = {"step": step, "max_steps": t.max_steps, "reason": reason, "train_loss": now,
+                         "val_loss": tracker.get("last_val"), "best_val": tracker["best_val"],
+                         "tokens": tracker["tokens"], "run": cfg.run.name, "saved_at": time.time()}
+        path = ckpt.save_checkpoint(ckpt_dir, ckpt.step_name(step), model, optimizer, state, trainer_state,
+                                    cfg.to_yaml(), cfg.checkpoint.keep_last, cfg.checkpoint.mirror_dir,
+                                    extra_files={ckpt.TOKENIZER: tok_json})
+        first, last = tracker["first_loss"], tracker["last_ckpt_loss"]
+        change = f"net loss change {now - first:+.4f} since start" if first is not None else ""
+        if last is not None:
+            change += f", {now - last:+.4f} since last checkpoint"
+        log.info(f"saved {path} ({reason}); {change}; {ckpt.storage_report(ckpt_dir)}")
+        tracker["last_ckpt_loss"] = now
+        last_saved = step
+        return path
+
+    t0 = time.time()
+    window_t, window_steps = time.time(), 0
+    step = start_step
+    try:
+        while step < t.max_steps:
+            step += 1
+            lr = lr_at(step, t)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for micro in range(t.grad_accum):
+                x, y = batches.get_batch("train", step, micro)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with runtime.autocast(device):
+                    loss = lm_loss(model, x, y) / t.grad_accum
+                loss.backward()
+                loss_sum += loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(models.trainable_parameters(model), clip).item() \
+                if clip > 0 else None
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if not math.isfinite(loss_sum):
+                raise UserError(f"loss is {loss_sum} at step {step}; lower train.lr, check the data, or check that "
+                                "the tokenizer's vocab matches the model (see README, Troubleshooting)")
+            tracker["tokens"] += tokens_per_step
+            if tracker["first_loss"] is None:
+                tracker["first_loss"] = loss_sum
+            recent.append(loss_sum)
+
+            val = None
+            if (t.eval_interval and step % t.eval_interval == 0) or step == t.max_steps:
+                val = estimate_loss(model, batches, t.eval_iters, device)
+                tracker["last_val"] = val
+            window_steps += 1
+            elapsed = time.time() - window_t
+            rate = window_steps / elapsed if elapsed > 0 else 0.0
+            rows.log({"step": step, "loss": round(loss_sum, 6), "val_loss": None if val is None else round(val, 6),
+                      "lr": lr, "grad_norm": None if grad_norm is None else round(grad_norm, 4),
+                      "tokens": tracker["tokens"], "tok_per_s": round(rate * tokens_per_step, 1),
+                      "samples_per_s": round(rate * t.batch_size * t.grad_accum, 2),
+                      "elapsed_s": round(time.time() - t0, 2)})
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss_sum:.4f}")
+            if step % t.log_interval == 0 or step == t.max_steps or val is not None:
+                eta = (t.max_steps - step) / rate if rate else 0
+                vs = f"{val:.4f}" if val is not None else "-"
+                line = (f"step {step}/{t.max_steps} | loss {loss_sum:.4f} | val {vs} | lr {lr:.2e} | "
+                        f"tok/s {rate * tokens_per_step:,.0f} | samples/s {rate * t.batch_size * t.grad_accum:.1f}"
+                        f" | ETA {_fmt_eta(eta)}")
+                if progress is not None:
+                    with progress.external_write_mode():
+                        log.info(line)
+                else:
+                    log.info(line)
+                window_t, window_steps = time.time(), 0
+
+            best_improved = val is not None and (tracker["best_val"] is None or val < tracker["best_val"])
+            if best_improved:
+                tracker["best_val"] = val
+            periodic = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
+            if stop or periodic or step == t.max_steps:
+                reason = (f"signal {stop.signal}" if stop else "end" if step == t.max_steps else "interval")
+                path = save(step, reason)
+                # best/ is the best of the saved checkpoints: those whose step was also evaluated
+                if path is not None and cfg.checkpoint.best and val is not None and val == tracker["best_val"]:
+                    ckpt.update_best(ckpt_dir, path, {"step": step, "val_loss": val})
+            if stop:
+                rows.close()
+                name = ckpt.latest_name(ckpt_dir)
+                log.info(f"stopped at step {step}/{t.max_steps} by signal {stop.signal}; checkpoint "
+                         f"{ckpt_dir / name if name else '(checkpoints disabled)'}; "
+                         f"resume with: trainer resume --run {cfg.run.name}")
+                return {"step": step, "stopped": True, "run": cfg.run.name}
+    finally:
+        stop.uninstall()
+        if progress is not None:
+            progress.close()
+
+    rows.close()
+    tracker["recent"] = list(recent)
+    unwrapped = getattr(model, "_orig_mod", model)
+    summary = finish(cfg, unwrapped, tok, ckpt_dir, metrics_dir, device, step, tracker, run_info)
+    return summary
+
+
+def finish(cfg, model, tok, ckpt_dir: Path, metrics_dir: Path, device, step: int, tracker: dict,
+           run_info: dict) -> dict:
+    """End of run: plot, sample, export final/, print the weights sha256."""
+    sha = models.weights_sha256(model)
+    metrics.plot_loss(metrics_dir)
+    if cfg.train.sample_at_end:
+        text = sample(cfg, model, tok, device)
+        (metrics_dir / "samples.txt").write_text(text + "\n")
+        log.info(f"sample ({cfg.sample.max_new_tokens} new tokens, temperature {cfg.sample.temperature}, "
+                 f"top-k {cfg.sample.top_k}):\n{text}\n")
+    if cfg.train.export_at_end and cfg.checkpoint.enabled:
+        models.export(model, tok, ckpt_dir / "final",
+                      extra={"run": cfg.run.name, "step": step, "weights_sha256": sha,
+                             "fixture": run_info.get("weights", {}).get("fixture", False)})
+    summary = {"run": cfg.run.name, "step": step, "train_loss": tracker["recent"][-1] if tracker["recent"] else None,
+               "val_loss": tracker.get("last_val"), "best_val": tracker["best_val"], "weights_sha256": sha}
+    _write_json(metrics_dir / "summary.json", summary)
+    log.info(f"done: {cfg.run.name} step {step}, val loss {tracker.get('last_val')}, "
+             f"metrics in {metrics_dir}, checkpoints in {ckpt_dir}")
+    log.info(f"weights sha256: {sha}")
+    return summary
+
+
+def sample(cfg, model, tok, device) -> str:
+    """The seeds' end-of-run sample: `QUESTION: ` for gpt2, the start token for from-scratch."""
+    s = cfg.sample
+    if s.prompt:
+        ids = tok.encode(s.prompt).ids
+    elif cfg.model.type == "gpt2":
+        ids = tok.encode("QUESTION: ").ids
+    else:
+        ids = [tk.eot_id(tok)]
+    return sample_text(model, tok, ids, s.max_new_tokens, s.temperature, s.top_k, s.seed, device)
+
+
+def train_command(config: str | None = None, **overrides) -> dict:
+    """Train a model from scratch or fine-tune one.
+
+    Args:
+      config: YAML file (configs/*.yaml). Any key can be overridden as --section.key=value,
+        e.g. --train.max_steps=50 --model.lora=true, or via TRAINER_SECTION_KEY variables.
+        Short forms: --steps, --seed, --lr, --batch_size, --block_size, --name.
+    """
+    return train(configs.load(config, **overrides))
+
+
+def resume_command(run: str | None = None, checkpoint: str | None = None, extra_steps: int = 0,
+                   **overrides) -> dict:
+    """Continue a run from its newest valid checkpoint, bit-exactly.
+
+    Args:
+      run: run name under volumes/checkpoints (or its path); default: the most recent run.
+      checkpoint: a step directory to continue from (also $CHECKPOINT_PATH).
+      extra_steps: train this many steps past the checkpoint (sets train.max_steps).
+      overrides: --section.key=value for length, intervals and logging; model.* and data.*
+        keys are fixed by the checkpoint.
+    """
+    import yaml
+
+    probe = configs.build(overrides={k: v for k, v in overrides.items() if k.startswith("run.out_dir")})
+    step_dir = ckpt.locate(run, checkpoint, probe.run.out_dir)
+    saved = configs.from_dict(yaml.safe_load(ckpt.read_config(step_dir)))
+    cfg = configs.build(base=saved.to_dict(), overrides=overrides)
+    changed = configs.changed_frozen_keys(saved, cfg)
+    if changed:
+        raise UserError(f"cannot change {', '.join(changed)} on resume: the checkpoint's weights and token ids "
+                        "depend on them; start a new run (trainer train --run.name NEW) instead")
+    run_cfg = dataclasses.replace(cfg.run, name=step_dir.parent.name, out_dir=str(step_dir.parent.parent.parent))
+    cfg = cfg.replace(run=run_cfg)
+    step = ckpt.read_trainer_state(step_dir)["step"]
+    if extra_steps:
+        cfg = cfg.replace(train=dataclasses.replace(cfg.train, max_steps=step + int(extra_steps)))
+    if step >= cfg.train.max_steps:
+        raise UserError(f"run {cfg.run.name} already reached step {step} of train.max_steps={cfg.train.max_steps}; "
+                        "pass --train.max_steps=N (larger) or --extra_steps=N to train further")
+    return train(cfg, resume_dir=step_dir)
