@@ -68,7 +68,6 @@ class Engine:
     """The model, its tokenizer and the loaded adapters; every call holds the lock."""
 
     def __init__(self, model_path: str, name: str = "", device: str = "cpu"):
-        import torch
         from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
         path = Path(model_path)
@@ -87,7 +86,6 @@ class Engine:
         self.pad_id = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else self.eos_id
         self.max_len = getattr(self.model.config, "n_positions", None) or self.model.config.max_position_embeddings
         self.lock = threading.Lock()
-        torch.set_grad_enabled(False)
 
     # ------------------------------------------------------------ adapters
 
