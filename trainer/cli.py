@@ -14,6 +14,8 @@ from trainer.errors import UserError
 
 def _commands() -> dict:
     from trainer.data import prepare_command
+    from trainer.grpo.loop import grpo_command
+    from trainer.serve import serve
     from trainer.generate import sample_command
     from trainer.model import export_command
     from trainer.offline import doctor_command
@@ -26,6 +28,8 @@ def _commands() -> dict:
         "sample": sample_command,
         "export": export_command,
         "doctor": doctor_command,
+        "grpo": grpo_command,
+        "serve": serve,
     }
 
 
