@@ -33,8 +33,29 @@ def _commands() -> dict:
     }
 
 
+def _help(commands: dict, name: str | None) -> str:
+    """fire would take --help as a config override for commands with **overrides, so help is ours."""
+    import inspect
+
+    if name not in commands:
+        rows = [f"  {cmd:<9} {(inspect.getdoc(fn) or '').splitlines()[0]}" for cmd, fn in commands.items()]
+        return "usage: trainer <command> [--flags]   (trainer <command> --help for its flags)\n\ncommands:\n" + \
+            "\n".join(rows)
+    fn = commands[name]
+    text = f"usage: trainer {name} {inspect.signature(fn)}\n\n{inspect.getdoc(fn) or ''}"
+    if any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values()):
+        from trainer.config import ALIASES, reference_text
+
+        aliases = ", ".join(f"--{a} = --{k}" for a, k in ALIASES.items())
+        text += f"\n\nconfig keys (defaults shown; also TRAINER_<SECTION>_<KEY>):\n{reference_text()}\n\nshort forms: {aliases}"
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or "--help" in argv or "-h" in argv:
+        print(_help(_commands(), argv[0] if argv else None))
+        return
     debug = "--debug" in argv or os.environ.get("TRAINER_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

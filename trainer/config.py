@@ -418,6 +418,18 @@ def grad_clip(cfg: Config) -> float:
     return 2.0 if cfg.model.lora else 1.0
 
 
+def reference_text() -> str:
+    """Every config key with its default and meaning, for `trainer <command> --help`."""
+    lines = []
+    for row in reference_markdown().splitlines():
+        if row.startswith("**"):
+            section = row.split("`")[1]
+        elif row.startswith("| `"):
+            key, default, meaning = [c.strip() for c in row.strip("|").split(" | ", 2)]
+            lines.append(f"  --{section}.{key.strip('`')}={default.strip('`')}".ljust(44) + " " + meaning.replace("\\|", "|"))
+    return "\n".join(lines)
+
+
 def reference_markdown() -> str:
     """The config reference for the README, read from the field comments above."""
     import inspect
