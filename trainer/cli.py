@@ -10,6 +10,7 @@ import sys
 import fire
 
 from trainer.errors import UserError
+from trainer.metrics import setup_logging
 
 
 def _commands() -> dict:
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in argv or os.environ.get("TRAINER_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # log lines (warnings too) go to stdout from the first one; unconfigured, logging would put
+    # them on stderr beside the one-line error
+    setup_logging()
     try:
         fire.Fire(_commands(), command=argv, name="trainer", serialize=lambda result: None)
     except UserError as e:
