@@ -264,7 +264,7 @@ def _apply(tree: dict, layer: dict, origin: str, from_text: bool = False) -> Non
             raise UserError(f"{origin}: section {section!r} must be a mapping of key: value")
         hints = typing.get_type_hints(classes[section])
         for key, value in values.items():
-            label = f"TRAINER_{section.upper()}_{str(key).upper()}" if origin == "environment" else f"{section}.{key}"
+            label = f"{section}.{key}"
             if key not in hints:
                 raise UserError(f"{origin}: unknown key {label}{_closest(key, hints)}")
             tree[section][key] = _coerce(value, hints[key], f"{origin}: {label}", from_text)
