@@ -199,14 +199,17 @@ def find_valid(run_dir: Path) -> Path:
     if named and (run_dir / named) in candidates:
         candidates.remove(run_dir / named)
         candidates.insert(0, run_dir / named)
+    problems = []
     for i, step_dir in enumerate(candidates):
         problem = verify(step_dir)
         if problem is None:
             return step_dir
+        problems.append(f"{step_dir.name}: {problem}")
         nxt = candidates[i + 1].name if i + 1 < len(candidates) else None
         log.warning(f"checkpoint {step_dir} is corrupt: {problem}; "
                     + (f"falling back to {nxt}" if nxt else "no older checkpoint left"))
-    raise UserError(f"no valid checkpoint in {run_dir}; start a new run with `trainer train` "
+    found = f" ({'; '.join(problems)})" if problems else ""
+    raise UserError(f"no valid checkpoint in {run_dir}{found}; start a new run with `trainer train` "
                     "or pass a run that has one (--run NAME or CHECKPOINT_PATH=<step dir>)")
 
 

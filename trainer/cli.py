@@ -10,10 +10,13 @@ import sys
 import fire
 
 from trainer.errors import UserError
+from trainer.metrics import setup_logging
 
 
 def _commands() -> dict:
     from trainer.data import prepare_command
+    from trainer.grpo.loop import grpo_command
+    from trainer.serve import serve
     from trainer.generate import sample_command
     from trainer.model import export_command
     from trainer.offline import doctor_command
@@ -26,14 +29,40 @@ def _commands() -> dict:
         "sample": sample_command,
         "export": export_command,
         "doctor": doctor_command,
+        "grpo": grpo_command,
+        "serve": serve,
     }
+
+
+def _help(commands: dict, name: str | None) -> str:
+    """fire would take --help as a config override for commands with **overrides, so help is ours."""
+    import inspect
+
+    if name not in commands:
+        rows = [f"  {cmd:<9} {(inspect.getdoc(fn) or '').splitlines()[0]}" for cmd, fn in commands.items()]
+        return "usage: trainer <command> [--flags]   (trainer <command> --help for its flags)\n\ncommands:\n" + \
+            "\n".join(rows)
+    fn = commands[name]
+    text = f"usage: trainer {name} {inspect.signature(fn)}\n\n{inspect.getdoc(fn) or ''}"
+    if any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values()):
+        from trainer.config import ALIASES, reference_text
+
+        aliases = ", ".join(f"--{a} = --{k}" for a, k in ALIASES.items())
+        text += f"\n\nconfig keys (defaults shown; also TRAINER_<SECTION>_<KEY>):\n{reference_text()}\n\nshort forms: {aliases}"
+    return text
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or "--help" in argv or "-h" in argv:
+        print(_help(_commands(), argv[0] if argv else None))
+        return
     debug = "--debug" in argv or os.environ.get("TRAINER_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # log lines (warnings too) go to stdout from the first one; unconfigured, logging would put
+    # them on stderr beside the one-line error
+    setup_logging()
     try:
         fire.Fire(_commands(), command=argv, name="trainer", serialize=lambda result: None)
     except UserError as e:

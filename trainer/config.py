@@ -119,6 +119,64 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class GRPOConfig:
+    """`trainer grpo`: environment, rollouts and the objective (see trainer/grpo/algorithm.py)."""
+    env: str = "repeat"  # sat | arithmetic | repeat (trainer/grpo/envs.py)
+    reward: str = ""  # reward function name; "" = the env's own (sat_partial gives SAT partial credit)
+    sat_vars: int = 6  # sat: variables
+    sat_clauses: int = 8  # sat: clauses
+    sat_k: int = 3  # sat: literals per clause
+    arith_max: int = 20  # arithmetic: largest operand
+    arith_ops: str = "+"  # arithmetic: operators drawn from (+, -, *)
+    repeat_chars: str = "abcd"  # repeat: characters to ask for
+    repeat_length: int = 6  # repeat: how many times to write it
+    backend: str = "local"  # local (sample with the policy) | openai (server.url; needs model.lora=true)
+    iterations: int = 20  # rollout -> train -> eval -> checkpoint cycles
+    prompts_per_iter: int = 16  # problems per iteration (B)
+    group_size: int = 8  # completions per problem (G >= 2)
+    max_tokens: int = 16  # new tokens per completion
+    temperature: float = 1.0  # rollout softmax temperature
+    top_p: float = 1.0  # rollout nucleus mass
+    stop: list = field(default_factory=lambda: ["\n"])  # stop strings
+    lr: float = 1e-4  # AdamW learning rate (constant)
+    beta: float = 0.0  # k3 KL weight; 0 = no reference model at all
+    epsilon: float = 0.2  # clip range below (and above unless epsilon_high)
+    epsilon_high: float = 0.0  # clip range above; 0 = epsilon
+    entropy_coef: float = 0.0  # entropy bonus weight
+    scale_rewards: str = "group"  # group | batch | none
+    loss_agg: str = "token_mean"  # token_mean | sequence_mean
+    mask_truncated: bool = False  # completions cut by max_tokens get no loss
+    ppo_epochs: int = 1  # passes over each iteration's rollouts
+    minibatch_size: int = 64  # completions per optimizer step
+    grad_clip: float = 1.0  # max grad norm (0 = off)
+    rollout_batch: int = 128  # local backend: rows sampled together
+    adapter_dir: str = ""  # openai backend: shared dir for adapters; "" = <out_dir>/adapters/<run>
+    server_adapter_dir: str = ""  # the same dir as the server sees it ("" = same path)
+    concurrency: int = 4  # openai backend: requests in flight
+
+    def __post_init__(self):
+        problems = []
+        if self.group_size < 2:
+            problems.append(f"grpo.group_size={self.group_size}: GRPO compares completions of one prompt, "
+                            "set it to 2 or more")
+        for name in ("iterations", "prompts_per_iter", "max_tokens", "ppo_epochs", "minibatch_size",
+                     "rollout_batch", "concurrency", "repeat_length", "sat_vars", "sat_clauses", "sat_k"):
+            if getattr(self, name) < 1:
+                problems.append(f"grpo.{name}={getattr(self, name)} must be at least 1")
+        for name, options in (("env", ("sat", "arithmetic", "repeat")), ("backend", ("local", "openai")),
+                              ("scale_rewards", ("group", "batch", "none")),
+                              ("loss_agg", ("token_mean", "sequence_mean"))):
+            if getattr(self, name) not in options:
+                problems.append(f"grpo.{name}={getattr(self, name)!r} must be one of {', '.join(options)}")
+        if not 0 < self.top_p <= 1 or self.temperature < 0:
+            problems.append(f"grpo.top_p={self.top_p} must be in (0, 1] and grpo.temperature={self.temperature} >= 0")
+        if self.lr <= 0 or self.beta < 0 or self.epsilon <= 0 or self.epsilon_high < 0:
+            problems.append("grpo.lr and grpo.epsilon must be > 0; grpo.beta and grpo.epsilon_high >= 0")
+        if problems:
+            raise UserError("invalid config: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -128,6 +186,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -205,7 +264,7 @@ def _apply(tree: dict, layer: dict, origin: str, from_text: bool = False) -> Non
             raise UserError(f"{origin}: section {section!r} must be a mapping of key: value")
         hints = typing.get_type_hints(classes[section])
         for key, value in values.items():
-            label = f"TRAINER_{section.upper()}_{str(key).upper()}" if origin == "environment" else f"{section}.{key}"
+            label = f"{section}.{key}"
             if key not in hints:
                 raise UserError(f"{origin}: unknown key {label}{_closest(key, hints)}")
             tree[section][key] = _coerce(value, hints[key], f"{origin}: {label}", from_text)
@@ -224,10 +283,11 @@ def _dotted(overrides: dict, origin: str) -> dict:
     return layer
 
 
-def _env_layer(environ) -> dict:
-    """TRAINER_TRAIN_MAX_STEPS=50 -> {'train': {'max_steps': '50'}}."""
-    layer: dict = {}
-    for var, value in environ.items():
+def _env_layers(environ) -> list[tuple[str, dict]]:
+    """TRAINER_TRAIN_MAX_STEPS=50 -> [('TRAINER_TRAIN_MAX_STEPS', {'train': {'max_steps': '50'}})].
+    One layer per variable, so an error names the variable the user set."""
+    layers = []
+    for var, value in sorted(environ.items()):
         if not var.startswith("TRAINER_") or var in NOT_CONFIG_ENV:
             continue
         rest = var[len("TRAINER_"):].lower()
@@ -235,8 +295,8 @@ def _env_layer(environ) -> dict:
         if section is None:
             raise UserError(f"environment: unknown variable {var}{_closest(rest, SECTIONS)} "
                             f"(form: TRAINER_<SECTION>_<KEY>)")
-        layer.setdefault(section, {})[rest[len(section) + 1:]] = value
-    return layer
+        layers.append((var, {section: {rest[len(section) + 1:]: value}}))
+    return layers
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -263,7 +323,8 @@ def build(base: dict | None = None, yaml_path: str | None = None, overrides: dic
     tree = json.loads(json.dumps(tree))  # deep copy
     if yaml_path:
         _apply(tree, read_yaml(yaml_path), str(yaml_path))
-    _apply(tree, _env_layer(os.environ if environ is None else environ), "environment", from_text=True)
+    for var, layer in _env_layers(os.environ if environ is None else environ):
+        _apply(tree, layer, f"environment variable {var}", from_text=True)
     _apply(tree, _dotted(overrides or {}, "command line"), "command line", from_text=True)
     classes = _section_classes()
     cfg = Config(**{s: classes[s](**v) for s, v in tree.items()})
@@ -357,6 +418,18 @@ def grad_clip(cfg: Config) -> float:
     if cfg.train.grad_clip >= 0:
         return cfg.train.grad_clip
     return 2.0 if cfg.model.lora else 1.0
+
+
+def reference_text() -> str:
+    """Every config key with its default and meaning, for `trainer <command> --help`."""
+    lines = []
+    for row in reference_markdown().splitlines():
+        if row.startswith("**"):
+            section = row.split("`")[1]
+        elif row.startswith("| `"):
+            key, default, meaning = [c.strip() for c in row.strip("|").split(" | ", 2)]
+            lines.append(f"  --{section}.{key.strip('`')}={default.strip('`')}".ljust(44) + " " + meaning.replace("\\|", "|"))
+    return "\n".join(lines)
 
 
 def reference_markdown() -> str:

@@ -166,7 +166,9 @@ def prepare(data_cfg, log=print) -> Path:
         raise UserError(f"{data_cfg.source}: token id {int(tokens.max())} is outside the {data_cfg.tokenizer} "
                         f"vocabulary ({vocab}); pick the tokenizer the ids were made with")
     dtype = np.uint16 if vocab <= 65535 else np.uint32
-    padded = np.pad(tokens, (0, -len(tokens) % CHUNK), constant_values=-1).reshape(-1, CHUNK)
+    # a corpus of one chunk or less is split in halves, the two pieces split_chunks expects for it
+    chunk = CHUNK if len(tokens) > CHUNK else -(-len(tokens) // 2)
+    padded = np.pad(tokens, (0, -len(tokens) % chunk), constant_values=-1).reshape(-1, chunk)
     mask = split_chunks(len(tokens), data_cfg.val_fraction, data_cfg.split_seed)
     train = padded[~mask].ravel()
     val = padded[mask].ravel()
@@ -188,7 +190,7 @@ def prepare(data_cfg, log=print) -> Path:
             "val_tokens": int(val.size),
             "chars": n_chars,
             "source": description,
-            "split": {"chunk": CHUNK, "val_fraction": data_cfg.val_fraction, "seed": data_cfg.split_seed},
+            "split": {"chunk": chunk, "val_fraction": data_cfg.val_fraction, "seed": data_cfg.split_seed},
             "sha256": {name: _sha256(tmp / name) for name in ("train.bin", "val.bin", tk.TOKENIZER_FILE)},
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")

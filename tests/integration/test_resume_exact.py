@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, start_cli, tiny_args, wait_for
+from tests.conftest import run_cli, start_cli, tiny_args, wait_for
 from trainer import checkpoint as ckpt
 from trainer.metrics import read_rows
 

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_cli, tiny_args
+from tests.conftest import run_cli, tiny_args
 from trainer import checkpoint as ckpt
 from trainer.metrics import read_rows
 

@@ -1,0 +1,1 @@
+"""GRPO: reward environments, rollouts (local or an OpenAI-compatible server), the objective, the loop."""

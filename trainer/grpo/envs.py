@@ -1,0 +1,167 @@
+"""Reward environments: problems generated from an integer id, scored by plain functions.
+
+A problem is a pure function of (env, split, id, options): `make_problem` seeds a private
+`random.Random` with the string "<env>:<split>:<id>", so the training and held-out splits
+live in separate seed namespaces and can never produce each other's instances, whatever
+ids either side uses. Held-out evaluation uses `eval_ids(n)` = ids 0..n-1 of split "eval";
+training draws ids from split "train".
+
+Every reward has the signature `reward(problem, completion) -> float` in [0, 1] and is
+picked by name from REWARDS; training and evaluation call the same function. A
+completion is the text the policy produced after the prompt (stop string removed).
+`passed(problem, completion)` is reward == 1.
+
+Environments
+- `sat`: random k-SAT with a planted solution (so every instance is satisfiable). The
+  prompt lists clauses as signed variable numbers; the answer is one 0/1 digit per
+  variable, e.g. "0110". Reward 1 when every clause holds; with `partial_credit` the
+  fraction of satisfied clauses; unparseable = 0.
+- `arithmetic`: "a+b=" or "a*b=" with small operands; reward 1 for the exact integer
+  (the first integer in the completion), else 0.
+- `repeat`: "c*L=" asks for the character c written L times. Dense reward: the share of
+  the first L characters equal to c, divided by max(L, len) so overlong answers lose
+  credit. A uniform random policy over ~20 symbols scores about 0.05 and a copying one
+  scores 1, which is what the learning test uses.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+import re
+from dataclasses import dataclass, field
+
+from trainer.errors import UserError
+
+SPLITS = ("train", "eval")
+
+
+@dataclass(frozen=True)
+class Problem:
+    env: str
+    split: str  # train | eval
+    id: int
+    prompt: str  # text given to the policy
+    answer: dict = field(default_factory=dict)  # what the reward needs (clauses, target, ...)
+
+
+# ---------------------------------------------------------------- problem generators
+
+def _sat(rng: random.Random, n_vars: int = 6, n_clauses: int = 8, k: int = 3) -> tuple[str, dict]:
+    if not 1 <= k <= n_vars:
+        raise UserError(f"grpo.env_options.k={k} must be between 1 and n_vars={n_vars}")
+    planted = [rng.random() < 0.5 for _ in range(n_vars)]
+    clauses = []
+    while len(clauses) < n_clauses:
+        variables = rng.sample(range(1, n_vars + 1), k)
+        clause = [v if rng.random() < 0.5 else -v for v in variables]
+        if _clause_holds(clause, planted):  # keep only clauses the planted solution satisfies
+            clauses.append(clause)
+    text = " ".join("(" + " ".join(str(lit) for lit in c) + ")" for c in clauses)
+    prompt = f"SAT n={n_vars}: {text}\nassignment (one 0/1 per variable): "
+    return prompt, {"n_vars": n_vars, "clauses": clauses}
+
+
+def _arithmetic(rng: random.Random, max_operand: int = 20, ops: str = "+") -> tuple[str, dict]:
+    a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+    op = rng.choice(ops)
+    value = {"+": a + b, "-": a - b, "*": a * b}[op]
+    return f"{a}{op}{b}=", {"value": value}
+
+
+def _repeat(rng: random.Random, chars: str = "abcd", length: int = 6) -> tuple[str, dict]:
+    c = rng.choice(chars)
+    return f"{c}*{length}=", {"char": c, "length": length}
+
+
+GENERATORS = {"sat": _sat, "arithmetic": _arithmetic, "repeat": _repeat}
+
+
+def make_problem(env: str, split: str, id: int, **options) -> Problem:
+    """The problem `id` of `split`; the same arguments always give the same problem."""
+    if env not in GENERATORS:
+        raise UserError(f"grpo.env={env!r} is unknown; use one of {', '.join(GENERATORS)}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    allowed = list(inspect.signature(GENERATORS[env]).parameters)[1:]
+    for key in options:
+        if key not in allowed:
+            raise UserError(f"grpo.env_options.{key} is not an option of env {env!r}; valid: {', '.join(allowed)}")
+    rng = random.Random(f"{env}:{split}:{id}")  # str seeds are stable across processes
+    prompt, answer = GENERATORS[env](rng, **options)
+    return Problem(env, split, id, prompt, answer)
+
+
+def eval_ids(n: int) -> list[int]:
+    """The fixed held-out ids: 0..n-1 of the "eval" split."""
+    return list(range(n))
+
+
+def train_problems(env: str, iteration: int, count: int, **options) -> list[Problem]:
+    """The `count` training problems of one iteration (ids iteration*count ... +count-1)."""
+    return [make_problem(env, "train", iteration * count + j, **options) for j in range(count)]
+
+
+def eval_problems(env: str, count: int, **options) -> list[Problem]:
+    return [make_problem(env, "eval", i, **options) for i in eval_ids(count)]
+
+
+# ---------------------------------------------------------------- rewards
+
+def _clause_holds(clause: list[int], assignment: list[bool]) -> bool:
+    return any(assignment[abs(lit) - 1] == (lit > 0) for lit in clause)
+
+
+def parse_assignment(completion: str, n_vars: int) -> list[bool] | None:
+    """First n_vars 0/1 digits (spaces allowed between them); None when there are fewer."""
+    m = re.match(r"\s*((?:[01]\s*){%d})" % n_vars, completion)
+    if not m:
+        return None
+    return [ch == "1" for ch in m.group(1) if ch in "01"]
+
+
+def sat_reward(problem: Problem, completion: str, partial_credit: bool = False) -> float:
+    assignment = parse_assignment(completion, problem.answer["n_vars"])
+    if assignment is None:
+        return 0.0
+    clauses = problem.answer["clauses"]
+    held = sum(_clause_holds(c, assignment) for c in clauses)
+    if partial_credit:
+        return held / len(clauses)
+    return float(held == len(clauses))
+
+
+def sat_partial_reward(problem: Problem, completion: str) -> float:
+    return sat_reward(problem, completion, partial_credit=True)
+
+
+def arithmetic_reward(problem: Problem, completion: str) -> float:
+    m = re.match(r"\s*(-?\d+)", completion)
+    return float(m is not None and int(m.group(1)) == problem.answer["value"])
+
+
+def repeat_reward(problem: Problem, completion: str) -> float:
+    c, length = problem.answer["char"], problem.answer["length"]
+    hits = sum(ch == c for ch in completion[:length])
+    return hits / max(length, len(completion))
+
+
+REWARDS = {
+    "sat": sat_reward,
+    "sat_partial": sat_partial_reward,
+    "arithmetic": arithmetic_reward,
+    "repeat": repeat_reward,
+}
+# the reward each environment uses unless grpo.reward names another
+DEFAULT_REWARD = {"sat": "sat", "arithmetic": "arithmetic", "repeat": "repeat"}
+
+
+def get_reward(env: str, name: str = ""):
+    name = name or DEFAULT_REWARD.get(env, "")
+    if name not in REWARDS:
+        raise UserError(f"grpo.reward={name!r} is unknown; use one of {', '.join(REWARDS)}")
+    return REWARDS[name]
+
+
+def passed(reward: float) -> bool:
+    return reward >= 1.0

@@ -1,0 +1,308 @@
+"""`trainer grpo`: per iteration, rollouts -> a train epoch -> eval -> checkpoint iter_NNN.
+
+Iteration k (1-based) samples G completions for each of B training problems (ids of
+iteration k-1 in the "train" namespace) with the weights after k-1 updates ("version"
+k-1), scores them with the env's reward function, and runs `ppo_epochs` passes of
+minibatch AdamW steps on the objective in algorithm.py. Old log-probs are computed once,
+before the first update; the reference is the base model with the LoRA adapter disabled
+(or a frozen copy of the initial weights), and is skipped when beta == 0. Dropout is off
+throughout (eval mode), so old and new log-probs come from the same function.
+
+With backend=openai each version is written as a LoRA adapter to a shared directory and
+loaded into the server before it is sampled from; train_iter_NNN.json names the adapter
+and its sha256 that produced the iteration's rollouts. A resumed run re-pushes the
+checkpoint's adapter before its first rollout, so the server never holds other weights.
+
+Sampling seeds, problem ids and minibatch orders are functions of (run.seed, iteration),
+and each iteration ends with a checkpoint (weights, AdamW state, RNG), so a resume
+continues bit-exactly on CPU with the local backend.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer import config as configs
+from trainer import metrics, offline, runtime
+from trainer import model as models
+from trainer import tokenizer as tk
+from trainer.errors import UserError
+from trainer.grpo import envs
+from trainer.grpo.algorithm import group_advantages, grpo_loss, mask_truncated_completions, token_logprobs
+from trainer.grpo.rollout import AdapterSync, LocalBackend, OpenAIBackend, RolloutError, SamplingParams
+
+log = logging.getLogger("trainer")
+
+FIELDS = ("iteration", "reward_mean", "reward_std", "zero_std_frac", "loss", "kl", "clip_ratio", "entropy",
+          "len_mean", "len_min", "len_max", "truncated_ratio", "tokens", "skipped_groups", "rollout_s", "train_s",
+          "sync_s", "eval_s", "eval_reward", "eval_pass_rate", "adapter")
+EVAL_SEED = 999_983  # eval sampling seed offset: the same held-out samples every evaluation
+
+
+def run_dirs(cfg) -> tuple[Path, Path]:
+    root = Path(cfg.run.out_dir)
+    return root / "checkpoints" / cfg.run.name, root / "metrics" / cfg.run.name
+
+
+def env_options(g) -> dict:
+    return {"sat": dict(n_vars=g.sat_vars, n_clauses=g.sat_clauses, k=g.sat_k),
+            "arithmetic": dict(max_operand=g.arith_max, ops=g.arith_ops),
+            "repeat": dict(chars=g.repeat_chars, length=g.repeat_length)}[g.env]
+
+
+def load_tokenizer(cfg):
+    """gpt2-type models bring tokenizer.json in their folder (or data.tokenizer_path); a
+    from-scratch policy gets a character tokenizer over the env's prompts and answers."""
+    if cfg.model.type == "gpt2":
+        own = Path(cfg.model.path) / tk.TOKENIZER_FILE
+        return tk.load(own) if own.is_file() else tk.load_gpt2(cfg.data.tokenizer_path)
+    g = cfg.grpo
+    texts = [p.prompt for p in envs.train_problems(g.env, 0, 64, **env_options(g))]
+    return tk.train_char(texts + ["0123456789-\n " + g.repeat_chars])
+
+
+def _seed(run_seed: int, iteration: int, salt: int = 0) -> int:
+    return (run_seed * 1_000_003 + iteration * 7919 + salt) % (2**31 - 1)
+
+
+def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int):
+    """-> ids (N, T), attention (N, T), completion mask (N, T-1) aligned with token_logprobs."""
+    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    comp = torch.zeros((len(prompts), width - 1))
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids[i, : len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
+        attn[i, : len(p) + len(c)] = 1
+        comp[i, len(p) - 1: len(p) + len(c) - 1] = 1  # logprob of token j is at j-1
+    return ids, attn, comp
+
+
+def _reference_logps(policy, ref, ids, attn):
+    if ref is not None:
+        return token_logprobs(ref, ids, attn)[0]
+    with policy.disable_adapter():  # LoRA: the base model is the reference
+        return token_logprobs(policy, ids, attn)[0]
+
+
+def evaluate(backend, cfg, params, reward) -> dict:
+    g, e = cfg.grpo, cfg.eval
+    problems = envs.eval_problems(g.env, e.num_problems, **env_options(g))
+    groups = backend.generate([p.prompt for p in problems], e.replicates, _seed(cfg.run.seed, 0, EVAL_SEED), params)
+    per_problem, scores = [], []
+    for p, grp in zip(problems, groups):
+        if grp is None:
+            continue
+        rs = [reward(p, c.text) for c in grp]
+        scores += rs
+        per_problem.append({"id": p.id, "rewards": rs, "sample": grp[0].text})
+    if not scores:
+        raise RolloutError("every held-out problem was skipped by the server; see the log for why")
+    return {"mean_reward": sum(scores) / len(scores), "pass_rate": sum(map(envs.passed, scores)) / len(scores),
+            "num_problems": len(per_problem), "replicates": e.replicates, "problems": per_problem}
+
+
+def train_epoch(policy, ref, optimizer, batch, cfg, iteration: int) -> dict:
+    g = cfg.grpo
+    ids, attn, comp, adv = batch["ids"], batch["attn"], batch["mask"], batch["adv"]
+    with torch.no_grad():
+        old = token_logprobs(policy, ids, attn)[0]
+        ref_logps = _reference_logps(policy, ref, ids, attn) if g.beta else None
+    params = [p for p in policy.parameters() if p.requires_grad]
+    stats: dict[str, list] = {"loss": [], "kl": [], "clip_ratio": [], "entropy": []}
+    for epoch in range(g.ppo_epochs):
+        order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(_seed(cfg.run.seed, iteration, epoch)))
+        for at in range(0, len(ids), g.minibatch_size):
+            mb = order[at: at + g.minibatch_size]
+            logps, entropy = token_logprobs(policy, ids[mb], attn[mb], with_entropy=True)
+            loss, s = grpo_loss(logps, old[mb], adv[mb], comp[mb], g.epsilon, g.epsilon_high or None, g.beta,
+                                None if ref_logps is None else ref_logps[mb], entropy, g.entropy_coef, g.loss_agg)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if g.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, g.grad_clip)
+            optimizer.step()
+            stats["loss"].append(float(loss.detach()))
+            for k, v in s.items():
+                stats[k].append(v)
+    return {k: (sum(v) / len(v) if v else None) for k, v in stats.items()}
+
+
+def rollout_batch(backend, cfg, problems, params, reward, pad_id: int, tok, iteration: int):
+    g = cfg.grpo
+    groups = backend.generate([p.prompt for p in problems], g.group_size, _seed(cfg.run.seed, iteration), params)
+    kept = [(p, grp) for p, grp in zip(problems, groups) if grp is not None]
+    skipped = len(problems) - len(kept)
+    if not kept:
+        raise RolloutError(f"iteration {iteration}: every group was skipped by the server; see the log for why")
+    rewards = torch.tensor([[reward(p, c.text) for c in grp] for p, grp in kept])
+    adv, zero = group_advantages(rewards, g.scale_rewards)
+    prompts = [tok.encode(p.prompt).ids for p, grp in kept for _ in grp]
+    comps = [c.token_ids for _, grp in kept for c in grp]
+    truncated = torch.tensor([c.finish_reason == "length" for _, grp in kept for c in grp])
+    ids, attn, mask = pack(prompts, comps, pad_id)
+    if g.mask_truncated:
+        mask = mask_truncated_completions(mask, truncated)
+    lengths = [len(c) for c in comps]
+    stats = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+             "zero_std_frac": zero / len(kept), "len_mean": sum(lengths) / len(lengths), "len_min": min(lengths),
+             "len_max": max(lengths), "truncated_ratio": float(truncated.float().mean()), "tokens": sum(lengths),
+             "skipped_groups": skipped}
+    samples = [{"id": p.id, "prompt": p.prompt, "rewards": rewards[i].tolist(), "completions": [c.text for c in grp]}
+               for i, (p, grp) in enumerate(kept)]
+    return {"ids": ids, "attn": attn, "mask": mask, "adv": adv.reshape(-1)}, stats, samples
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def grpo(cfg, resume_dir: Path | None = None) -> dict:
+    """Run (or continue) GRPO. -> summary with the last iteration and eval rewards."""
+    g = cfg.grpo
+    ckpt_dir, metrics_dir = run_dirs(cfg)
+    if resume_dir is None and ckpt.latest_name(ckpt_dir) is not None:
+        raise UserError(f"run {cfg.run.name!r} already has checkpoints in {ckpt_dir}; continue it with "
+                        f"`trainer grpo --resume {cfg.run.name}` or pick a new run.name")
+    if g.backend == "openai" and not cfg.model.lora:
+        raise UserError("grpo.backend=openai needs model.lora=true: the server receives the policy as a LoRA "
+                        "adapter (set model.lora=true, or use grpo.backend=local)")
+    metrics.setup_logging(metrics_dir / "train.log")
+    if cfg.run.offline:
+        offline.go_offline()  # loopback stays allowed, so `trainer serve` on 127.0.0.1 works
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    device = runtime.pick_device(cfg.run.device)
+    tok = load_tokenizer(cfg)
+    eos = tk.eot_id(tok)
+    reward = envs.get_reward(g.env, g.reward)
+    runtime.seed_everything(cfg.run.seed)
+    policy, _ = models.build_model(cfg.model, tok.get_vocab_size(), eos, cfg.run.seed)
+    policy.to(device).eval()  # no dropout: old and new log-probs must come from the same function
+    ref = None
+    if g.beta and not cfg.model.lora:
+        ref = copy.deepcopy(policy).requires_grad_(False)  # the initial weights, also after a resume
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=g.lr,
+                                  betas=(cfg.train.beta1, cfg.train.beta2), weight_decay=0.0)
+    start, tracker = 0, {"best_eval": None, "evals": []}
+    if resume_dir is not None:
+        state = ckpt.load_checkpoint(resume_dir, policy, optimizer, map_location=device)
+        runtime.set_rng_state(state[ckpt.RNG])
+        start = state[ckpt.STEP]
+        tracker.update(state[ckpt.TRACKER])
+        log.info(f"resumed {cfg.run.name} from {resume_dir} at iteration {start}")
+
+    if g.backend == "openai":
+        backend = OpenAIBackend(cfg.server.url, "", tok, eos, cfg.server.timeout, cfg.server.retries,
+                                concurrency=g.concurrency)
+        backend.wait_ready()
+        adapter_dir = Path(g.adapter_dir or Path(cfg.run.out_dir) / "adapters" / cfg.run.name)
+        sync = AdapterSync(backend, adapter_dir, prefix=cfg.run.name, server_dir=g.server_adapter_dir)
+    else:
+        backend, sync = LocalBackend(policy, tok, eos, g.rollout_batch), None
+    params = SamplingParams(g.max_tokens, g.temperature, g.top_p, tuple(g.stop))
+    tok_json = tok.to_str().encode()
+    (metrics_dir / ckpt.CONFIG).write_text(cfg.to_yaml())
+    rows = metrics.Metrics(metrics_dir, fields=FIELDS, resume_step=start, key="iteration")
+    stop = runtime.StopFlag().install()
+    pushed = {"adapter": None, "version": None}
+
+    def ensure_pushed(version: int) -> dict:
+        if sync is None or pushed["version"] == version:
+            return {"sync_s": 0.0}
+        info = sync.push(policy, version)
+        pushed.update(adapter=info["adapter"], version=version, sha256=info["adapter_sha256"])
+        return info
+
+    def run_eval(iteration: int) -> dict:
+        t0 = time.perf_counter()
+        sync_s = ensure_pushed(iteration)["sync_s"]
+        result = evaluate(backend, cfg, params, reward)
+        result.update(iteration=iteration, adapter=pushed["adapter"], eval_s=time.perf_counter() - t0, sync_s=sync_s)
+        _write_json(metrics_dir / f"eval_iter_{iteration:03d}.json", result)
+        tracker["evals"].append([iteration, result["mean_reward"]])
+        log.info(f"eval iter {iteration}: mean reward {result['mean_reward']:.3f}, pass rate {result['pass_rate']:.3f}")
+        return result
+
+    try:
+        if start == 0:
+            run_eval(0)
+        it = start
+        for it in range(start + 1, g.iterations + 1):
+            t0 = time.perf_counter()
+            sync_s = ensure_pushed(it - 1)["sync_s"]
+            t1 = time.perf_counter()
+            problems = envs.train_problems(g.env, it - 1, g.prompts_per_iter, **env_options(g))
+            batch, stats, samples = rollout_batch(backend, cfg, problems, params, reward, eos, tok, it)
+            t2 = time.perf_counter()
+            stats.update(train_epoch(policy, ref, optimizer, batch, cfg, it))
+            t3 = time.perf_counter()
+            stats.update(iteration=it, rollout_s=t2 - t1, train_s=t3 - t2, sync_s=sync_s,
+                         adapter=pushed["adapter"], adapter_sha256=pushed.get("sha256"))
+            ev = None
+            if (cfg.eval.interval and it % cfg.eval.interval == 0) or it == g.iterations:
+                ev = run_eval(it)
+                stats.update(eval_reward=ev["mean_reward"], eval_pass_rate=ev["pass_rate"], eval_s=ev["eval_s"],
+                             sync_s=sync_s + ev["sync_s"])
+            _write_json(metrics_dir / f"train_iter_{it:03d}.json", {**stats, "server_stats": dict(backend.stats),
+                                                                    "groups": samples})
+            rows.log({k: stats.get(k) for k in FIELDS})
+            state = {ckpt.STEP: it, ckpt.RNG: runtime.rng_state(), ckpt.TRACKER: tracker}
+            path = ckpt.save_checkpoint(ckpt_dir, ckpt.step_name(it, "iter"), policy, optimizer, state,
+                                        {"iteration": it, "reward_mean": stats["reward_mean"],
+                                         "eval_reward": stats.get("eval_reward"), "adapter": pushed["adapter"]},
+                                        cfg.to_yaml(), cfg.checkpoint.keep_last, cfg.checkpoint.mirror_dir,
+                                        extra_files={ckpt.TOKENIZER: tok_json})
+            if ev is not None and (tracker["best_eval"] is None or ev["mean_reward"] > tracker["best_eval"]):
+                tracker["best_eval"] = ev["mean_reward"]
+                ckpt.update_best(ckpt_dir, path, {"iteration": it, "eval_reward": ev["mean_reward"]})
+            log.info(f"iter {it}/{g.iterations}: reward {stats['reward_mean']:.3f} (zero-std groups "
+                     f"{stats['zero_std_frac']:.2f}), loss {stats['loss']:.4f}, len {stats['len_mean']:.1f}, "
+                     f"rollout {stats['rollout_s']:.2f}s train {stats['train_s']:.2f}s sync {sync_s:.2f}s")
+            if stop:
+                log.info(f"stopped by signal after iteration {it}; saved {path}; continue with "
+                         f"`trainer grpo --resume {cfg.run.name}`")
+                break
+    except RolloutError as e:
+        name = ckpt.latest_name(ckpt_dir)
+        raise RolloutError(f"{e}; last checkpoint: {name or 'none'} (continue with "
+                           f"`trainer grpo --resume {cfg.run.name}`)") from None
+    finally:
+        rows.close()
+        stop.uninstall()
+    return {"iteration": it, "evals": tracker["evals"], "weights_sha256": models.weights_sha256(policy)}
+
+
+def grpo_command(config: str | None = None, resume: str = "", **overrides) -> dict:
+    """Train a policy with GRPO on a reward environment (configs/grpo_*.yaml).
+
+    Args:
+      config: YAML file. Override any key as --grpo.lr=1e-5 --grpo.backend=openai ...
+      resume: a run name (or run/iteration directory) to continue from its newest valid
+        iteration; overrides may change lengths and intervals, not model.* or data.*.
+    """
+    if not resume:
+        return grpo(configs.load(config, **overrides))
+    import yaml
+
+    probe = configs.build(overrides={k: v for k, v in overrides.items() if k.startswith("run.out_dir")})
+    step_dir = ckpt.locate(resume if not Path(resume).is_dir() else None,
+                           resume if Path(resume).is_dir() else None, probe.run.out_dir)
+    saved = configs.from_dict(yaml.safe_load(ckpt.read_config(step_dir)))
+    cfg = configs.build(base=saved.to_dict(), overrides=overrides)
+    changed = configs.changed_frozen_keys(saved, cfg)
+    if changed:
+        raise UserError(f"cannot change {', '.join(changed)} on resume; start a new run instead")
+    cfg = cfg.replace(run=dataclasses.replace(cfg.run, name=step_dir.parent.name,
+                                              out_dir=str(step_dir.parent.parent.parent)))
+    return grpo(cfg, resume_dir=step_dir)
