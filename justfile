@@ -61,7 +61,8 @@ finetune *args: _ready
 
 # GRPO against the generation server on the internal network (the server starts first)
 grpo *args: _ready
-    docker compose {{profile}} run --rm grpo grpo --config configs/grpo.yaml {{args}}
+    docker compose {{profile}} run --rm grpo grpo --config configs/grpo_repeat.yaml --grpo.backend=openai \
+        --server.url=http://server:8000/v1 {{args}}
 
 # GRPO trainer + generation server + evaluator (`just variant=cuda up` adds vLLM)
 up *args: _ready
@@ -69,7 +70,7 @@ up *args: _ready
 
 # evaluate a checkpoint once (default: the newest of `run`); --watch DIR follows a run
 evaluate *args: _ready
-    docker compose run --rm evaluator evaluate {{run_flag}} {{args}}
+    docker compose run --rm evaluator {{run_flag}} {{args}}
 
 # sample from the newest checkpoint of `run`
 sample *args: _ready

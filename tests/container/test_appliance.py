@@ -163,3 +163,20 @@ def test_compose_config_valid(profiles, docker_client):
     args = ["docker", "compose"] + [a for p in profiles for a in ("--profile", p)] + ["config", "-q"]
     r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_evaluator_in_image_is_restart_safe(docker_client, image, volumes):
+    code, logs = finish(start(docker_client, volumes, "train", *SMOKE, "--name", "evald"))
+    assert code == 0, logs[-2000:]
+    evaluator = dict(entrypoint=["python3", "-m", "trainer.evaluate"])
+    for expected in (2, 0):  # step_000005 and step_000010, then nothing new after a restart
+        c = docker_client.containers.run(IMAGE, ["--watch", "volumes/checkpoints", "--once"], detach=True,
+                                         network_mode="none", user=me(), init=True, volumes=mounts(volumes),
+                                         **evaluator)
+        code, logs = finish(c)
+        assert code == 0, logs[-2000:]
+        assert f"stopped after {expected} new evaluation(s)" in logs, logs[-2000:]
+    lines = (volumes["metrics"] / "evald" / "eval.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [5, 10]
+    assert (volumes["metrics"] / "evald" / "loss.png").is_file()
+    assert not owned_by_me(volumes["checkpoints"], volumes["metrics"])
