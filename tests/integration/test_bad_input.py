@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli, tiny_args
+from tests.conftest import run_cli, tiny_args
 from trainer import checkpoint as ckpt
 
 # the finished run every case must leave untouched: 4 steps, checkpoints at 2 and 4
