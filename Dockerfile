@@ -38,11 +38,13 @@ COPY tests/ tests/
 # Prepare the default and smoke corpora now, so `just train` starts training at once.
 # The guard is on (run.offline=true in the configs): preparing proves nothing needs a network.
 ENV HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
-RUN /opt/venv/bin/trainer prepare --config configs/default.yaml \
- && /opt/venv/bin/trainer prepare --config configs/smoke.yaml \
- && mkdir -p volumes/checkpoints volumes/metrics \
- && chmod -R a+rX /app \
- && chmod 1777 data/prepared volumes volumes/checkpoints volumes/metrics
+# They live outside /app/data, which compose bind-mounts; the trainer reads them from there
+# when ./data/prepared lacks them (AIRLOCK_PREPARED_FALLBACK).
+RUN /opt/venv/bin/trainer prepare --config configs/default.yaml --data.prepared_dir=/opt/airlock/prepared \
+ && /opt/venv/bin/trainer prepare --config configs/smoke.yaml --data.prepared_dir=/opt/airlock/prepared \
+ && mkdir -p data/prepared volumes/checkpoints volumes/metrics \
+ && chmod -R a+rX /app /opt/airlock \
+ && chmod 1777 data data/prepared volumes volumes/checkpoints volumes/metrics
 
 # ---------------------------------------------------------------- runtime
 FROM ${BASE_IMAGE}
@@ -66,6 +68,7 @@ RUN echo "airlock:x:1000:1000:airlock:/home/airlock:/bin/sh" >> /etc/passwd \
 
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /app /app
+COPY --from=build /opt/airlock /opt/airlock
 
 ENV PATH=/opt/venv/bin:$PATH \
     VIRTUAL_ENV=/opt/venv \
@@ -78,6 +81,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/tmp/hf \
     MPLCONFIGDIR=/tmp/matplotlib \
     TOKENIZERS_PARALLELISM=false \
+    AIRLOCK_PREPARED_FALLBACK=/opt/airlock/prepared \
     AIRLOCK_IMAGE_VARIANT=${VARIANT} \
     AIRLOCK_GIT_COMMIT=${GIT_COMMIT}
 

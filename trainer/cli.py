@@ -15,6 +15,7 @@ from trainer.metrics import setup_logging
 
 def _commands() -> dict:
     from trainer.data import prepare_command
+    from trainer.evaluate import evaluate_command
     from trainer.grpo.loop import grpo_command
     from trainer.serve import serve
     from trainer.generate import sample_command
@@ -28,6 +29,7 @@ def _commands() -> dict:
         "resume": resume_command,
         "sample": sample_command,
         "export": export_command,
+        "evaluate": evaluate_command,
         "doctor": doctor_command,
         "grpo": grpo_command,
         "serve": serve,

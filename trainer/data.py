@@ -125,9 +125,24 @@ def prepared_name(source: str, kind: str, vocab_size: int) -> str:
     return f"{stem}-{kind}{vocab_size if kind == 'bpe' else ''}"
 
 
+PREPARED_FALLBACK_ENV = "AIRLOCK_PREPARED_FALLBACK"  # read-only folders searched after prepared_dir
+
+
 def prepared_path(data_cfg) -> Path:
+    """Where `prepare` writes this config's data."""
     name = data_cfg.name or prepared_name(data_cfg.source, data_cfg.tokenizer, data_cfg.vocab_size)
     return Path(data_cfg.prepared_dir) / name
+
+
+def find_prepared(data_cfg) -> Path:
+    """Where to read it: prepared_dir first, then the folders in $AIRLOCK_PREPARED_FALLBACK (the
+    image's corpora, prepared at build time, which a ./data bind mount would otherwise hide)."""
+    path = prepared_path(data_cfg)
+    if not (path / "meta.json").is_file():
+        for folder in filter(None, os.environ.get(PREPARED_FALLBACK_ENV, "").split(os.pathsep)):
+            if (Path(folder) / path.name / "meta.json").is_file():
+                return Path(folder) / path.name
+    return path
 
 
 def split_chunks(n_tokens: int, val_fraction: float, seed: int) -> np.ndarray:

@@ -86,7 +86,7 @@ def evaluate_checkpoint(step_dir: Path, device: torch.device, force: bool = Fals
 
     positions = getattr(getattr(model, "config", None), "n_positions", None) or cfg.model.block_size
     block_size = min(cfg.model.block_size, positions)
-    batches = data.Batches.open(data.prepared_path(cfg.data), block_size, cfg.train.batch_size, cfg.run.seed)
+    batches = data.Batches.open(data.find_prepared(cfg.data), block_size, cfg.train.batch_size, cfg.run.seed)
     val_loss = estimate_loss(model, batches, cfg.train.eval_iters, device)
     text = sample(cfg, model, tok, device)
     row = {

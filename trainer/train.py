@@ -145,7 +145,7 @@ def train(cfg, resume_dir: Path | None = None) -> dict:
         torch.set_num_threads(cfg.run.threads)
     device = runtime.pick_device(cfg.run.device)
 
-    prepared = data.prepared_path(cfg.data)
+    prepared = data.find_prepared(cfg.data)
     if not (prepared / "meta.json").is_file():
         log.info(f"prepared data {prepared} not found: preparing it now")
         data.prepare(cfg.data, log=log.info)
