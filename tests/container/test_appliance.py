@@ -113,7 +113,7 @@ def test_smoke_train(docker_client, image, volumes):
 
 
 def test_stop_saves_within_grace_then_resume(docker_client, image, volumes):
-    run, total = "stopped", 60
+    run, total = "stopped", 400  # long enough that the stop lands mid-run on a fast machine
     c = start(docker_client, volumes, "train", *SMOKE, "--name", run, f"--train.max_steps={total}",
               "--checkpoint.interval=0", "--train.eval_interval=0")
     wait_for(lambda: len(steps(volumes, run)) >= 15, c, what="15 steps")
@@ -135,12 +135,16 @@ def test_stop_saves_within_grace_then_resume(docker_client, image, volumes):
 
 
 def test_kill_then_resume_from_last_periodic_checkpoint(docker_client, image, volumes):
-    run, total, every = "killed", 60, 10
+    run, total, every = "killed", 400, 10  # long enough that the kill lands mid-run on a fast machine
     c = start(docker_client, volumes, "train", *SMOKE, "--name", run, f"--train.max_steps={total}",
               f"--checkpoint.interval={every}", "--train.eval_interval=0")
-    # past the second periodic checkpoint, with steps logged after it that the kill will lose
-    wait_for(lambda: latest(volumes, run) == f"step_{2 * every:06d}" and len(steps(volumes, run)) >= 2 * every + 3,
-             c, what="two periodic checkpoints")
+
+    def past_second_checkpoint():  # with steps logged after it, which the kill will lose
+        name = latest(volumes, run)
+        return name is not None and int(name.split("_")[1]) >= 2 * every \
+            and len(steps(volumes, run)) >= int(name.split("_")[1]) + 3
+
+    wait_for(past_second_checkpoint, c, what="two periodic checkpoints")
     c.kill()
     finish(c)
     before = latest(volumes, run)
@@ -168,11 +172,8 @@ def test_compose_config_valid(profiles, docker_client):
 def test_evaluator_in_image_is_restart_safe(docker_client, image, volumes):
     code, logs = finish(start(docker_client, volumes, "train", *SMOKE, "--name", "evald"))
     assert code == 0, logs[-2000:]
-    evaluator = dict(entrypoint=["python3", "-m", "trainer.evaluate"])
     for expected in (2, 0):  # step_000005 and step_000010, then nothing new after a restart
-        c = docker_client.containers.run(IMAGE, ["--watch", "volumes/checkpoints", "--once"], detach=True,
-                                         network_mode="none", user=me(), init=True, volumes=mounts(volumes),
-                                         **evaluator)
+        c = start(docker_client, volumes, "evaluate", "--watch", "volumes/checkpoints", "--once")
         code, logs = finish(c)
         assert code == 0, logs[-2000:]
         assert f"stopped after {expected} new evaluation(s)" in logs, logs[-2000:]
@@ -180,3 +181,22 @@ def test_evaluator_in_image_is_restart_safe(docker_client, image, volumes):
     assert [json.loads(x)["step"] for x in lines] == [5, 10]
     assert (volumes["metrics"] / "evald" / "loss.png").is_file()
     assert not owned_by_me(volumes["checkpoints"], volumes["metrics"])
+
+
+def test_full_disk_during_a_save_keeps_older_checkpoints(docker_client, image):
+    """A real ENOSPC: the checkpoints volume is a 3 MB tmpfs, where the first smoke checkpoint
+    (about 1.7 MB) fits and the second does not. The run must stop with exit 2 and one line,
+    leaving the first checkpoint valid and named by `latest`."""
+    script = ("trainer train --config configs/smoke.yaml --name full --checkpoint.keep_last=0 "
+              "--train.export_at_end=false > /tmp/out 2>/tmp/err; echo EXIT=$?; cat /tmp/err; "
+              "python3 -c \"from trainer import checkpoint as c; d='volumes/checkpoints/full'; "
+              "print('LATEST=' + str(c.latest_name(d))); print('VERIFY=' + str(c.verify(d + '/step_000005')))\"")
+    c = docker_client.containers.run(IMAGE, ["-c", script], entrypoint=["sh"], detach=True, network_mode="none",
+                                     user=me(), init=True, tmpfs={"/app/volumes/checkpoints": "size=3m,mode=1777"})
+    code, logs = finish(c)
+    assert code == 0, logs
+    assert "EXIT=2" in logs, logs[-2000:]
+    err = logs.split("EXIT=2", 1)[1].split("LATEST=", 1)[0].strip()
+    assert len(err.splitlines()) == 1 and "step_000010" in err and "No space left" in err, err
+    assert "Traceback" not in logs
+    assert "LATEST=step_000005" in logs and "VERIFY=None" in logs, logs[-2000:]
