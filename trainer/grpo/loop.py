@@ -47,6 +47,15 @@ FIELDS = ("iteration", "reward_mean", "reward_std", "zero_std_frac", "loss", "kl
 EVAL_SEED = 999_983  # eval sampling seed offset: the same held-out samples every evaluation
 
 
+def server_host(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname
+    if not host or urlsplit(url).scheme not in ("http", "https"):
+        raise UserError(f"server.url={url!r} is not an http(s) URL; use e.g. http://server:8000/v1")
+    return host
+
+
 def run_dirs(cfg) -> tuple[Path, Path]:
     root = Path(cfg.run.out_dir)
     return root / "checkpoints" / cfg.run.name, root / "metrics" / cfg.run.name
@@ -179,7 +188,9 @@ def grpo(cfg, resume_dir: Path | None = None) -> dict:
                         "adapter (set model.lora=true, or use grpo.backend=local)")
     metrics.setup_logging(metrics_dir / "train.log")
     if cfg.run.offline:
-        offline.go_offline()  # loopback stays allowed, so `trainer serve` on 127.0.0.1 works
+        # loopback stays allowed; the openai backend may also reach exactly the host of server.url
+        # (e.g. the compose service `server`) and the addresses that name resolves to
+        offline.go_offline(allow_hosts=[server_host(cfg.server.url)] if g.backend == "openai" else [])
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     device = runtime.pick_device(cfg.run.device)
