@@ -15,6 +15,7 @@ from trainer.errors import UserError
 def _commands() -> dict:
     from trainer.data import prepare_command
     from trainer.grpo.loop import grpo_command
+    from trainer.grpo.sweep import sweep_command
     from trainer.serve import serve
     from trainer.generate import sample_command
     from trainer.model import export_command
@@ -29,6 +30,7 @@ def _commands() -> dict:
         "export": export_command,
         "doctor": doctor_command,
         "grpo": grpo_command,
+        "sweep": sweep_command,
         "serve": serve,
     }
 
