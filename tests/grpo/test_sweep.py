@@ -11,7 +11,7 @@ import pytest
 from trainer import cli
 from trainer import config as configs
 from trainer.grpo.loop import grpo
-from trainer.grpo.sweep import parse_grid
+from trainer.grpo.sweep import parse_grid, plan
 
 TINY = """# trainer sweep --config tiny.yaml --grid 'grpo.lr=[...]'
 run: {device: cpu, seed: 3}
@@ -82,6 +82,11 @@ def test_bad_grid_is_one_line_and_exit_2(tmp_path, capsys, grid, needle):
     assert not (tmp_path / "checkpoints").exists()  # nothing ran
 
 
-def test_grid_values_are_yaml_scalars():
-    assert parse_grid(" grpo.lr=[5e-6, 1e-5]  grpo.env=[repeat,sat] model.lora=[true] ") == \
-        [("grpo.lr", ["5e-6", 1e-5]), ("grpo.env", ["repeat", "sat"]), ("model.lora", [True])]
+def test_grid_values_are_typed_by_the_config_and_named():
+    grid = parse_grid(" grpo.lr=[5e-6, 1e-5]  grpo.env=[repeat,sat] train.lr=[0.1] ")
+    assert grid == [("grpo.lr", ["5e-6", "1e-5"]), ("grpo.env", ["repeat", "sat"]), ("train.lr", [0.1])]
+    name, runs = plan(None, grid, {"run.name": "base"})
+    assert name == "base-sweep"
+    assert [r["name"] for r in runs][:2] == ["base-grpo_lr5e-06-envrepeat-train_lr0.1",
+                                             "base-grpo_lr5e-06-envsat-train_lr0.1"]
+    assert runs[0]["values"] == {"grpo.lr": 5e-6, "grpo.env": "repeat", "train.lr": 0.1}
