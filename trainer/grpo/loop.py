@@ -170,6 +170,14 @@ def rollout_batch(backend, cfg, problems, params, reward, pad_id: int, tok, iter
     return {"ids": ids, "attn": attn, "mask": mask, "adv": adv.reshape(-1)}, stats, samples
 
 
+def resume_hint(cfg) -> str:
+    """The command that continues this run (out_dir named when it is not the default)."""
+    cmd = f"trainer grpo --resume {cfg.run.name}"
+    if cfg.run.out_dir != configs.RunConfig().out_dir:
+        cmd += f" --run.out_dir={cfg.run.out_dir}"
+    return cmd
+
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
@@ -182,7 +190,7 @@ def grpo(cfg, resume_dir: Path | None = None) -> dict:
     ckpt_dir, metrics_dir = run_dirs(cfg)
     if resume_dir is None and ckpt.latest_name(ckpt_dir) is not None:
         raise UserError(f"run {cfg.run.name!r} already has checkpoints in {ckpt_dir}; continue it with "
-                        f"`trainer grpo --resume {cfg.run.name}` or pick a new run.name")
+                        f"`{resume_hint(cfg)}` or pick a new run.name")
     if g.backend == "openai" and not cfg.model.lora:
         raise UserError("grpo.backend=openai needs model.lora=true: the server receives the policy as a LoRA "
                         "adapter (set model.lora=true, or use grpo.backend=local)")
@@ -282,12 +290,12 @@ def grpo(cfg, resume_dir: Path | None = None) -> dict:
                      f"rollout {stats['rollout_s']:.2f}s train {stats['train_s']:.2f}s sync {sync_s:.2f}s")
             if stop:
                 log.info(f"stopped by signal after iteration {it}; saved {path}; continue with "
-                         f"`trainer grpo --resume {cfg.run.name}`")
+                         f"`{resume_hint(cfg)}`")
                 break
     except RolloutError as e:
         name = ckpt.latest_name(ckpt_dir)
         raise RolloutError(f"{e}; last checkpoint: {name or 'none'} (continue with "
-                           f"`trainer grpo --resume {cfg.run.name}`)") from None
+                           f"`{resume_hint(cfg)}`)") from None
     finally:
         rows.close()
         stop.uninstall()
@@ -300,17 +308,18 @@ def grpo_command(config: str | None = None, resume: str = "", **overrides) -> di
     Args:
       config: YAML file. Override any key as --grpo.lr=1e-5 --grpo.backend=openai ...
       resume: a run name (or run/iteration directory) to continue from its newest valid
-        iteration; overrides may change lengths and intervals, not model.* or data.*.
+        iteration. The run's saved config is the base; --config and overrides on top may
+        change lengths and intervals (e.g. grpo.iterations), not model.* or data.*.
     """
     if not resume:
         return grpo(configs.load(config, **overrides))
     import yaml
 
-    probe = configs.build(overrides={k: v for k, v in overrides.items() if k.startswith("run.out_dir")})
+    probe = configs.build(yaml_path=config, overrides={k: v for k, v in overrides.items() if k == "run.out_dir"})
     step_dir = ckpt.locate(resume if not Path(resume).is_dir() else None,
                            resume if Path(resume).is_dir() else None, probe.run.out_dir)
     saved = configs.from_dict(yaml.safe_load(ckpt.read_config(step_dir)))
-    cfg = configs.build(base=saved.to_dict(), overrides=overrides)
+    cfg = configs.build(base=saved.to_dict(), yaml_path=config, overrides=overrides)
     changed = configs.changed_frozen_keys(saved, cfg)
     if changed:
         raise UserError(f"cannot change {', '.join(changed)} on resume; start a new run instead")
