@@ -13,7 +13,7 @@ import torch
 
 from trainer import checkpoint as ckpt
 from trainer import config as configs
-from trainer.grpo.loop import grpo
+from trainer.grpo.loop import CLOCKS, grpo
 from tests.conftest import ROOT, run_cli, start_cli, wait_for
 
 CONFIG = """# trainer grpo --config run.yaml
@@ -24,7 +24,7 @@ grpo: {env: repeat, iterations: 6, prompts_per_iter: 4, group_size: 4, max_token
 eval: {interval: 2, num_problems: 4, replicates: 2}
 checkpoint: {keep_last: 0}
 """
-CLOCKS = ("rollout_s", "train_s", "sync_s", "eval_s")
+
 ENV = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 

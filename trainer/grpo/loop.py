@@ -43,7 +43,8 @@ log = logging.getLogger("trainer")
 
 FIELDS = ("iteration", "reward_mean", "reward_std", "zero_std_frac", "loss", "kl", "clip_ratio", "entropy",
           "len_mean", "len_min", "len_max", "truncated_ratio", "tokens", "skipped_groups", "rollout_s", "train_s",
-          "sync_s", "eval_s", "eval_reward", "eval_pass_rate", "adapter")
+          "sync_s", "eval_s", "iter_s", "eval_reward", "eval_pass_rate", "adapter")
+CLOCKS = ("rollout_s", "train_s", "sync_s", "eval_s", "iter_s")  # wall-clock seconds: differ between equal runs
 EVAL_SEED = 999_983  # eval sampling seed offset: the same held-out samples every evaluation
 
 
@@ -273,6 +274,7 @@ def grpo(cfg, resume_dir: Path | None = None) -> dict:
                 ev = run_eval(it)
                 stats.update(eval_reward=ev["mean_reward"], eval_pass_rate=ev["pass_rate"], eval_s=ev["eval_s"],
                              sync_s=sync_s + ev["sync_s"])
+            stats["iter_s"] = time.perf_counter() - t0  # sync + rollout + train + eval
             _write_json(metrics_dir / f"train_iter_{it:03d}.json", {**stats, "server_stats": dict(backend.stats),
                                                                     "groups": samples})
             rows.log({k: stats.get(k) for k in FIELDS})
