@@ -57,6 +57,14 @@ def test_run_outputs_and_bit_exact_resume(tmp_path):
     assert strip_times(rows(tmp_path, "split")) == strip_times(rows(tmp_path, "full"))
     assert resumed["evals"] == full["evals"]
 
+    # --resume auto (compose's command): a finished run is a no-op, an unknown name starts
+    again = grpo_command(resume="auto", **{**SMALL, "run.name": "split", "run.out_dir": str(tmp_path)})
+    assert again["iteration"] == 4 and again["weights_sha256"] == full["weights_sha256"]
+    assert strip_times(rows(tmp_path, "split")) == strip_times(rows(tmp_path, "full"))
+    new = grpo_command(resume="auto", **{**SMALL, "run.name": "new", "run.out_dir": str(tmp_path),
+                                         "grpo.iterations": 1})
+    assert new["iteration"] == 1 and ckpt.latest_name(tmp_path / "checkpoints" / "new") == "iter_000001"
+
 
 def test_bad_settings_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="grpo.group_size=1"):

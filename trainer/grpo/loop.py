@@ -312,7 +312,14 @@ def grpo_command(config: str | None = None, resume: str = "", **overrides) -> di
       resume: a run name (or run/iteration directory) to continue from its newest valid
         iteration. The run's saved config is the base; --config and overrides on top may
         change lengths and intervals (e.g. grpo.iterations), not model.* or data.*.
+        `auto` continues run.name when it has checkpoints and starts it otherwise (for
+        compose, where the same command must start, restart and finish a run).
     """
+    if resume == "auto":
+        cfg = configs.load(config, **overrides)
+        resume = cfg.run.name if ckpt.latest_name(run_dirs(cfg)[0]) is not None else ""
+        if not resume:
+            return grpo(cfg)
     if not resume:
         return grpo(configs.load(config, **overrides))
     import yaml
