@@ -102,12 +102,24 @@ def _model_files(model) -> dict[str, bytes]:
     return {MODEL: save(tensors, metadata={"format": "pt"})}
 
 
-def save_checkpoint(run_dir: Path, name: str, model, optimizer, state: dict, trainer_state: dict,
-                    config_yaml: str, keep_last: int = 0, mirror_dir: str = "",
-                    extra_files: dict[str, bytes] | None = None) -> Path:
-    """Write run_dir/name atomically and point `latest` at it. On a write error (disk full,
-    read-only) the partial directory is removed, older checkpoints stay intact, and a
-    UserError says what happened."""
+def serialize(model, optimizer, state: dict, trainer_state: dict, config_yaml: str,
+              extra_files: dict[str, bytes] | None = None) -> dict[str, bytes]:
+    """Snapshot everything a checkpoint holds as bytes. This is the only part of a save that
+    must happen between two optimizer steps; writing can then go on in the background."""
+    files = _model_files(model)
+    files[OPTIMIZER] = _torch_bytes(optimizer.state_dict())
+    files[STATE] = _torch_bytes({"format_version": FORMAT_VERSION, **state})
+    files[TRAINER_STATE] = (json.dumps(trainer_state, indent=2) + "\n").encode()
+    files[CONFIG] = config_yaml.encode()
+    files.update(extra_files or {})
+    return files
+
+
+def write_checkpoint(run_dir: Path, name: str, files: dict[str, bytes], keep_last: int = 0,
+                     mirror_dir: str = "", best: dict | None = None) -> Path:
+    """Write run_dir/name atomically and point `latest` at it; then prune, update best/ (when
+    `best` gives its metric) and mirror. On a write error (disk full, read-only) the partial
+    directory is removed, older checkpoints stay intact, and a UserError says what happened."""
     run_dir = Path(run_dir)
     final = run_dir / name
     tmp = run_dir / (name + ".tmp")
@@ -115,12 +127,6 @@ def save_checkpoint(run_dir: Path, name: str, model, optimizer, state: dict, tra
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        files = _model_files(model)
-        files[OPTIMIZER] = _torch_bytes(optimizer.state_dict())
-        files[STATE] = _torch_bytes({"format_version": FORMAT_VERSION, **state})
-        files[TRAINER_STATE] = (json.dumps(trainer_state, indent=2) + "\n").encode()
-        files[CONFIG] = config_yaml.encode()
-        files.update(extra_files or {})
         manifest = {"format_version": FORMAT_VERSION, "name": name,
                     "files": {fname: _write(tmp / fname, data) for fname, data in files.items()}}
         _write(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
@@ -138,9 +144,53 @@ def save_checkpoint(run_dir: Path, name: str, model, optimizer, state: dict, tra
                         "then `trainer resume`") from None
     if keep_last:
         prune(run_dir, keep_last)
+    if best is not None:
+        update_best(run_dir, final, best)
     if mirror_dir:
         mirror(final, Path(mirror_dir) / run_dir.name, keep_last)
     return final
+
+
+def save_checkpoint(run_dir: Path, name: str, model, optimizer, state: dict, trainer_state: dict,
+                    config_yaml: str, keep_last: int = 0, mirror_dir: str = "",
+                    extra_files: dict[str, bytes] | None = None, best: dict | None = None) -> Path:
+    """serialize + write_checkpoint in the caller's thread."""
+    files = serialize(model, optimizer, state, trainer_state, config_yaml, extra_files)
+    return write_checkpoint(run_dir, name, files, keep_last, mirror_dir, best)
+
+
+class AsyncSaver:
+    """Writes checkpoints on one background thread, so the training loop stalls only for
+    `serialize`. At most one write is in flight: the next save, and `wait()` (called on
+    signals, at the end and on errors), first finish the previous one and re-raise its error.
+    A kill -9 mid-write leaves a step_N.tmp that loading ignores, exactly as a synchronous save."""
+
+    def __init__(self) -> None:
+        import concurrent.futures
+
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending = None
+
+    def save(self, run_dir: Path, name: str, files: dict[str, bytes], on_done=None, **kwargs) -> None:
+        self.wait()
+
+        def job():
+            path = write_checkpoint(run_dir, name, files, **kwargs)
+            if on_done is not None:
+                on_done(path)
+            return path
+
+        self._pending = self._pool.submit(job)
+
+    def wait(self) -> Path | None:
+        pending, self._pending = self._pending, None
+        return pending.result() if pending is not None else None
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def _set_latest(run_dir: Path, name: str) -> None:
@@ -199,14 +249,17 @@ def find_valid(run_dir: Path) -> Path:
     if named and (run_dir / named) in candidates:
         candidates.remove(run_dir / named)
         candidates.insert(0, run_dir / named)
+    problems = []
     for i, step_dir in enumerate(candidates):
         problem = verify(step_dir)
         if problem is None:
             return step_dir
+        problems.append(f"{step_dir.name}: {problem}")
         nxt = candidates[i + 1].name if i + 1 < len(candidates) else None
         log.warning(f"checkpoint {step_dir} is corrupt: {problem}; "
                     + (f"falling back to {nxt}" if nxt else "no older checkpoint left"))
-    raise UserError(f"no valid checkpoint in {run_dir}; start a new run with `trainer train` "
+    found = f" ({'; '.join(problems)})" if problems else ""
+    raise UserError(f"no valid checkpoint in {run_dir}{found}; start a new run with `trainer train` "
                     "or pass a run that has one (--run NAME or CHECKPOINT_PATH=<step dir>)")
 
 

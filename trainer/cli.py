@@ -10,10 +10,12 @@ import sys
 import fire
 
 from trainer.errors import UserError
+from trainer.metrics import setup_logging
 
 
 def _commands() -> dict:
     from trainer.data import prepare_command
+    from trainer.evaluate import evaluate_command
     from trainer.grpo.loop import grpo_command
     from trainer.grpo.sweep import sweep_command
     from trainer.serve import serve
@@ -28,6 +30,7 @@ def _commands() -> dict:
         "resume": resume_command,
         "sample": sample_command,
         "export": export_command,
+        "evaluate": evaluate_command,
         "doctor": doctor_command,
         "grpo": grpo_command,
         "sweep": sweep_command,
@@ -61,6 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in argv or os.environ.get("TRAINER_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # log lines (warnings too) go to stdout from the first one; unconfigured, logging would put
+    # them on stderr beside the one-line error
+    setup_logging()
     try:
         fire.Fire(_commands(), command=argv, name="trainer", serialize=lambda result: None)
     except UserError as e:

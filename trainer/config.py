@@ -264,7 +264,7 @@ def _apply(tree: dict, layer: dict, origin: str, from_text: bool = False) -> Non
             raise UserError(f"{origin}: section {section!r} must be a mapping of key: value")
         hints = typing.get_type_hints(classes[section])
         for key, value in values.items():
-            label = f"TRAINER_{section.upper()}_{str(key).upper()}" if origin == "environment" else f"{section}.{key}"
+            label = f"{section}.{key}"
             if key not in hints:
                 raise UserError(f"{origin}: unknown key {label}{_closest(key, hints)}")
             tree[section][key] = _coerce(value, hints[key], f"{origin}: {label}", from_text)
@@ -283,10 +283,11 @@ def _dotted(overrides: dict, origin: str) -> dict:
     return layer
 
 
-def _env_layer(environ) -> dict:
-    """TRAINER_TRAIN_MAX_STEPS=50 -> {'train': {'max_steps': '50'}}."""
-    layer: dict = {}
-    for var, value in environ.items():
+def _env_layers(environ) -> list[tuple[str, dict]]:
+    """TRAINER_TRAIN_MAX_STEPS=50 -> [('TRAINER_TRAIN_MAX_STEPS', {'train': {'max_steps': '50'}})].
+    One layer per variable, so an error names the variable the user set."""
+    layers = []
+    for var, value in sorted(environ.items()):
         if not var.startswith("TRAINER_") or var in NOT_CONFIG_ENV:
             continue
         rest = var[len("TRAINER_"):].lower()
@@ -294,8 +295,8 @@ def _env_layer(environ) -> dict:
         if section is None:
             raise UserError(f"environment: unknown variable {var}{_closest(rest, SECTIONS)} "
                             f"(form: TRAINER_<SECTION>_<KEY>)")
-        layer.setdefault(section, {})[rest[len(section) + 1:]] = value
-    return layer
+        layers.append((var, {section: {rest[len(section) + 1:]: value}}))
+    return layers
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -322,7 +323,8 @@ def build(base: dict | None = None, yaml_path: str | None = None, overrides: dic
     tree = json.loads(json.dumps(tree))  # deep copy
     if yaml_path:
         _apply(tree, read_yaml(yaml_path), str(yaml_path))
-    _apply(tree, _env_layer(os.environ if environ is None else environ), "environment", from_text=True)
+    for var, layer in _env_layers(os.environ if environ is None else environ):
+        _apply(tree, layer, f"environment variable {var}", from_text=True)
     _apply(tree, _dotted(overrides or {}, "command line"), "command line", from_text=True)
     classes = _section_classes()
     cfg = Config(**{s: classes[s](**v) for s, v in tree.items()})

@@ -125,9 +125,24 @@ def prepared_name(source: str, kind: str, vocab_size: int) -> str:
     return f"{stem}-{kind}{vocab_size if kind == 'bpe' else ''}"
 
 
+PREPARED_FALLBACK_ENV = "AIRLOCK_PREPARED_FALLBACK"  # read-only folders searched after prepared_dir
+
+
 def prepared_path(data_cfg) -> Path:
+    """Where `prepare` writes this config's data."""
     name = data_cfg.name or prepared_name(data_cfg.source, data_cfg.tokenizer, data_cfg.vocab_size)
     return Path(data_cfg.prepared_dir) / name
+
+
+def find_prepared(data_cfg) -> Path:
+    """Where to read it: prepared_dir first, then the folders in $AIRLOCK_PREPARED_FALLBACK (the
+    image's corpora, prepared at build time, which a ./data bind mount would otherwise hide)."""
+    path = prepared_path(data_cfg)
+    if not (path / "meta.json").is_file():
+        for folder in filter(None, os.environ.get(PREPARED_FALLBACK_ENV, "").split(os.pathsep)):
+            if (Path(folder) / path.name / "meta.json").is_file():
+                return Path(folder) / path.name
+    return path
 
 
 def split_chunks(n_tokens: int, val_fraction: float, seed: int) -> np.ndarray:
@@ -166,7 +181,9 @@ def prepare(data_cfg, log=print) -> Path:
         raise UserError(f"{data_cfg.source}: token id {int(tokens.max())} is outside the {data_cfg.tokenizer} "
                         f"vocabulary ({vocab}); pick the tokenizer the ids were made with")
     dtype = np.uint16 if vocab <= 65535 else np.uint32
-    padded = np.pad(tokens, (0, -len(tokens) % CHUNK), constant_values=-1).reshape(-1, CHUNK)
+    # a corpus of one chunk or less is split in halves, the two pieces split_chunks expects for it
+    chunk = CHUNK if len(tokens) > CHUNK else -(-len(tokens) // 2)
+    padded = np.pad(tokens, (0, -len(tokens) % chunk), constant_values=-1).reshape(-1, chunk)
     mask = split_chunks(len(tokens), data_cfg.val_fraction, data_cfg.split_seed)
     train = padded[~mask].ravel()
     val = padded[mask].ravel()
@@ -188,7 +205,7 @@ def prepare(data_cfg, log=print) -> Path:
             "val_tokens": int(val.size),
             "chars": n_chars,
             "source": description,
-            "split": {"chunk": CHUNK, "val_fraction": data_cfg.val_fraction, "seed": data_cfg.split_seed},
+            "split": {"chunk": chunk, "val_fraction": data_cfg.val_fraction, "seed": data_cfg.split_seed},
             "sha256": {name: _sha256(tmp / name) for name in ("train.bin", "val.bin", tk.TOKENIZER_FILE)},
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from trainer.errors import UserError
 
@@ -26,6 +25,8 @@ def _positions(model) -> int:
 def build_model(model_cfg, vocab_size: int, eot_id: int, seed: int):
     """-> (model, block_size). from_scratch is initialised from `seed`; gpt2 is read from a
     local folder only. The block size is capped at the model's positions, with a warning."""
+    from transformers import GPT2Config, GPT2LMHeadModel  # here: errors found before the model need not wait for it
+
     block_size = model_cfg.block_size
     if model_cfg.type == "from_scratch":
         torch.manual_seed(seed)
@@ -51,6 +52,10 @@ def build_model(model_cfg, vocab_size: int, eot_id: int, seed: int):
 
 
 def load_pretrained(path: str | Path, dropout: float | None = None):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar on stderr would bury a one-line error
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UserError(f"model.path={str(path)!r} holds no HF model (config.json missing); run `just vendor` "

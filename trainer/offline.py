@@ -191,7 +191,7 @@ def doctor(cfg) -> int:
     report(guard_active(), "socket guard", "installed: non-loopback connections raise")
     print("assets (loaded under the guard):")
     try:
-        path = data.prepared_path(cfg.data)
+        path = data.find_prepared(cfg.data)
         meta = data.read_meta(path)
         report(True, "data", f"{path}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, "
                              f"{meta['tokenizer']} vocab {meta['vocab_size']}")

@@ -145,7 +145,7 @@ def train(cfg, resume_dir: Path | None = None) -> dict:
         torch.set_num_threads(cfg.run.threads)
     device = runtime.pick_device(cfg.run.device)
 
-    prepared = data.prepared_path(cfg.data)
+    prepared = data.find_prepared(cfg.data)
     if not (prepared / "meta.json").is_file():
         log.info(f"prepared data {prepared} not found: preparing it now")
         data.prepare(cfg.data, log=log.info)
@@ -191,17 +191,18 @@ def train(cfg, resume_dir: Path | None = None) -> dict:
     stop = runtime.StopFlag().install()
     tokens_per_step = t.batch_size * t.grad_accum * block_size
     recent = deque(tracker["recent"], maxlen=20)
-    last_saved = start_step
     progress = None
     if sys.stderr.isatty() and start_step < t.max_steps:
         from tqdm import tqdm
 
         progress = tqdm(total=t.max_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False)
 
-    def save(step: int, reason: str) -> Path | None:
-        nonlocal last_saved
+    saver = ckpt.AsyncSaver()
+
+    def save(step: int, reason: str, best: dict | None) -> None:
+        """Snapshot now; the write, fsyncs, `latest`, pruning, best/ and mirror run in the background."""
         if not cfg.checkpoint.enabled:
-            return None
+            return
         tracker["recent"] = list(recent)
         now = sum(recent) / len(recent) if recent else float("nan")
         state = {ckpt.STEP: step, ckpt.RNG: runtime.rng_state(),
@@ -210,17 +211,16 @@ def train(cfg, resume_dir: Path | None = None) -> dict:
         trainer_state = {"step": step, "max_steps": t.max_steps, "reason": reason, "train_loss": now,
                          "val_loss": tracker.get("last_val"), "best_val": tracker["best_val"],
                          "tokens": tracker["tokens"], "run": cfg.run.name, "saved_at": time.time()}
-        path = ckpt.save_checkpoint(ckpt_dir, ckpt.step_name(step), model, optimizer, state, trainer_state,
-                                    cfg.to_yaml(), cfg.checkpoint.keep_last, cfg.checkpoint.mirror_dir,
-                                    extra_files={ckpt.TOKENIZER: tok_json})
+        files = ckpt.serialize(model, optimizer, state, trainer_state, cfg.to_yaml(),
+                               extra_files={ckpt.TOKENIZER: tok_json})
         first, last = tracker["first_loss"], tracker["last_ckpt_loss"]
         change = f"net loss change {now - first:+.4f} since start" if first is not None else ""
         if last is not None:
             change += f", {now - last:+.4f} since last checkpoint"
-        log.info(f"saved {path} ({reason}); {change}; {ckpt.storage_report(ckpt_dir)}")
+        saver.save(ckpt_dir, ckpt.step_name(step), files, keep_last=cfg.checkpoint.keep_last,
+                   mirror_dir=cfg.checkpoint.mirror_dir, best=best,
+                   on_done=lambda path: log.info(f"saved {path} ({reason}); {change}; {ckpt.storage_report(ckpt_dir)}"))
         tracker["last_ckpt_loss"] = now
-        last_saved = step
-        return path
 
     t0 = time.time()
     window_t, window_steps = time.time(), 0
@@ -285,11 +285,11 @@ def train(cfg, resume_dir: Path | None = None) -> dict:
             periodic = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
             if stop or periodic or step == t.max_steps:
                 reason = (f"signal {stop.signal}" if stop else "end" if step == t.max_steps else "interval")
-                path = save(step, reason)
                 # best/ is the best of the saved checkpoints: those whose step was also evaluated
-                if path is not None and cfg.checkpoint.best and val is not None and val == tracker["best_val"]:
-                    ckpt.update_best(ckpt_dir, path, {"step": step, "val_loss": val})
+                is_best = cfg.checkpoint.best and val is not None and val == tracker["best_val"]
+                save(step, reason, {"step": step, "val_loss": val} if is_best else None)
             if stop:
+                saver.close()
                 rows.close()
                 name = ckpt.latest_name(ckpt_dir)
                 log.info(f"stopped at step {step}/{t.max_steps} by signal {stop.signal}; checkpoint "
@@ -297,6 +297,7 @@ def train(cfg, resume_dir: Path | None = None) -> dict:
                          f"resume with: trainer resume --run {cfg.run.name}")
                 return {"step": step, "stopped": True, "run": cfg.run.name}
     finally:
+        saver.close()  # a pending write finishes (or raises its error) before anything else
         stop.uninstall()
         if progress is not None:
             progress.close()

@@ -1,0 +1,192 @@
+"""The evaluator: one checkpoint (`--checkpoint PATH`), or every newly completed checkpoint
+under a folder (`--watch DIR`).
+
+For each checkpoint: the val loss over the run's own fixed validation batches (the same
+`train.eval_iters` batches training uses, so the numbers compare with metrics.csv), the
+perplexity exp(val loss), and one sample with the run's sample settings. Each result is one
+line appended to metrics/<run>/eval.jsonl, after which loss.png is redrawn with the train
+and val curves.
+
+Restarts are free: a checkpoint whose name and MANIFEST sha256 already have a row in
+eval.jsonl is skipped. A checkpoint pruned (checkpoint.keep_last) or still being written
+while the evaluator reads it is skipped with a warning, never a crash: the weights are read
+once into memory, and a step directory that vanishes before that is simply gone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer import data, metrics, offline, runtime
+from trainer.errors import UserError
+
+log = logging.getLogger("trainer")
+
+EVAL_FILE = "eval.jsonl"
+
+
+def metrics_dir_for(step_dir: Path) -> Path:
+    """checkpoints/<run>/step_N -> metrics/<run> (the layout run.out_dir holds)."""
+    run_dir = step_dir.parent
+    return run_dir.parent.parent / "metrics" / run_dir.name
+
+
+def _manifest_sha(step_dir: Path) -> str:
+    return hashlib.sha256((step_dir / ckpt.MANIFEST).read_bytes()).hexdigest()
+
+
+def done(metrics_dir: Path) -> set[tuple[str, str]]:
+    """(checkpoint name, manifest sha256) of every row already in eval.jsonl."""
+    path = metrics_dir / EVAL_FILE
+    if not path.is_file():
+        return set()
+    seen = set()
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill: the checkpoint is evaluated again
+        seen.add((row.get("checkpoint"), row.get("manifest_sha256")))
+    return seen
+
+
+def _append(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def evaluate_checkpoint(step_dir: Path, device: torch.device, force: bool = False) -> dict | None:
+    """Evaluate one completed step directory; -> its eval.jsonl row, or None if skipped."""
+    from trainer.train import estimate_loss, sample
+
+    step_dir = Path(step_dir)
+    out = metrics_dir_for(step_dir)
+    try:
+        manifest_sha = _manifest_sha(step_dir)
+        if not force and (step_dir.name, manifest_sha) in done(out):
+            return None
+        t0 = time.time()
+        model, tok, cfg, state = ckpt.restore(step_dir, device=device)
+    except (FileNotFoundError, UserError, OSError) as e:
+        why = "pruned before it could be read" if not step_dir.exists() else f"unreadable ({e})"
+        log.warning(f"evaluate: skipped {step_dir}: {why}")
+        return None
+
+    positions = getattr(getattr(model, "config", None), "n_positions", None) or cfg.model.block_size
+    block_size = min(cfg.model.block_size, positions)
+    batches = data.Batches.open(data.find_prepared(cfg.data), block_size, cfg.train.batch_size, cfg.run.seed)
+    val_loss = estimate_loss(model, batches, cfg.train.eval_iters, device)
+    text = sample(cfg, model, tok, device)
+    row = {
+        "run": step_dir.parent.name,
+        "checkpoint": step_dir.name,
+        "step": int(state.get(ckpt.STEP, step_dir.name.rsplit("_", 1)[-1])),
+        "val_loss": round(val_loss, 6),
+        "perplexity": round(math.exp(min(val_loss, 50.0)), 4),  # capped: exp(50) is already meaningless
+        "eval_iters": cfg.train.eval_iters,
+        "sample": text,
+        "manifest_sha256": manifest_sha,
+        "seconds": round(time.time() - t0, 2),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    _append(out / EVAL_FILE, row)
+    metrics.plot_loss(out)
+    log.info(f"evaluate: {row['run']}/{row['checkpoint']} val loss {val_loss:.4f}, perplexity {row['perplexity']:.2f} "
+             f"-> {out / EVAL_FILE}")
+    return row
+
+
+def completed(root: Path) -> list[Path]:
+    """Completed step directories under a run folder or a checkpoints root, oldest first.
+    best/ and final/ are copies of step directories and are not evaluated twice."""
+    root = Path(root)
+    runs = [root] if (root / ckpt.LATEST).exists() or any(root.glob("step_*")) else \
+        sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    found = []
+    for run_dir in runs:
+        for p in run_dir.glob("step_*"):
+            if p.is_dir() and not p.name.endswith(".tmp") and (p / ckpt.MANIFEST).is_file():
+                found.append(p)
+    return sorted(found, key=lambda p: (p.parent.name, p.name))
+
+
+def watch_loop(root: Path, device: torch.device, interval: float, once: bool = False) -> int:
+    """Evaluate every completed checkpoint under root as it appears; SIGTERM/SIGINT stop after
+    the current one. -> the number evaluated."""
+    stop = {"flag": False}
+
+    def on_signal(signum, frame):
+        stop["flag"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info(f"evaluate: watching {root} every {interval:g} s")
+    n = 0
+    while not stop["flag"]:
+        for step_dir in completed(root):
+            if stop["flag"]:
+                break
+            n += evaluate_checkpoint(step_dir, device) is not None
+        if once:
+            break
+        deadline = time.time() + interval
+        while not stop["flag"] and time.time() < deadline:
+            time.sleep(min(0.5, interval))
+    log.info(f"evaluate: stopped after {n} new evaluation(s)")
+    return n
+
+
+def evaluate_command(checkpoint: str | None = None, watch: str | None = None, run: str | None = None,
+                     out_dir: str = "volumes", interval: float = 10.0, once: bool = False, device: str = "auto",
+                     force: bool = False) -> None:
+    """Evaluate checkpoints: val loss, perplexity and a sample into metrics/<run>/eval.jsonl, and loss.png.
+
+    --checkpoint PATH   a step directory (or a run directory: its newest valid checkpoint), once
+    --run NAME          the newest valid checkpoint of run NAME under OUT_DIR/checkpoints, once
+    --watch DIR         every completed checkpoint under DIR (a run folder or the checkpoints root),
+                        then each new one as it appears, polling every INTERVAL seconds; --once
+                        scans a single time. Already-evaluated checkpoints are skipped (restart-safe).
+    With none of them: the newest checkpoint of the most recent run. --force re-evaluates.
+    """
+    offline.go_offline()  # the evaluator never needs a network
+    dev = runtime.pick_device(device)
+    if watch:
+        if not Path(watch).is_dir():
+            raise UserError(f"--watch {watch}: no such folder; give a run folder or {out_dir}/checkpoints")
+        watch_loop(Path(watch), dev, float(interval), once)
+        return
+    step_dir = ckpt.locate(run=run, checkpoint=checkpoint, out_dir=out_dir)
+    row = evaluate_checkpoint(step_dir, dev, force=force)
+    if row is None and step_dir.exists():
+        log.info(f"evaluate: {step_dir} is already in {metrics_dir_for(step_dir) / EVAL_FILE} (--force to redo)")
+
+
+def main() -> None:
+    """`python -m trainer.evaluate ...`: the same as `trainer evaluate ...` once cli.py lists it."""
+    import sys
+
+    import fire
+
+    metrics.setup_logging()
+    try:
+        fire.Fire(evaluate_command, command=sys.argv[1:], name="evaluate", serialize=lambda result: None)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
