@@ -19,6 +19,7 @@ the current run after its iteration (saved) and the sweep after it.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import itertools
 import json
@@ -91,18 +92,12 @@ def plan(config: str | None, grid: list[tuple[str, list]], overrides: dict) -> t
             raise UserError(f"--grid {dict(zip(keys, combo))}: {e}") from None
         typed = {k: getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in keys}
         name = base + "".join(f"-{labels[k]}{_value_text(v)}" for k, v in typed.items())
-        cfg = cfg.replace(run=_replace(cfg.run, name=name))
+        cfg = cfg.replace(run=dataclasses.replace(cfg.run, name=name))
         runs.append({"name": name, "values": typed, "cfg": cfg})
     names = [r["name"] for r in runs]
     if len(set(names)) != len(names):
         raise UserError(f"--grid gives two runs the same name ({names}); use distinct values")
     return f"{base}-sweep", runs
-
-
-def _replace(section, **changes):
-    import dataclasses
-
-    return dataclasses.replace(section, **changes)
 
 
 def run_state(cfg) -> tuple[int, Path | None]:
