@@ -171,6 +171,19 @@ def rollout_batch(backend, cfg, problems, params, reward, pad_id: int, tok, iter
     return {"ids": ids, "attn": attn, "mask": mask, "adv": adv.reshape(-1)}, stats, samples
 
 
+def check_lengths(cfg, tok, positions: int) -> None:
+    """Prompt + max_tokens must fit the model's positions; checked on the held-out problems and
+    a sample of training problems, so a too-small model.block_size fails before any work."""
+    g = cfg.grpo
+    problems = envs.eval_problems(g.env, cfg.eval.num_problems, **env_options(g))
+    problems += envs.train_problems(g.env, 0, 256, **env_options(g))
+    longest = max(len(tok.encode(p.prompt).ids) for p in problems)
+    if longest + g.max_tokens > positions:
+        need = longest + g.max_tokens + 16  # some room: other ids give somewhat longer prompts
+        raise UserError(f"model.block_size={positions} is too small for grpo.env={g.env}: prompts take up to "
+                        f"{longest} tokens plus grpo.max_tokens={g.max_tokens}; set model.block_size >= {need}")
+
+
 def resume_hint(cfg) -> str:
     """The command that continues this run (out_dir named when it is not the default)."""
     cmd = f"trainer grpo --resume {cfg.run.name}"
@@ -207,7 +220,8 @@ def grpo(cfg, resume_dir: Path | None = None) -> dict:
     eos = tk.eot_id(tok)
     reward = envs.get_reward(g.env, g.reward)
     runtime.seed_everything(cfg.run.seed)
-    policy, _ = models.build_model(cfg.model, tok.get_vocab_size(), eos, cfg.run.seed)
+    policy, positions = models.build_model(cfg.model, tok.get_vocab_size(), eos, cfg.run.seed)
+    check_lengths(cfg, tok, positions)
     policy.to(device).eval()  # no dropout: old and new log-probs must come from the same function
     ref = None
     if g.beta and not cfg.model.lora:
