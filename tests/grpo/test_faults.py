@@ -5,7 +5,8 @@
   checkpoint; that checkpoint verifies, and resuming against a new server finishes;
 - a server that answers malformed JSON or fewer choices than n for some prompts: those
   groups are skipped and counted in metrics, the run trains on the rest;
-- an unknown environment or a group size of 1: one line, exit 2, before any work;
+- an unknown environment, a group size of 1, an unknown reward or prompts longer than the
+  model's positions: one line, exit 2, before any work;
 - all completions identical (greedy sampling): every group is counted as zero-std, the
   loss is exactly 0 and the weights do not move, with no NaN anywhere.
 """
@@ -154,7 +155,8 @@ def test_malformed_and_short_answers_are_counted_skips_in_a_run(model_dir, tmp_p
 
 @pytest.mark.parametrize("option, needle", [({"grpo.env": "chess"}, "grpo.env='chess' must be one of"),
                                             ({"grpo.group_size": 1}, "grpo.group_size=1"),
-                                            ({"grpo.reward": "nope"}, "grpo.reward='nope' is unknown")])
+                                            ({"grpo.reward": "nope"}, "grpo.reward='nope' is unknown"),
+                                            ({"grpo.env": "sat"}, "model.block_size=32 is too small for grpo.env=sat")])
 def test_bad_settings_exit_2_with_one_line(tmp_path, capsys, option, needle):
     with pytest.raises(SystemExit) as e:
         cli.main(["grpo", *flags({**BASE, "run.out_dir": str(tmp_path), "run.name": "x", **option})])
