@@ -43,6 +43,21 @@ def socket_guard():
     offline.remove_guard()
 
 
+@pytest.fixture(autouse=True)
+def trainer_logger():
+    """In-process runs call metrics.setup_logging, which stops the `trainer` logger from
+    propagating (and opens a train.log); undo both after each test, so a later test's
+    caplog sees the warnings it checks for whatever ran before it."""
+    import logging
+
+    yield
+    logger = logging.getLogger("trainer")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.propagate = True
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> Path:
     """A small code corpus: a few dozen varied files, enough tokens for block_size 32."""

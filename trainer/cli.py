@@ -17,6 +17,7 @@ def _commands() -> dict:
     from trainer.data import prepare_command
     from trainer.evaluate import evaluate_command
     from trainer.grpo.loop import grpo_command
+    from trainer.grpo.sweep import sweep_command
     from trainer.serve import serve
     from trainer.generate import sample_command
     from trainer.model import export_command
@@ -32,6 +33,7 @@ def _commands() -> dict:
         "evaluate": evaluate_command,
         "doctor": doctor_command,
         "grpo": grpo_command,
+        "sweep": sweep_command,
         "serve": serve,
     }
 

@@ -60,6 +60,9 @@ def load_pretrained(path: str | Path, dropout: float | None = None):
     if not (path / "config.json").is_file():
         raise UserError(f"model.path={str(path)!r} holds no HF model (config.json missing); run `just vendor` "
                         "(or `just vendor --fixture` for a tiny test model) or point model.path at a local folder")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would land in stderr next to real errors
     kwargs = {}
     if dropout is not None:
         kwargs = dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)

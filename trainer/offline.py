@@ -1,7 +1,10 @@
 """The offline environment: HF offline variables, the socket guard, and `trainer doctor`.
 
 The guard patches socket connect and name resolution so that any non-loopback connection
-raises NetworkBlocked naming the caller, before a single packet leaves the machine.
+raises NetworkBlocked naming the caller, before a single packet leaves the machine. An
+allow-list adds exact hosts (GRPO allows the host of server.url, e.g. the compose service
+`server`): the name may be resolved, and only the addresses it resolved to may be
+connected to.
 """
 
 from __future__ import annotations
@@ -55,32 +58,77 @@ def _blocked(host, port) -> NetworkBlocked:
 
 
 _original = {}
+# hosts the guard lets through besides loopback: names as written in a URL, and the
+# addresses those names resolved to (a compose service name -> its container address)
+_allowed_names: set[str] = set()
+_allowed_addrs: set[str] = set()
 
 
-def install_guard() -> None:
-    """Idempotent. Loopback and Unix sockets stay allowed (the GRPO server, tests)."""
+def _norm(host) -> str:
+    if isinstance(host, bytes):
+        host = host.decode()
+    return str(host).strip("[]").split("%")[0].lower()
+
+
+def allow_hosts(hosts) -> None:
+    """Let connections to these hosts (names or IP literals) through the guard, and to the
+    addresses the names resolve to. Everything else stays blocked."""
+    for host in hosts:
+        host = _norm(host)
+        if not host:
+            continue
+        try:
+            _allowed_addrs.add(str(ipaddress.ip_address(host)))
+        except ValueError:
+            _allowed_names.add(host)
+
+
+def host_allowed(host) -> bool:
+    """True for loopback, an allowed name, or an address an allowed name resolved to."""
+    if is_loopback(host):
+        return True
+    host = _norm(host)
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        return host in _allowed_names
+    return host in _allowed_addrs
+
+
+def check_address(family, address) -> None:
+    """Raise NetworkBlocked unless an AF_INET/AF_INET6 `address` may be connected to."""
+    if family in (socket.AF_INET, socket.AF_INET6) and not host_allowed(address[0]):
+        raise _blocked(address[0], address[1])
+
+
+def install_guard(allow=()) -> None:
+    """Idempotent (a second call only adds to the allow-list). Loopback and Unix sockets
+    stay allowed (the GRPO server in tests); `allow` names more hosts, e.g. the compose
+    service of the generation server."""
+    allow_hosts(allow)
     if _original:
         return
     _original["connect"] = socket.socket.connect
     _original["connect_ex"] = socket.socket.connect_ex
     _original["getaddrinfo"] = socket.getaddrinfo
 
-    def check(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and not is_loopback(address[0]):
-            raise _blocked(address[0], address[1])
-
     def connect(self, address):
-        check(self, address)
+        check_address(self.family, address)
         return _original["connect"](self, address)
 
     def connect_ex(self, address):
-        check(self, address)
+        check_address(self.family, address)
         return _original["connect_ex"](self, address)
 
     def getaddrinfo(host, port, *args, **kwargs):
-        if host is not None and not is_loopback(host):
+        if host is None or is_loopback(host):
+            return _original["getaddrinfo"](host, port, *args, **kwargs)
+        if not host_allowed(host):
             raise _blocked(host, port)
-        return _original["getaddrinfo"](host, port, *args, **kwargs)
+        infos = _original["getaddrinfo"](host, port, *args, **kwargs)
+        if _norm(host) in _allowed_names:  # its addresses may be connected to from now on
+            _allowed_addrs.update(str(ipaddress.ip_address(_norm(info[4][0]))) for info in infos)
+        return infos
 
     socket.socket.connect = connect
     socket.socket.connect_ex = connect_ex
@@ -88,6 +136,8 @@ def install_guard() -> None:
 
 
 def remove_guard() -> None:
+    _allowed_names.clear()
+    _allowed_addrs.clear()
     if not _original:
         return
     socket.socket.connect = _original.pop("connect")
@@ -99,9 +149,11 @@ def guard_active() -> bool:
     return bool(_original)
 
 
-def go_offline() -> None:
+def go_offline(allow_hosts=()) -> None:
+    """Offline environment variables plus the socket guard; `allow_hosts` (e.g. the host of
+    server.url) may be reached besides loopback."""
     set_offline_env()
-    install_guard()
+    install_guard(allow=allow_hosts)
 
 
 def doctor(cfg) -> int:

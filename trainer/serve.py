@@ -69,6 +69,9 @@ class Engine:
 
     def __init__(self, model_path: str, name: str = "", device: str = "cpu"):
         from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
         path = Path(model_path)
         if not (path / "config.json").is_file():

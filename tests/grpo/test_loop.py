@@ -10,7 +10,7 @@ import pytest
 from trainer import checkpoint as ckpt
 from trainer import config as configs
 from trainer.errors import UserError
-from trainer.grpo.loop import grpo, grpo_command
+from trainer.grpo.loop import CLOCKS, FIELDS, grpo, grpo_command
 from trainer.grpo.rollout import RolloutError
 from tests.grpo.conftest import free_port
 
@@ -30,11 +30,10 @@ def rows(tmp_path, name):
 
 
 def strip_times(lines):
-    out = []
-    for line in lines:  # drop wall-clock columns (rollout_s .. eval_s), keep every number that trains
-        cells = line.split(",")
-        out.append(cells[:14] + cells[18:])
-    return out
+    """Drop the wall-clock columns, keep every number that training produces."""
+    header = lines[0].split(",")
+    keep = [i for i, name in enumerate(header) if name not in CLOCKS]
+    return [[line.split(",")[i] for i in keep] for line in lines]
 
 
 def test_run_outputs_and_bit_exact_resume(tmp_path):
@@ -49,6 +48,7 @@ def test_run_outputs_and_bit_exact_resume(tmp_path):
     assert sorted(p.name for p in m.glob("eval_iter_*.json")) == ["eval_iter_000.json", "eval_iter_002.json",
                                                                   "eval_iter_004.json"]
     assert len(rows(tmp_path, "full")) == 5  # header + 4 iterations
+    check_columns(m)
     assert all(v == v for _, v in full["evals"])  # no NaN
 
     grpo(cfg_for(tmp_path, "split", **{"grpo.iterations": 2}))
@@ -56,6 +56,14 @@ def test_run_outputs_and_bit_exact_resume(tmp_path):
     assert resumed["weights_sha256"] == full["weights_sha256"]
     assert strip_times(rows(tmp_path, "split")) == strip_times(rows(tmp_path, "full"))
     assert resumed["evals"] == full["evals"]
+
+    # --resume auto (compose's command): a finished run is a no-op, an unknown name starts
+    again = grpo_command(resume="auto", **{**SMALL, "run.name": "split", "run.out_dir": str(tmp_path)})
+    assert again["iteration"] == 4 and again["weights_sha256"] == full["weights_sha256"]
+    assert strip_times(rows(tmp_path, "split")) == strip_times(rows(tmp_path, "full"))
+    new = grpo_command(resume="auto", **{**SMALL, "run.name": "new", "run.out_dir": str(tmp_path),
+                                         "grpo.iterations": 1})
+    assert new["iteration"] == 1 and ckpt.latest_name(tmp_path / "checkpoints" / "new") == "iter_000001"
 
 
 def test_bad_settings_are_one_line_errors(tmp_path):
@@ -75,3 +83,33 @@ def test_dead_server_stops_with_a_clear_line(tmp_path, model_dir):
     with pytest.raises(RolloutError) as e:
         grpo(cfg)
     assert url in str(e.value) and "\n" not in str(e.value)
+
+
+REQUIRED = ("reward_mean", "reward_std", "zero_std_frac", "kl", "clip_ratio", "entropy", "len_mean", "len_min",
+            "len_max", "truncated_ratio", "tokens", "rollout_s", "train_s", "sync_s", "iter_s", "loss")
+
+
+def check_columns(metrics_dir):
+    """Every iteration row holds every required statistic as a finite number (beta > 0, so
+    KL is measured), the eval columns on eval iterations, and the JSON agrees with the CSV."""
+    import csv
+    import math
+
+    with open(metrics_dir / "metrics.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == FIELDS
+        table = list(reader)
+    for row in table:
+        it = int(row["iteration"])
+        for key in REQUIRED:
+            assert math.isfinite(float(row[key])), (it, key, row[key])
+        assert 0 <= float(row["zero_std_frac"]) <= 1 and 0 <= float(row["truncated_ratio"]) <= 1
+        assert 0 <= float(row["clip_ratio"]) <= 1 and float(row["kl"]) >= 0 and float(row["entropy"]) > 0
+        assert float(row["len_min"]) <= float(row["len_mean"]) <= float(row["len_max"])
+        assert float(row["iter_s"]) >= float(row["rollout_s"]) + float(row["train_s"])
+        if it % SMALL["eval.interval"] == 0:
+            assert 0 <= float(row["eval_reward"]) <= 1 and 0 <= float(row["eval_pass_rate"]) <= 1
+        else:
+            assert row["eval_reward"] == ""
+        saved = json.loads((metrics_dir / f"train_iter_{it:03d}.json").read_text())
+        assert saved["tokens"] == int(row["tokens"]) and saved["reward_mean"] == float(row["reward_mean"])

@@ -40,3 +40,58 @@ def test_loopback_still_works():
     thread.join(5)
     server.close()
     assert accepted
+
+
+@pytest.fixture
+def clean_allow_list(monkeypatch):
+    """The allow-list is process state: give each test an empty one and restore it after."""
+    monkeypatch.setattr(offline, "_allowed_names", set())
+    monkeypatch.setattr(offline, "_allowed_addrs", set())
+
+
+def test_allow_list_lets_exactly_the_named_host_through(clean_allow_list, monkeypatch):
+    """`go_offline(allow_hosts=["server"])` (what GRPO does for server.url) allows that name,
+    the addresses it resolves to, and nothing else. The resolver below stands in for the
+    compose DNS; no packet is sent anywhere: connects are only checked, never made."""
+    resolved = []
+
+    def compose_dns(host, port, *args, **kwargs):
+        resolved.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("172.20.0.5", port))]
+
+    monkeypatch.setitem(offline._original, "getaddrinfo", compose_dns)
+    offline.go_offline(allow_hosts=["Server"])
+    assert offline.host_allowed("server") and not offline.host_allowed("server2")
+    assert not offline.host_allowed("172.20.0.5")  # not before the name resolved to it
+    with pytest.raises(offline.NetworkBlocked, match="example.com:443"):
+        socket.getaddrinfo("example.com", 443)
+    assert resolved == []  # a blocked name is never even looked up
+    infos = socket.getaddrinfo("server", 8000)
+    assert resolved == ["server"] and infos[0][4] == ("172.20.0.5", 8000)
+    offline.check_address(socket.AF_INET, ("172.20.0.5", 8000))  # passes
+    for other in ("172.20.0.6", "10.0.0.1", "8.8.8.8"):
+        with pytest.raises(offline.NetworkBlocked, match=f"{other}:8000"):
+            offline.check_address(socket.AF_INET, (other, 8000))
+    # a real connect to a blocked address fails in the guard, before the socket is used
+    with socket.socket() as s, pytest.raises(offline.NetworkBlocked, match="172.20.0.6"):
+        s.connect(("172.20.0.6", 8000))
+    with pytest.raises(offline.NetworkBlocked):
+        socket.create_connection(("example.org", 80), timeout=1)
+
+
+def test_allowed_ip_literal_and_loopback_names(clean_allow_list):
+    offline.install_guard(allow=["10.1.2.3", "[fd00::7]"])
+    assert offline.host_allowed("10.1.2.3") and offline.host_allowed("fd00::7")
+    assert not offline.host_allowed("10.1.2.4") and not offline.host_allowed("fd00::8")
+    assert offline.host_allowed("localhost") and offline.host_allowed("127.0.0.1")
+
+
+def test_grpo_allows_only_the_server_url_host():
+    """The loop derives the allowed host from server.url; a bad URL is one clear line."""
+    from trainer.errors import UserError
+    from trainer.grpo.loop import server_host
+
+    assert server_host("http://server:8000/v1") == "server"
+    assert server_host("http://[::1]:8000/v1") == "::1"
+    with pytest.raises(UserError, match="server.url='server:8000'"):
+        server_host("server:8000")

@@ -43,8 +43,18 @@ log = logging.getLogger("trainer")
 
 FIELDS = ("iteration", "reward_mean", "reward_std", "zero_std_frac", "loss", "kl", "clip_ratio", "entropy",
           "len_mean", "len_min", "len_max", "truncated_ratio", "tokens", "skipped_groups", "rollout_s", "train_s",
-          "sync_s", "eval_s", "eval_reward", "eval_pass_rate", "adapter")
+          "sync_s", "eval_s", "iter_s", "eval_reward", "eval_pass_rate", "adapter")
+CLOCKS = ("rollout_s", "train_s", "sync_s", "eval_s", "iter_s")  # wall-clock seconds: differ between equal runs
 EVAL_SEED = 999_983  # eval sampling seed offset: the same held-out samples every evaluation
+
+
+def server_host(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname
+    if not host or urlsplit(url).scheme not in ("http", "https"):
+        raise UserError(f"server.url={url!r} is not an http(s) URL; use e.g. http://server:8000/v1")
+    return host
 
 
 def run_dirs(cfg) -> tuple[Path, Path]:
@@ -161,6 +171,27 @@ def rollout_batch(backend, cfg, problems, params, reward, pad_id: int, tok, iter
     return {"ids": ids, "attn": attn, "mask": mask, "adv": adv.reshape(-1)}, stats, samples
 
 
+def check_lengths(cfg, tok, positions: int) -> None:
+    """Prompt + max_tokens must fit the model's positions; checked on the held-out problems and
+    a sample of training problems, so a too-small model.block_size fails before any work."""
+    g = cfg.grpo
+    problems = envs.eval_problems(g.env, cfg.eval.num_problems, **env_options(g))
+    problems += envs.train_problems(g.env, 0, 256, **env_options(g))
+    longest = max(len(tok.encode(p.prompt).ids) for p in problems)
+    if longest + g.max_tokens > positions:
+        need = longest + g.max_tokens + 16  # some room: other ids give somewhat longer prompts
+        raise UserError(f"model.block_size={positions} is too small for grpo.env={g.env}: prompts take up to "
+                        f"{longest} tokens plus grpo.max_tokens={g.max_tokens}; set model.block_size >= {need}")
+
+
+def resume_hint(cfg) -> str:
+    """The command that continues this run (out_dir named when it is not the default)."""
+    cmd = f"trainer grpo --resume {cfg.run.name}"
+    if cfg.run.out_dir != configs.RunConfig().out_dir:
+        cmd += f" --run.out_dir={cfg.run.out_dir}"
+    return cmd
+
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
@@ -173,13 +204,15 @@ def grpo(cfg, resume_dir: Path | None = None) -> dict:
     ckpt_dir, metrics_dir = run_dirs(cfg)
     if resume_dir is None and ckpt.latest_name(ckpt_dir) is not None:
         raise UserError(f"run {cfg.run.name!r} already has checkpoints in {ckpt_dir}; continue it with "
-                        f"`trainer grpo --resume {cfg.run.name}` or pick a new run.name")
+                        f"`{resume_hint(cfg)}` or pick a new run.name")
     if g.backend == "openai" and not cfg.model.lora:
         raise UserError("grpo.backend=openai needs model.lora=true: the server receives the policy as a LoRA "
                         "adapter (set model.lora=true, or use grpo.backend=local)")
     metrics.setup_logging(metrics_dir / "train.log")
     if cfg.run.offline:
-        offline.go_offline()  # loopback stays allowed, so `trainer serve` on 127.0.0.1 works
+        # loopback stays allowed; the openai backend may also reach exactly the host of server.url
+        # (e.g. the compose service `server`) and the addresses that name resolves to
+        offline.go_offline(allow_hosts=[server_host(cfg.server.url)] if g.backend == "openai" else [])
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     device = runtime.pick_device(cfg.run.device)
@@ -187,7 +220,8 @@ def grpo(cfg, resume_dir: Path | None = None) -> dict:
     eos = tk.eot_id(tok)
     reward = envs.get_reward(g.env, g.reward)
     runtime.seed_everything(cfg.run.seed)
-    policy, _ = models.build_model(cfg.model, tok.get_vocab_size(), eos, cfg.run.seed)
+    policy, positions = models.build_model(cfg.model, tok.get_vocab_size(), eos, cfg.run.seed)
+    check_lengths(cfg, tok, positions)
     policy.to(device).eval()  # no dropout: old and new log-probs must come from the same function
     ref = None
     if g.beta and not cfg.model.lora:
@@ -254,6 +288,7 @@ def grpo(cfg, resume_dir: Path | None = None) -> dict:
                 ev = run_eval(it)
                 stats.update(eval_reward=ev["mean_reward"], eval_pass_rate=ev["pass_rate"], eval_s=ev["eval_s"],
                              sync_s=sync_s + ev["sync_s"])
+            stats["iter_s"] = time.perf_counter() - t0  # sync + rollout + train + eval
             _write_json(metrics_dir / f"train_iter_{it:03d}.json", {**stats, "server_stats": dict(backend.stats),
                                                                     "groups": samples})
             rows.log({k: stats.get(k) for k in FIELDS})
@@ -271,12 +306,12 @@ def grpo(cfg, resume_dir: Path | None = None) -> dict:
                      f"rollout {stats['rollout_s']:.2f}s train {stats['train_s']:.2f}s sync {sync_s:.2f}s")
             if stop:
                 log.info(f"stopped by signal after iteration {it}; saved {path}; continue with "
-                         f"`trainer grpo --resume {cfg.run.name}`")
+                         f"`{resume_hint(cfg)}`")
                 break
     except RolloutError as e:
         name = ckpt.latest_name(ckpt_dir)
         raise RolloutError(f"{e}; last checkpoint: {name or 'none'} (continue with "
-                           f"`trainer grpo --resume {cfg.run.name}`)") from None
+                           f"`{resume_hint(cfg)}`)") from None
     finally:
         rows.close()
         stop.uninstall()
@@ -289,17 +324,25 @@ def grpo_command(config: str | None = None, resume: str = "", **overrides) -> di
     Args:
       config: YAML file. Override any key as --grpo.lr=1e-5 --grpo.backend=openai ...
       resume: a run name (or run/iteration directory) to continue from its newest valid
-        iteration; overrides may change lengths and intervals, not model.* or data.*.
+        iteration. The run's saved config is the base; --config and overrides on top may
+        change lengths and intervals (e.g. grpo.iterations), not model.* or data.*.
+        `auto` continues run.name when it has checkpoints and starts it otherwise (for
+        compose, where the same command must start, restart and finish a run).
     """
+    if resume == "auto":
+        cfg = configs.load(config, **overrides)
+        resume = cfg.run.name if ckpt.latest_name(run_dirs(cfg)[0]) is not None else ""
+        if not resume:
+            return grpo(cfg)
     if not resume:
         return grpo(configs.load(config, **overrides))
     import yaml
 
-    probe = configs.build(overrides={k: v for k, v in overrides.items() if k.startswith("run.out_dir")})
+    probe = configs.build(yaml_path=config, overrides={k: v for k, v in overrides.items() if k == "run.out_dir"})
     step_dir = ckpt.locate(resume if not Path(resume).is_dir() else None,
                            resume if Path(resume).is_dir() else None, probe.run.out_dir)
     saved = configs.from_dict(yaml.safe_load(ckpt.read_config(step_dir)))
-    cfg = configs.build(base=saved.to_dict(), overrides=overrides)
+    cfg = configs.build(base=saved.to_dict(), yaml_path=config, overrides=overrides)
     changed = configs.changed_frozen_keys(saved, cfg)
     if changed:
         raise UserError(f"cannot change {', '.join(changed)} on resume; start a new run instead")

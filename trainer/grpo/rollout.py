@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 import time
 import urllib.error
@@ -265,8 +266,12 @@ class AdapterSync:
             if old in self.backend.served_models():
                 self.backend.request("POST", "/unload_lora_adapter", {"lora_name": old}, parse=False)
         self.pushed = [p for p in self.pushed if p != name] + [name]
-        for old in self.pushed[:-self.keep]:
-            shutil.rmtree(Path(self.local_dir) / old, ignore_errors=True)
+        # prune by listing the folder, so versions a previous (resumed) process wrote go too
+        mine = re.compile(re.escape(self.prefix) + r"-v(\d+)")
+        versions = sorted((p for p in Path(self.local_dir).iterdir() if mine.fullmatch(p.name)),
+                          key=lambda p: int(mine.fullmatch(p.name).group(1)))
+        for old in versions[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
         self.backend.model = name
         return {"adapter": name, "adapter_sha256": digest, "sync_s": time.perf_counter() - t0}
 
