@@ -61,8 +61,7 @@ finetune *args: _ready
 
 # GRPO against the generation server on the internal network (the server starts first)
 grpo *args: _ready
-    docker compose {{profile}} run --rm grpo grpo --config configs/grpo_repeat.yaml --grpo.backend=openai \
-        --server.url=http://server:8000/v1 {{args}}
+    docker compose {{profile}} run --rm grpo grpo --config configs/grpo_server.yaml --resume auto {{args}}
 
 # GRPO trainer + generation server + evaluator (`just variant=cuda up` adds vLLM)
 up *args: _ready
