@@ -309,6 +309,17 @@ def load_checkpoint(step_dir: Path, model, optimizer=None, map_location="cpu") -
     return _upgrade_state(torch.load(step_dir / STATE, weights_only=True, map_location="cpu"))
 
 
+def resume_training(step_dir: Path, model, optimizer, tracker: dict, map_location="cpu") -> int:
+    """Load weights and optimizer in place, restore every RNG and update `tracker` from the
+    checkpoint: what a loop needs to continue bit-exactly. -> the step (or iteration) saved."""
+    from trainer import runtime
+
+    state = load_checkpoint(step_dir, model, optimizer, map_location=map_location)
+    runtime.set_rng_state(state[RNG])
+    tracker.update(state[TRACKER])
+    return state[STEP]
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)  # files are never modified after save, so a hard link is a safe copy

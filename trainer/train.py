@@ -168,10 +168,7 @@ def train(cfg, resume_dir: Path | None = None) -> dict:
     start_step, tracker = 0, {"first_loss": None, "last_ckpt_loss": None, "best_val": None, "tokens": 0,
                               "recent": []}
     if resume_dir is not None:
-        state = ckpt.load_checkpoint(resume_dir, model, optimizer, map_location=device)
-        runtime.set_rng_state(state[ckpt.RNG])
-        start_step = state[ckpt.STEP]
-        tracker.update(state[ckpt.TRACKER])
+        start_step = ckpt.resume_training(resume_dir, model, optimizer, tracker, map_location=device)
         log.info(f"resumed {cfg.run.name} from {resume_dir} at step {start_step}")
     if cfg.run.compile:
         model = torch.compile(model)

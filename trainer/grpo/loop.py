@@ -230,10 +230,7 @@ def grpo(cfg, resume_dir: Path | None = None) -> dict:
                                   betas=(cfg.train.beta1, cfg.train.beta2), weight_decay=0.0)
     start, tracker = 0, {"best_eval": None, "evals": []}
     if resume_dir is not None:
-        state = ckpt.load_checkpoint(resume_dir, policy, optimizer, map_location=device)
-        runtime.set_rng_state(state[ckpt.RNG])
-        start = state[ckpt.STEP]
-        tracker.update(state[ckpt.TRACKER])
+        start = ckpt.resume_training(resume_dir, policy, optimizer, tracker, map_location=device)
         log.info(f"resumed {cfg.run.name} from {resume_dir} at iteration {start}")
 
     if g.backend == "openai":
