@@ -200,3 +200,50 @@ def test_full_disk_during_a_save_keeps_older_checkpoints(docker_client, image):
     assert len(err.splitlines()) == 1 and "step_000010" in err and "No space left" in err, err
     assert "Traceback" not in logs
     assert "LATEST=step_000005" in logs and "VERIFY=None" in logs, logs[-2000:]
+
+
+def test_compose_up_runs_grpo_end_to_end(docker_client, image, tmp_path):
+    """`docker compose up`: the server turns healthy, GRPO pushes an adapter per iteration to
+    it over the internal network and finishes; checkpoints and metrics land on the volumes."""
+    if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0:
+        pytest.skip("the docker compose plugin is not installed")
+    host = {"checkpoints": tmp_path / "checkpoints", "metrics": tmp_path / "metrics"}
+    for p in host.values():
+        p.mkdir()
+    override = tmp_path / "override.yml"
+    mounts_yaml = "".join(f"      - {path}:/app/volumes/{name}\n" for name, path in host.items())
+    override.write_text(
+        "services:\n"
+        "  grpo:\n"
+        "    command: [grpo, --config, configs/grpo_server.yaml, --resume, auto, --grpo.iterations=2,\n"
+        "              --grpo.prompts_per_iter=4, --grpo.group_size=4, --eval.num_problems=4]\n"
+        f"    volumes:\n{mounts_yaml}"
+        f"  server:\n    volumes:\n{mounts_yaml}"
+        f"  evaluator:\n    volumes:\n{mounts_yaml}")
+    project = f"airlock-test-{os.getpid()}"
+    env = {**os.environ, "AIRLOCK_UID": str(os.getuid()), "AIRLOCK_GID": str(os.getgid())}
+    base = ["docker", "compose", "-p", project, "-f", str(ROOT / "docker-compose.yml"), "-f", str(override)]
+    try:
+        r = subprocess.run(base + ["up", "--abort-on-container-exit", "--exit-code-from", "grpo"], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=900)
+    finally:
+        subprocess.run(base + ["down", "--remove-orphans"], cwd=ROOT, env=env, capture_output=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    run_dir = host["checkpoints"] / "grpo-server"
+    assert (run_dir / "latest").read_text().strip() == "iter_000002"
+    assert verify_manifests_named(run_dir, "iter_*")
+    metrics = host["metrics"] / "grpo-server"
+    assert (metrics / "train_iter_002.json").is_file() and (metrics / "eval_iter_002.json").is_file()
+    adapter = json.loads((metrics / "train_iter_002.json").read_text())
+    assert "adapter" in json.dumps(adapter)  # which adapter version generated the rollouts
+    with open(metrics / "metrics.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 2
+    assert not owned_by_me(host["checkpoints"], host["metrics"])
+
+
+def verify_manifests_named(run_dir: Path, pattern: str) -> list[str]:
+    from trainer import checkpoint as ckpt
+
+    dirs = [d for d in sorted(run_dir.glob(pattern)) if not d.name.endswith(".tmp")]
+    assert dirs and all(ckpt.verify(d) is None for d in dirs)
+    return [d.name for d in dirs]
