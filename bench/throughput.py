@@ -212,8 +212,10 @@ def run_hf(cfg, prepared: Path, meta: dict, work: Path) -> list[float]:
 # ---------------------------------------------------------------------------- checkpoint stall
 
 def run_saves(cfg, prepared: Path, meta: dict, args, work: Path) -> dict:
-    """Median seconds of save_checkpoint (as the loop calls it) against torch.save of the same
-    model and optimizer state dicts, and torch.save + fsync, alternating, on the same disk."""
+    """Median seconds of the training loop's stall for one checkpoint (serialize, then hand the
+    write to the AsyncSaver, as trainer.train does), of a whole durable save_checkpoint, and of
+    torch.save of the same model and optimizer state dicts (with and without fsync), alternating,
+    on the same disk."""
     runtime.seed_everything(cfg.run.seed)
     model, block_size = models.build_model(cfg.model, meta["vocab_size"], meta["eot_id"], cfg.run.seed)
     optimizer = loop.make_optimizer(model, cfg, CPU)
@@ -224,8 +226,9 @@ def run_saves(cfg, prepared: Path, meta: dict, args, work: Path) -> dict:
     tok_json = (prepared / "tokenizer.json").read_bytes()
     run_dir, plain_dir = work / "saves" / "checkpoints", work / "saves" / "plain"
     plain_dir.mkdir(parents=True, exist_ok=True)
-    times = {"save_checkpoint": [], "torch.save": [], "torch.save+fsync": []}
+    times = {"stall": [], "save_checkpoint": [], "torch.save": [], "torch.save+fsync": []}
     sizes = {}
+    saver = ckpt.AsyncSaver()
     for i in range(1, args.saves + 1):
         state = {ckpt.STEP: i, ckpt.RNG: runtime.rng_state(), ckpt.SAMPLER: {"seed": cfg.run.seed, "next_step": i + 1},
                  ckpt.SCHEDULER: {"step": i, "lr": cfg.train.lr}, ckpt.TRACKER: {"tokens": 0}}
@@ -237,6 +240,14 @@ def run_saves(cfg, prepared: Path, meta: dict, args, work: Path) -> dict:
         times["save_checkpoint"].append(time.perf_counter() - t0)
         sizes["save_checkpoint"] = sum(f.stat().st_size for f in path.iterdir())
 
+        saver.wait()  # the previous background write is not part of this stall
+        t0 = time.perf_counter()
+        files = ckpt.serialize(model, optimizer, state, trainer_state, cfg.to_yaml(),
+                               extra_files={ckpt.TOKENIZER: tok_json})
+        saver.save(work / "saves" / "async", ckpt.step_name(i), files, keep_last=cfg.checkpoint.keep_last)
+        times["stall"].append(time.perf_counter() - t0)
+        sizes["stall"] = sizes["save_checkpoint"]
+
         for kind in ("torch.save", "torch.save+fsync"):
             target = plain_dir / f"plain_{i}.pt"
             t0 = time.perf_counter()
@@ -247,6 +258,7 @@ def run_saves(cfg, prepared: Path, meta: dict, args, work: Path) -> dict:
             times[kind].append(time.perf_counter() - t0)
             sizes[kind] = target.stat().st_size
             target.unlink()
+    saver.close()
     return {k: (statistics.median(v), sizes[k]) for k, v in times.items()}
 
 
@@ -344,12 +356,13 @@ def bench(args, work: Path) -> dict:
         print(f"{'train tok/s vs ' + label:<36}{rate['trainer']:>10,.0f}{rate[kind]:>10,.0f}{ratio:>8.3f}x"
               f"{cpu_ratio:>10.3f}x{goal}")
         result[f"ratio_{kind}"], result[f"cpu_ratio_{kind}"] = ratio, cpu_ratio
-    stall, size = saves["save_checkpoint"]
-    for kind in ("torch.save", "torch.save+fsync"):
-        base_s, base_size = saves[kind]
-        print(f"{'save stall ms vs ' + kind:<36}{stall * 1e3:>10.1f}{base_s * 1e3:>10.1f}{stall / base_s:>8.2f}x"
-              f"{'':>11}  {size / 1e6:.1f} MB vs {base_size / 1e6:.1f} MB")
-        result[f"stall_ratio_{kind}"] = stall / base_s
+    for what, label in (("stall", "save stall (loop)"), ("save_checkpoint", "durable save")):
+        took, size = saves[what]
+        for kind in ("torch.save", "torch.save+fsync"):
+            base_s, base_size = saves[kind]
+            print(f"{label + ' ms vs ' + kind:<36}{took * 1e3:>10.1f}{base_s * 1e3:>10.1f}{took / base_s:>8.2f}x"
+                  f"{'':>11}  {size / 1e6:.1f} MB vs {base_size / 1e6:.1f} MB")
+            result[f"{what}_ratio_{kind}"] = took / base_s
     print(f"per-round trainer/bare, wall: {' '.join(f'{b / a:.3f}' for a, b in zip(wall['trainer'], wall['bare']))}"
           f"; cpu: {' '.join(f'{b / a:.3f}' for a, b in zip(cpu['trainer'], cpu['bare']))}")
     if share < 0.9:
