@@ -13,29 +13,31 @@ from trainer.errors import UserError
 from trainer.metrics import setup_logging
 
 
-def _commands() -> dict:
-    from trainer.data import prepare_command
-    from trainer.evaluate import evaluate_command
-    from trainer.grpo.loop import grpo_command
-    from trainer.grpo.sweep import sweep_command
-    from trainer.serve import serve
-    from trainer.generate import sample_command
-    from trainer.model import export_command
-    from trainer.offline import doctor_command
-    from trainer.train import resume_command, train_command
+# command -> "module:function"; only the chosen command's module is imported, so `trainer train`
+# does not pay for FastAPI (serve) or the GRPO stack at start-up
+COMMANDS = {
+    "prepare": "trainer.data:prepare_command",
+    "train": "trainer.train:train_command",
+    "resume": "trainer.train:resume_command",
+    "sample": "trainer.generate:sample_command",
+    "export": "trainer.model:export_command",
+    "evaluate": "trainer.evaluate:evaluate_command",
+    "doctor": "trainer.offline:doctor_command",
+    "grpo": "trainer.grpo.loop:grpo_command",
+    "sweep": "trainer.grpo.sweep:sweep_command",
+    "serve": "trainer.serve:serve",
+}
 
-    return {
-        "prepare": prepare_command,
-        "train": train_command,
-        "resume": resume_command,
-        "sample": sample_command,
-        "export": export_command,
-        "evaluate": evaluate_command,
-        "doctor": doctor_command,
-        "grpo": grpo_command,
-        "sweep": sweep_command,
-        "serve": serve,
-    }
+
+def _load(name: str):
+    import importlib
+
+    module, function = COMMANDS[name].split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def _commands() -> dict:
+    return {name: _load(name) for name in COMMANDS}
 
 
 def _help(commands: dict, name: str | None) -> str:
@@ -68,7 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     # them on stderr beside the one-line error
     setup_logging()
     try:
-        fire.Fire(_commands(), command=argv, name="trainer", serialize=lambda result: None)
+        if argv[0] not in COMMANDS:
+            raise UserError(f"unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)} (trainer --help)")
+        fire.Fire(_load(argv[0]), command=argv[1:], name=f"trainer {argv[0]}", serialize=lambda result: None)
     except UserError as e:
         if debug:
             raise
