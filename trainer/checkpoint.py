@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import json
 import logging
 import os
@@ -131,11 +132,14 @@ def write_checkpoint(run_dir: Path, name: str, files: dict[str, bytes], keep_las
                     "files": {fname: _write(tmp / fname, data) for fname, data in files.items()}}
         _write(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
         _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
-            shutil.rmtree(final)
+        old = run_dir / (name + ".old")
+        if final.exists():  # re-saving a step: keep the old copy until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
         _fsync_dir(run_dir)
         _set_latest(run_dir, name)
+        shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         good = latest_name(run_dir)
@@ -143,9 +147,13 @@ def write_checkpoint(run_dir: Path, name: str, files: dict[str, bytes], keep_las
                         f"{f' (newest: {good})' if good else ''}; free disk space or lower checkpoint.keep_last, "
                         "then `trainer resume`") from None
     if keep_last:
-        prune(run_dir, keep_last)
+        prune(run_dir, keep_last, keep=final)
     if best is not None:
-        update_best(run_dir, final, best)
+        try:
+            update_best(run_dir, final, best)
+        except OSError as e:
+            raise UserError(f"checkpoint {final} is saved, but best/ could not be updated ({e.strerror or e}); "
+                            "free disk space, then `trainer resume`") from None
     if mirror_dir:
         mirror(final, Path(mirror_dir) / run_dir.name, keep_last)
     return final
@@ -207,17 +215,34 @@ def latest_name(run_dir: Path) -> str | None:
         return None
 
 
+STEP_DIR = re.compile(r"^(step|iter)_(\d+)$")  # completed checkpoints; *.tmp, *.old, best/, export_* are not
+
+
 def _step_dirs(run_dir: Path) -> list[Path]:
-    """Completed step/iter directories, newest first (tmp dirs are never candidates)."""
-    found = [p for p in Path(run_dir).iterdir() if p.is_dir() and "_" in p.name and not p.name.endswith(".tmp")
-             and p.name.rsplit("_", 1)[1].isdigit()] if Path(run_dir).is_dir() else []
-    return sorted(found, key=lambda p: int(p.name.rsplit("_", 1)[1]), reverse=True)
+    """Completed step/iter directories, newest first."""
+    run_dir = Path(run_dir)
+    found = [p for p in run_dir.iterdir() if p.is_dir() and STEP_DIR.match(p.name)] if run_dir.is_dir() else []
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(2)), reverse=True)
 
 
-def prune(run_dir: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` step dirs; best/ is separate and unaffected."""
-    for old in _step_dirs(run_dir)[keep_last:]:
+def prune(run_dir: Path, keep_last: int, keep: Path | None = None) -> None:
+    """Keep `keep_last` step dirs: `keep` (the one just written) and the newest others;
+    best/ is separate and unaffected."""
+    others = [d for d in _step_dirs(run_dir) if keep is None or d.name != Path(keep).name]
+    for old in others[max(keep_last - (keep is not None), 0):]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def set_aside_newer(run_dir: Path, step: int) -> None:
+    """Resuming from an older checkpoint abandons the steps saved after it: rename them to
+    <name>.abandoned (kept, never loaded), so pruning and `find_valid` follow the new branch."""
+    for newer in _step_dirs(run_dir):
+        if int(STEP_DIR.match(newer.name).group(2)) > step:
+            target = newer.with_name(newer.name + ".abandoned")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(newer, target)
+            log.warning(f"resuming from step {step}: {newer.name} belongs to the abandoned continuation and was "
+                        f"renamed {target.name}")
 
 
 def verify(step_dir: Path) -> str | None:
@@ -317,7 +342,19 @@ def resume_training(step_dir: Path, model, optimizer, tracker: dict, map_locatio
     state = load_checkpoint(step_dir, model, optimizer, map_location=map_location)
     runtime.set_rng_state(state[RNG])
     tracker.update(state[TRACKER])
+    set_aside_newer(Path(step_dir).parent, state[STEP])
     return state[STEP]
+
+
+def run_config_for(step_dir: Path, run_cfg):
+    """The run section a resume writes to: the checkpoint's own run when it sits in the
+    <out_dir>/checkpoints/<run>/ layout; a copy elsewhere (a mirror) keeps the configured one."""
+    import dataclasses
+
+    run_dir = Path(step_dir).parent
+    if run_dir.parent.name == "checkpoints":
+        return dataclasses.replace(run_cfg, name=run_dir.name, out_dir=str(run_dir.parent.parent))
+    return run_cfg
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -366,7 +403,7 @@ def mirror(step_dir: Path, mirror_run_dir: Path, keep_last: int = 0) -> None:
         _replace_dir(step_dir, mirror_run_dir / step_dir.name, link=False)
         _set_latest(mirror_run_dir, step_dir.name)
         if keep_last:
-            prune(mirror_run_dir, keep_last)
+            prune(mirror_run_dir, keep_last, keep=step_dir)
     except OSError as e:
         log.warning(f"could not mirror {step_dir} to {mirror_run_dir}: {e}; the primary checkpoint is intact")
 
@@ -384,7 +421,7 @@ def locate(run: str | None = None, checkpoint: str | None = None, out_dir: str =
     """The step dir to resume, sample or export from:
     `checkpoint` (or $CHECKPOINT_PATH) names a step dir or run dir; `run` names a run under
     out_dir/checkpoints (or a path to one); neither = the most recently saved run."""
-    explicit = checkpoint or os.environ.get("CHECKPOINT_PATH")
+    explicit = checkpoint or (None if run else os.environ.get("CHECKPOINT_PATH"))
     if explicit:
         path = Path(explicit)
         if not path.exists():
@@ -419,6 +456,9 @@ def restore(step_dir: Path, device="cpu", dropout: float | None = None):
     from trainer import model as models
 
     step_dir = Path(step_dir)
+    problem = verify(step_dir)
+    if problem:
+        raise UserError(f"checkpoint {step_dir} is corrupt: {problem}")
     cfg = configs.from_dict(yaml.safe_load(read_config(step_dir)))
     tok = Tokenizer.from_file(str(step_dir / TOKENIZER))
     model, _ = models.build_model(cfg.model, tok.get_vocab_size(), tok.token_to_id("<|endoftext|>"), cfg.run.seed)

@@ -79,7 +79,7 @@ def evaluate_checkpoint(step_dir: Path, device: torch.device, force: bool = Fals
             return None
         t0 = time.time()
         model, tok, cfg, state = ckpt.restore(step_dir, device=device)
-    except (FileNotFoundError, UserError, OSError) as e:
+    except Exception as e:  # pruned or damaged under the watcher: any library may raise; the watch goes on
         why = "pruned before it could be read" if not step_dir.exists() else f"unreadable ({e})"
         log.warning(f"evaluate: skipped {step_dir}: {why}")
         return None

@@ -15,6 +15,7 @@ TRAIN_FIELDS = ("step", "loss", "val_loss", "lr", "grad_norm", "tokens", "tok_pe
 
 def setup_logging(log_file: Path | None = None, level=logging.INFO) -> logging.Logger:
     """The `trainer` logger prints plain lines to stdout and appends them to train.log."""
+    logging.raiseExceptions = False  # a full disk under train.log must not print tracebacks to stderr
     logger = logging.getLogger("trainer")
     logger.setLevel(level)
     logger.propagate = False
@@ -38,6 +39,19 @@ def read_rows(path: Path) -> list[dict]:
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file; a line cut short by a crash or a full disk is skipped."""
+    rows = []
+    for line in Path(path).read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 class Metrics:
@@ -68,17 +82,22 @@ class Metrics:
             writer.writerows(rows)
         os.replace(tmp, self.csv_path)
         if self.jsonl_path.exists():
-            kept = [line for line in self.jsonl_path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get(self.key, 0) <= last]
+            kept = [json.dumps(row) for row in read_jsonl(self.jsonl_path) if row.get(self.key, 0) <= last]
             tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.jsonl_path)
 
     def log(self, row: dict) -> None:
-        self._writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in self.fields})
-        self._csv.flush()
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._jsonl.flush()
+        try:
+            self._writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in self.fields})
+            self._csv.flush()
+            self._jsonl.write(json.dumps(row) + "\n")
+            self._jsonl.flush()
+        except OSError as e:
+            from trainer.errors import UserError
+
+            raise UserError(f"cannot write {self.csv_path} ({e.strerror or e}); free disk space, then "
+                            "`trainer resume` (the rows past the last checkpoint are rewritten)") from None
 
     def close(self) -> None:
         for f in (self._csv, self._jsonl):
@@ -104,7 +123,7 @@ def plot_loss(metrics_dir: Path, out: Path | None = None) -> Path | None:
     val = [(int(r["step"]), float(r["val_loss"])) for r in rows if r.get("val_loss")]
     evals = metrics_dir / "eval.jsonl"
     if evals.exists():
-        val += [(e["step"], e["val_loss"]) for e in map(json.loads, evals.read_text().splitlines())
+        val += [(e["step"], e["val_loss"]) for e in read_jsonl(evals)
                 if e.get("val_loss") is not None and e.get("step") is not None]
     if val:
         val = sorted(dict(val).items())

@@ -130,8 +130,32 @@ def install_guard(allow=()) -> None:
             _allowed_addrs.update(str(ipaddress.ip_address(_norm(info[4][0]))) for info in infos)
         return infos
 
+    def sendto(self, data, *args):  # sendto(data, address) or sendto(data, flags, address): UDP
+        check_address(self.family, args[-1])
+        return _original["sendto"](self, data, *args)
+
+    def sendmsg(self, buffers, *args):  # the address, when given, is the 4th argument
+        if len(args) >= 3 and args[2] is not None:
+            check_address(self.family, args[2])
+        return _original["sendmsg"](self, buffers, *args)
+
+    def resolver(name):  # gethostbyname & co ask DNS directly, without getaddrinfo
+        def guarded(host, *args):
+            target = host[0] if isinstance(host, tuple) else host
+            if not is_loopback(target) and not host_allowed(target):
+                raise _blocked(target, host[1] if isinstance(host, tuple) else "-")
+            return _original[name](host, *args)
+        return guarded
+
+    for name in ("sendto", "sendmsg"):
+        _original[name] = getattr(socket.socket, name)
+    for name in ("gethostbyname", "gethostbyname_ex", "gethostbyaddr", "getnameinfo"):
+        _original[name] = getattr(socket, name)
+        setattr(socket, name, resolver(name))
     socket.socket.connect = connect
     socket.socket.connect_ex = connect_ex
+    socket.socket.sendto = sendto
+    socket.socket.sendmsg = sendmsg
     socket.getaddrinfo = getaddrinfo
 
 
@@ -140,9 +164,10 @@ def remove_guard() -> None:
     _allowed_addrs.clear()
     if not _original:
         return
-    socket.socket.connect = _original.pop("connect")
-    socket.socket.connect_ex = _original.pop("connect_ex")
-    socket.getaddrinfo = _original.pop("getaddrinfo")
+    for name in ("connect", "connect_ex", "sendto", "sendmsg"):
+        setattr(socket.socket, name, _original.pop(name))
+    for name in ("getaddrinfo", "gethostbyname", "gethostbyname_ex", "gethostbyaddr", "getnameinfo"):
+        setattr(socket, name, _original.pop(name))
 
 
 def guard_active() -> bool:

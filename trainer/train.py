@@ -367,14 +367,16 @@ def resume_command(run: str | None = None, checkpoint: str | None = None, extra_
 
     probe = configs.build(overrides={k: v for k, v in overrides.items() if k.startswith("run.out_dir")})
     step_dir = ckpt.locate(run, checkpoint, probe.run.out_dir)
+    if step_dir.name.startswith("iter_"):
+        raise UserError(f"{step_dir} is a GRPO iteration; continue that run with "
+                        f"`trainer grpo --resume {step_dir.parent.name}`")
     saved = configs.from_dict(yaml.safe_load(ckpt.read_config(step_dir)))
     cfg = configs.build(base=saved.to_dict(), overrides=overrides)
     changed = configs.changed_frozen_keys(saved, cfg)
     if changed:
         raise UserError(f"cannot change {', '.join(changed)} on resume: the checkpoint's weights and token ids "
                         "depend on them; start a new run (trainer train --run.name NEW) instead")
-    run_cfg = dataclasses.replace(cfg.run, name=step_dir.parent.name, out_dir=str(step_dir.parent.parent.parent))
-    cfg = cfg.replace(run=run_cfg)
+    cfg = cfg.replace(run=ckpt.run_config_for(step_dir, cfg.run))
     step = ckpt.read_trainer_state(step_dir)["step"]
     if extra_steps:
         cfg = cfg.replace(train=dataclasses.replace(cfg.train, max_steps=step + int(extra_steps)))

@@ -124,3 +124,29 @@ def test_loading_never_unpickles_code(tmp_path):
     (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(pickle.UnpicklingError):
         ckpt.load_checkpoint(path, GPT2LMHeadModel(model.config))
+
+
+def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
+    """Resuming from an older step: the newer steps are set aside, and the new branch's
+    checkpoints survive keep_last."""
+    model, opt = tiny()
+    for step in (100, 200, 300, 400):
+        save(tmp_path, step, model, opt, keep_last=2)
+    ckpt.set_aside_newer(tmp_path, 200)  # what resume_training does when continuing step_000200
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000300.abandoned", "step_000400.abandoned"]
+    save(tmp_path, 237, model, opt, keep_last=2)
+    assert ckpt.find_valid(tmp_path) == tmp_path / "step_000237"
+    (tmp_path / "step_000300.abandoned").rename(tmp_path / "step_000300")  # even with a newer step present
+    save(tmp_path, 240, model, opt, keep_last=2)
+    assert (tmp_path / "step_000240").is_dir() and ckpt.latest_name(tmp_path) == "step_000240"
+
+
+def test_exports_and_tmp_dirs_are_not_checkpoints(tmp_path):
+    model, opt = tiny()
+    save(tmp_path, 1, model, opt)
+    (tmp_path / "export_step_000001").mkdir()
+    (tmp_path / "step_000002.old").mkdir()
+    for step in (2, 3):
+        save(tmp_path, step, model, opt, keep_last=2)
+    assert (tmp_path / "export_step_000001").is_dir()
+    assert sorted(p.name for p in tmp_path.glob("step_00000?")) == ["step_000002", "step_000003"]

@@ -95,3 +95,37 @@ def test_grpo_allows_only_the_server_url_host():
     assert server_host("http://[::1]:8000/v1") == "::1"
     with pytest.raises(UserError, match="server.url='server:8000'"):
         server_host("server:8000")
+
+
+@pytest.mark.parametrize("name, call", [
+    ("gethostbyname", lambda: socket.gethostbyname("example.com")),
+    ("gethostbyname_ex", lambda: socket.gethostbyname_ex("example.com")),
+    ("gethostbyaddr", lambda: socket.gethostbyaddr("192.0.2.1")),
+    ("getnameinfo", lambda: socket.getnameinfo(("192.0.2.1", 53), 0)),
+])
+def test_other_resolvers_are_blocked(monkeypatch, name, call):
+    """DNS lookups outside getaddrinfo are stopped; the real resolver behind the guard is
+    replaced by a tripwire, so nothing could be sent even if the guard let the call through."""
+    tripped = []
+    monkeypatch.setitem(offline._original, name, lambda *a: tripped.append(a))
+    with pytest.raises(offline.NetworkBlocked):
+        call()
+    assert not tripped
+
+
+def test_udp_datagram_to_a_remote_address_is_blocked():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.close()  # a closed socket: if the guard let the call through it would fail with EBADF, sending nothing
+    with pytest.raises(offline.NetworkBlocked):
+        sock.sendto(b"x", ("192.0.2.1", 53))
+
+
+def test_udp_to_loopback_still_works():
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender.sendto(b"ping", receiver.getsockname())
+    receiver.settimeout(5)
+    assert receiver.recvfrom(16)[0] == b"ping"
+    sender.close()
+    receiver.close()

@@ -21,7 +21,6 @@ continues bit-exactly on CPU with the local backend.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import time
@@ -289,15 +288,17 @@ def grpo(cfg, resume_dir: Path | None = None) -> dict:
             _write_json(metrics_dir / f"train_iter_{it:03d}.json", {**stats, "server_stats": dict(backend.stats),
                                                                     "groups": samples})
             rows.log({k: stats.get(k) for k in FIELDS})
+            # the tracker (best eval) is updated before it is saved, so a resumed run knows the best so far
+            best = ev is not None and (tracker["best_eval"] is None or ev["mean_reward"] > tracker["best_eval"])
+            if best:
+                tracker["best_eval"] = ev["mean_reward"]
             state = {ckpt.STEP: it, ckpt.RNG: runtime.rng_state(), ckpt.TRACKER: tracker}
             path = ckpt.save_checkpoint(ckpt_dir, ckpt.step_name(it, "iter"), policy, optimizer, state,
                                         {"iteration": it, "reward_mean": stats["reward_mean"],
                                          "eval_reward": stats.get("eval_reward"), "adapter": pushed["adapter"]},
                                         cfg.to_yaml(), cfg.checkpoint.keep_last, cfg.checkpoint.mirror_dir,
-                                        extra_files={ckpt.TOKENIZER: tok_json})
-            if ev is not None and (tracker["best_eval"] is None or ev["mean_reward"] > tracker["best_eval"]):
-                tracker["best_eval"] = ev["mean_reward"]
-                ckpt.update_best(ckpt_dir, path, {"iteration": it, "eval_reward": ev["mean_reward"]})
+                                        extra_files={ckpt.TOKENIZER: tok_json},
+                                        best={"iteration": it, "eval_reward": ev["mean_reward"]} if best else None)
             log.info(f"iter {it}/{g.iterations}: reward {stats['reward_mean']:.3f} (zero-std groups "
                      f"{stats['zero_std_frac']:.2f}), loss {stats['loss']:.4f}, len {stats['len_mean']:.1f}, "
                      f"rollout {stats['rollout_s']:.2f}s train {stats['train_s']:.2f}s sync {sync_s:.2f}s")
@@ -338,11 +339,13 @@ def grpo_command(config: str | None = None, resume: str = "", **overrides) -> di
     probe = configs.build(yaml_path=config, overrides={k: v for k, v in overrides.items() if k == "run.out_dir"})
     step_dir = ckpt.locate(resume if not Path(resume).is_dir() else None,
                            resume if Path(resume).is_dir() else None, probe.run.out_dir)
+    if not step_dir.name.startswith("iter_"):
+        raise UserError(f"{step_dir} is a pretraining checkpoint, not a GRPO iteration; continue it with "
+                        f"`trainer resume --run {step_dir.parent.name}`, or start GRPO from it with model.path")
     saved = configs.from_dict(yaml.safe_load(ckpt.read_config(step_dir)))
     cfg = configs.build(base=saved.to_dict(), yaml_path=config, overrides=overrides)
     changed = configs.changed_frozen_keys(saved, cfg)
     if changed:
         raise UserError(f"cannot change {', '.join(changed)} on resume; start a new run instead")
-    cfg = cfg.replace(run=dataclasses.replace(cfg.run, name=step_dir.parent.name,
-                                              out_dir=str(step_dir.parent.parent.parent)))
+    cfg = cfg.replace(run=ckpt.run_config_for(step_dir, cfg.run))
     return grpo(cfg, resume_dir=step_dir)

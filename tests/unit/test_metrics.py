@@ -1,0 +1,25 @@
+"""Metric files: every step once after a resume, even when a crash or a full disk cut the
+last JSONL line short; the loss plot is drawn from what is readable."""
+
+from __future__ import annotations
+
+import json
+
+from trainer.metrics import Metrics, plot_loss, read_jsonl, read_rows
+
+
+def test_resume_truncates_past_the_checkpoint_and_skips_a_torn_line(tmp_path):
+    m = Metrics(tmp_path)
+    for step in range(1, 8):
+        m.log({"step": step, "loss": 1.0 / step, "val_loss": 0.5 if step == 5 else None})
+    m.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 8, "loss": 0.1')  # killed mid-write
+    (tmp_path / "eval.jsonl").write_text('{"step": 5, "val_loss": 0.6}\n{"step": 7, "val_')
+    m = Metrics(tmp_path, resume_step=5)
+    m.log({"step": 6, "loss": 0.2})
+    m.close()
+    assert [int(r["step"]) for r in read_rows(tmp_path / "metrics.csv")] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 6
+    assert plot_loss(tmp_path).read_bytes()[:4] == b"\x89PNG"
