@@ -304,12 +304,13 @@ def _upgrade_state(state: dict) -> dict:
     return state
 
 
-def load_checkpoint(step_dir: Path, model, optimizer=None, map_location="cpu") -> dict:
-    """Load weights (and optimizer state) in place; -> the state.pt dict. Never unpickles code."""
+def load_checkpoint(step_dir: Path, model, optimizer=None, map_location="cpu", verified: bool = False) -> dict:
+    """Load weights (and optimizer state) in place; -> the state.pt dict. Never unpickles code.
+    The manifest is checked first unless the caller just did (`verified`)."""
     from safetensors.torch import load_file
 
     step_dir = Path(step_dir)
-    problem = verify(step_dir)
+    problem = None if verified else verify(step_dir)
     if problem:
         raise UserError(f"checkpoint {step_dir} is corrupt: {problem}")
     if (step_dir / ADAPTER).is_file():
@@ -447,7 +448,7 @@ def locate(run: str | None = None, checkpoint: str | None = None, out_dir: str =
     return find_valid(max(runs, key=lambda p: (p / LATEST).stat().st_mtime))
 
 
-def restore(step_dir: Path, device="cpu", dropout: float | None = None):
+def restore(step_dir: Path, device="cpu"):
     """A checkpoint as (model, tokenizer, config, state) for sampling, export and evaluation."""
     import yaml
     from tokenizers import Tokenizer
@@ -462,5 +463,5 @@ def restore(step_dir: Path, device="cpu", dropout: float | None = None):
     cfg = configs.from_dict(yaml.safe_load(read_config(step_dir)))
     tok = Tokenizer.from_file(str(step_dir / TOKENIZER))
     model, _ = models.build_model(cfg.model, tok.get_vocab_size(), tok.token_to_id("<|endoftext|>"), cfg.run.seed)
-    state = load_checkpoint(step_dir, model, map_location=device)
+    state = load_checkpoint(step_dir, model, map_location=device, verified=True)
     return model.to(device).eval(), tok, cfg, state

@@ -219,6 +219,7 @@ def train(cfg, resume_dir: Path | None = None) -> dict:
                    on_done=lambda path: log.info(f"saved {path} ({reason}); {change}; {ckpt.storage_report(ckpt_dir)}"))
         tracker["last_ckpt_loss"] = now
 
+    params = models.trainable_parameters(model)  # once, not per step
     t0 = time.time()
     window_t, window_steps = time.time(), 0
     step = start_step
@@ -236,13 +237,12 @@ def train(cfg, resume_dir: Path | None = None) -> dict:
                     loss = lm_loss(model, x, y) / t.grad_accum
                 loss.backward()
                 loss_sum += loss.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(models.trainable_parameters(model), clip).item() \
-                if clip > 0 else None
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if not math.isfinite(loss_sum):
+            if not math.isfinite(loss_sum):  # before the update: the weights on disk and in memory stay finite
                 raise UserError(f"loss is {loss_sum} at step {step}; lower train.lr, check the data, or check that "
                                 "the tokenizer's vocab matches the model (see README, Troubleshooting)")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item() if clip > 0 else None
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             tracker["tokens"] += tokens_per_step
             if tracker["first_loss"] is None:
                 tracker["first_loss"] = loss_sum
