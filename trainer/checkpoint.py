@@ -1,27 +1,44 @@
-"""Crash-safe checkpoints: atomic save, manifest verification, `latest`, keep-last-K, best, mirror.
+"""Crash-safe checkpoints: atomic save, verification, `latest`, keep-last-K, best, mirror, run lock.
 
-Only this module reads or writes checkpoint directories. A checkpoint is named data:
+Only this module lists, reads or writes checkpoint directories. A checkpoint is named data:
 
     step_000200/  model.safetensors            full weights (tied tensors stored once)
                   | adapter_model.safetensors  LoRA weights, with adapter_config.json (a peft folder)
                   optimizer.pt  state.pt        torch.save of plain dicts, read with weights_only=True
-                  trainer_state.json  config.yaml
+                  trainer_state.json  config.yaml  tokenizer.json (when the loop saves one)
                   MANIFEST.json                 sha256 + size of every file above, written last
+
+state.pt keys: STEP, RNG, SAMPLER, SCHEDULER, TRACKER; DATA (sha256 of the prepared
+train.bin/val.bin/tokenizer.json trained on) and THREADS (torch intra-op threads) where
+recorded. `_upgrade_state` is the one place older layouts are handled.
 
 Save order: files into step_N.tmp/, each fsynced -> MANIFEST -> fsync dir -> rename ->
 fsync parent -> replace `latest`. A kill -9 at any point leaves either no step_N or a
-complete one; loading verifies the manifest and falls back to the previous step.
+complete one (plus a step_N.tmp that the next save or prune removes).
+
+Every file read back is untrusted (a damaged disk, a hand edit, a copy from elsewhere):
+`verify` checks the manifest, the hashes, and parses every file cheaply; anything wrong is a
+reason string, which readers turn into a fallback to an older checkpoint or one UserError line.
+
+One run, one writer: `lock_run` holds flock on <run>/.lock; the kernel drops it when the
+process dies, so a kill -9 never leaves a run locked.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
-import re
 import json
 import logging
 import os
+import re
 import shutil
+import socket
+import sys
+import threading
+import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -42,13 +59,34 @@ TOKENIZER = "tokenizer.json"  # a copy, so a checkpoint samples and exports on i
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
 BEST = "best"
+LOCK = ".lock"  # in the run folder: never a step dir, so never listed, copied or pruned
 FORMAT_VERSION = 1
 # keys inside state.pt
 STEP, RNG, SAMPLER, SCHEDULER, TRACKER = "step", "rng", "sampler", "scheduler", "tracker"
+DATA, THREADS = "data", "threads"  # sha256 of the prepared files; torch intra-op thread count
+
+REQUIRED = (CONFIG, STATE, TRAINER_STATE, OPTIMIZER)  # plus MODEL, or ADAPTER + ADAPTER_CONFIG
+KNOWN = {MODEL, ADAPTER, ADAPTER_CONFIG, OPTIMIZER, STATE, TRAINER_STATE, CONFIG, TOKENIZER}
+STEP_DIR = re.compile(r"^(step|iter)_(\d+)$")  # completed checkpoints; best/, final/, export_* are not
+LEFTOVER = re.compile(r"^(step|iter)_(\d+)\.(tmp|old)$")  # an interrupted save's partial or previous copy
+ABANDONED = re.compile(r"^(step|iter)_(\d+)\.abandoned(?:\.(\d+))?$")  # set aside by a resume from older
+FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # what a manifest may name: no paths, no odd bytes
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def step_name(step: int, prefix: str = "step") -> str:
     return f"{prefix}_{step:06d}"
+
+
+def _reason(e: BaseException) -> str:
+    """A library error as one short line. torch's unpickler explains at length how to turn its
+    safety off, which is wrong advice for a file from disk: keep only what it refused."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e).split("WeightsUnpickler error:", 1)[-1]
+    chunks = [c for c in re.split(r"\n\s*\n", text) if c.strip()]
+    text = " ".join("".join(ch if ch.isprintable() else " " for ch in (chunks or [""])[0]).split())
+    return text.split(". ", 1)[0][:200] or type(e).__name__
 
 
 def _fsync_dir(path: Path) -> None:
@@ -116,44 +154,55 @@ def serialize(model, optimizer, state: dict, trainer_state: dict, config_yaml: s
     return files
 
 
+def _undo(tmp: Path, old: Path, dst: Path) -> None:
+    """After a failed or interrupted swap: drop the partial copy, put the previous one back."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    if old.exists() and not dst.exists():
+        try:
+            os.replace(old, dst)
+        except OSError:
+            pass  # old stays; prune leaves a step_N.old alone while step_N is missing
+
+
 def write_checkpoint(run_dir: Path, name: str, files: dict[str, bytes], keep_last: int = 0,
                      mirror_dir: str = "", best: dict | None = None) -> Path:
     """Write run_dir/name atomically and point `latest` at it; then prune, update best/ (when
-    `best` gives its metric) and mirror. On a write error (disk full, read-only) the partial
-    directory is removed, older checkpoints stay intact, and a UserError says what happened."""
+    `best` gives its metric) and mirror. On a write error (disk full, read-only) or an
+    interrupt the partial directory is removed and older checkpoints stay intact; an OSError
+    becomes a UserError saying what happened. Takes the run lock (free if the caller holds it)."""
     run_dir = Path(run_dir)
-    final = run_dir / name
-    tmp = run_dir / (name + ".tmp")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        manifest = {"format_version": FORMAT_VERSION, "name": name,
-                    "files": {fname: _write(tmp / fname, data) for fname, data in files.items()}}
-        _write(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
-        _fsync_dir(tmp)
-        old = run_dir / (name + ".old")
-        if final.exists():  # re-saving a step: keep the old copy until the new one is in place
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_dir(run_dir)
-        _set_latest(run_dir, name)
-        shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        good = latest_name(run_dir)
-        raise UserError(f"could not save checkpoint {final} ({e.strerror or e}); the older checkpoints are intact"
-                        f"{f' (newest: {good})' if good else ''}; free disk space or lower checkpoint.keep_last, "
-                        "then `trainer resume`") from None
-    if keep_last:
-        prune(run_dir, keep_last, keep=final)
-    if best is not None:
+    final, tmp, old = run_dir / name, run_dir / (name + ".tmp"), run_dir / (name + ".old")
+    with lock_run(run_dir):  # fixed temp names are safe: no other process writes this run
         try:
-            update_best(run_dir, final, best)
-        except OSError as e:
-            raise UserError(f"checkpoint {final} is saved, but best/ could not be updated ({e.strerror or e}); "
-                            "free disk space, then `trainer resume`") from None
+            shutil.rmtree(tmp, ignore_errors=True)  # a save of this step killed earlier
+            tmp.mkdir()
+            manifest = {"format_version": FORMAT_VERSION, "name": name,
+                        "files": {fname: _write(tmp / fname, data) for fname, data in files.items()}}
+            _write(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+            _fsync_dir(tmp)
+            if final.exists():  # re-saving a step: keep the old copy until the new one is in place
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            os.replace(tmp, final)
+            _fsync_dir(run_dir)
+            _set_latest(run_dir, name)
+        except BaseException as e:  # KeyboardInterrupt too: never leave a partial folder behind
+            _undo(tmp, old, final)
+            if not isinstance(e, OSError):
+                raise
+            good = latest_name(run_dir)
+            raise UserError(f"could not save checkpoint {final} ({_reason(e)}); the older checkpoints are intact"
+                            f"{f' (newest: {good})' if good else ''}; free disk space or lower "
+                            "checkpoint.keep_last, then `trainer resume`") from None
+        shutil.rmtree(old, ignore_errors=True)
+        if keep_last:
+            prune(run_dir, keep_last, keep=final)
+        if best is not None:
+            try:
+                update_best(run_dir, final, best)
+            except OSError as e:
+                raise UserError(f"checkpoint {final} is saved, but best/ could not be updated ({_reason(e)}); "
+                                "free disk space, then `trainer resume`") from None
     if mirror_dir:
         mirror(final, Path(mirror_dir) / run_dir.name, keep_last)
     return final
@@ -208,53 +257,178 @@ def _set_latest(run_dir: Path, name: str) -> None:
     _fsync_dir(run_dir)
 
 
-def latest_name(run_dir: Path) -> str | None:
+def _read_latest(run_dir: Path) -> tuple[str | None, str | None]:
+    """(the step dir `latest` names, what is wrong with `latest`): at most one is not None."""
     try:
-        return (Path(run_dir) / LATEST).read_text().strip() or None
-    except OSError:
-        return None
+        name = (Path(run_dir) / LATEST).read_bytes().decode("utf-8").strip()
+    except FileNotFoundError:
+        return None, None
+    except (OSError, UnicodeDecodeError) as e:  # a folder, unreadable, not text
+        return None, f"`latest` is unreadable ({_reason(e)})"
+    if not STEP_DIR.match(name):  # never a path: `../x` must not lead a reader out of the run
+        return None, f"`latest` names {name[:60]!r}, which is not a step directory"
+    return name, None
 
 
-STEP_DIR = re.compile(r"^(step|iter)_(\d+)$")  # completed checkpoints; *.tmp, *.old, best/, export_* are not
+def latest_name(run_dir: Path) -> str | None:
+    """The step dir name `latest` holds; None when it is missing or damaged."""
+    return _read_latest(run_dir)[0]
 
 
-def _step_dirs(run_dir: Path) -> list[Path]:
+def _listdir(path: Path) -> list[Path]:
+    try:
+        return list(Path(path).iterdir())
+    except OSError:  # missing, a file, or unreadable: nothing to list
+        return []
+
+
+def _rank(path: Path) -> tuple[int, ...]:
+    """step_000300 -> (300,); step_000300.abandoned.2 -> (300, 2): sorts by step, then by age."""
+    return tuple(int(n) for n in re.findall(r"\d+", path.name))
+
+
+def step_dirs(run_dir: Path) -> list[Path]:
     """Completed step/iter directories, newest first."""
-    run_dir = Path(run_dir)
-    found = [p for p in run_dir.iterdir() if p.is_dir() and STEP_DIR.match(p.name)] if run_dir.is_dir() else []
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(2)), reverse=True)
+    return sorted((p for p in _listdir(run_dir) if STEP_DIR.match(p.name) and p.is_dir()), key=_rank, reverse=True)
+
+
+def has_checkpoints(run_dir: Path) -> bool:
+    """Whether a run folder holds a `latest` (even a damaged one) or a completed step dir."""
+    return os.path.lexists(Path(run_dir) / LATEST) or bool(step_dirs(run_dir))
 
 
 def prune(run_dir: Path, keep_last: int, keep: Path | None = None) -> None:
-    """Keep `keep_last` step dirs: `keep` (the one just written) and the newest others;
-    best/ is separate and unaffected."""
-    others = [d for d in _step_dirs(run_dir) if keep is None or d.name != Path(keep).name]
-    for old in others[max(keep_last - (keep is not None), 0):]:
-        shutil.rmtree(old, ignore_errors=True)
+    """Keep `keep_last` checkpoints: `keep` (the one just written) and the newest others.
+    Folders set aside by a resume (*.abandoned) count as the oldest, so they go first, and
+    leftovers of interrupted saves (step_N.tmp, step_N.old) go too: the disk stays bounded.
+    Call it under the run lock; best/ is separate and unaffected."""
+    entries = _listdir(run_dir)
+    abandoned = sorted((p for p in entries if ABANDONED.match(p.name) and p.is_dir()), key=_rank, reverse=True)
+    others = [d for d in step_dirs(run_dir) if keep is None or d.name != Path(keep).name] + abandoned
+    doomed = others[max(keep_last - (keep is not None), 0):]
+    # step_N.old without step_N is the only copy left by a kill between two renames: kept
+    doomed += [p for p in entries if LEFTOVER.match(p.name) and p.is_dir()
+               and (p.suffix == ".tmp" or (p.parent / p.stem).is_dir())]
+    for old in doomed:
+        shutil.rmtree(old, ignore_errors=True)  # never follows a symlink out of the run
 
 
 def set_aside_newer(run_dir: Path, step: int) -> None:
     """Resuming from an older checkpoint abandons the steps saved after it: rename them to
-    <name>.abandoned (kept, never loaded), so pruning and `find_valid` follow the new branch."""
-    for newer in _step_dirs(run_dir):
-        if int(STEP_DIR.match(newer.name).group(2)) > step:
-            target = newer.with_name(newer.name + ".abandoned")
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(newer, target)
-            log.warning(f"resuming from step {step}: {newer.name} belongs to the abandoned continuation and was "
-                        f"renamed {target.name}")
+    <name>.abandoned (never loaded; pruned first), so pruning and `find_valid` follow the new branch."""
+    with lock_run(run_dir):
+        for newer in step_dirs(run_dir):
+            if int(STEP_DIR.match(newer.name).group(2)) > step:
+                target, n = newer.with_name(newer.name + ".abandoned"), 1
+                while os.path.lexists(target):  # an earlier abandoned branch reached this step too: keep both
+                    n += 1
+                    target = newer.with_name(f"{newer.name}.abandoned.{n}")
+                os.replace(newer, target)
+                log.warning(f"continuing from step {step}: {newer.name} belongs to the abandoned continuation and "
+                            f"was renamed {target.name}")
+
+
+def _manifest_files(step_dir: Path) -> tuple[dict, str | None]:
+    """MANIFEST.json's {file: {sha256, bytes}} when it is well formed and lists every file a
+    checkpoint cannot be without, else ({}, what is wrong)."""
+    try:
+        manifest = json.loads((step_dir / MANIFEST).read_bytes())
+    except FileNotFoundError:
+        return {}, "no MANIFEST.json (the save did not finish)"
+    except (OSError, ValueError) as e:
+        return {}, f"unreadable MANIFEST.json ({_reason(e)})"
+    if not isinstance(manifest, dict):
+        return {}, "MANIFEST.json is not a JSON object"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return {}, "MANIFEST.json lists no files"
+    for fname, want in files.items():
+        if not FILE_NAME.match(fname) or fname == MANIFEST:
+            return {}, f"MANIFEST.json lists an invalid file name {fname[:60]!r}"
+        if not (isinstance(want, dict) and type(want.get("bytes")) is int
+                and isinstance(want.get("sha256"), str) and SHA256.match(want["sha256"])):
+            return {}, f"MANIFEST.json gives no sha256 and size for {fname}"
+    missing = [f for f in REQUIRED if f not in files]
+    if MODEL not in files and not (ADAPTER in files and ADAPTER_CONFIG in files):
+        missing.append(f"{MODEL} (or {ADAPTER} + {ADAPTER_CONFIG})")
+    if missing:
+        return {}, f"MANIFEST.json does not list {', '.join(missing)}"
+    unlisted = sorted(f for f in KNOWN - files.keys() if os.path.lexists(step_dir / f))
+    if unlisted:  # a reader would take it unchecked
+        return {}, f"{unlisted[0]} is not in MANIFEST.json"
+    return files, None
+
+
+def _load_pt(path: Path, mmap: bool = False):
+    """torch.load that never runs code: weights_only, and only torch.save's zip format (mmap
+    then maps tensors instead of reading them, so a large optimizer.pt costs little)."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            raise ValueError("not a torch.save zip archive")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "pickle protocol N" notes on odd files: the error says enough
+        return torch.load(path, weights_only=True, mmap=mmap, map_location="cpu")
+
+
+def _load_yaml(text: str):
+    import yaml
+
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # safe: no Python tags
+
+
+def _check_contents(step_dir: Path, files: dict) -> str | None:
+    """Parse each file as its reader will, cheaply, so a file that hashes right but cannot be
+    loaded (a re-signed manifest, a bug) is caught here rather than as a traceback later."""
+    from safetensors import safe_open
+
+    named = STEP_DIR.match(step_dir.name)  # best/ is a copy: any step
+    number = int(named.group(2)) if named else None
+    key = "iteration" if step_dir.name.startswith("iter_") else "step"  # what resume reads back
+
+    def wrong_step(value) -> bool:
+        return type(value) is not int or number not in (None, value)
+
+    for fname in sorted(files):
+        path = step_dir / fname
+        try:
+            if fname.endswith(".safetensors"):
+                with safe_open(str(path), "pt"):  # header parsed; offsets checked against the file size
+                    pass
+            elif fname == STATE:
+                state = _load_pt(path)
+                if not isinstance(state, dict) or wrong_step(state.get(STEP)):
+                    return f"{STATE} does not hold step {number if named else '(a number)'}"
+            elif fname == OPTIMIZER:
+                opt = _load_pt(path, mmap=True)
+                if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict)
+                        and isinstance(opt.get("param_groups"), list)):
+                    return f"{OPTIMIZER} is not an optimizer state dict"
+                del opt  # unmap now
+            elif fname == CONFIG:
+                cfg = _load_yaml(path.read_bytes().decode("utf-8"))
+                if not isinstance(cfg, dict) or not all(isinstance(v, dict) for v in cfg.values()):
+                    return f"{CONFIG} is not a mapping of config sections"
+            elif fname in (TRAINER_STATE, ADAPTER_CONFIG):
+                doc = json.loads(path.read_bytes())
+                if not isinstance(doc, dict):
+                    return f"{fname} is not a JSON object"
+                if fname == TRAINER_STATE and wrong_step(doc.get(key)):
+                    return f"{TRAINER_STATE} does not hold {key} {number if named else '(a number)'}"
+        except Exception as e:  # untrusted bytes: whatever a parser raises means the file is damaged
+            return f"{fname} is unreadable ({_reason(e)})"
+    return None
 
 
 def verify(step_dir: Path) -> str | None:
-    """None when every file matches MANIFEST.json, else what is wrong."""
+    """None when the checkpoint is whole (manifest complete, every file's size and sha256
+    match, every file parses), else what is wrong. Every reader calls it first."""
     step_dir = Path(step_dir)
-    try:
-        manifest = json.loads((step_dir / MANIFEST).read_text())
-    except FileNotFoundError:
-        return "no MANIFEST.json (the save did not finish)"
-    except (OSError, ValueError) as e:
-        return f"unreadable MANIFEST.json ({e})"
-    for fname, want in manifest.get("files", {}).items():
+    if not step_dir.is_dir():
+        return "it is not a directory (or it was removed while being read)"
+    files, problem = _manifest_files(step_dir)
+    if problem:
+        return problem
+    for fname, want in files.items():
         path = step_dir / fname
         if not path.is_file():
             return f"{fname} is missing"
@@ -262,19 +436,21 @@ def verify(step_dir: Path) -> str | None:
             return f"{fname} has {path.stat().st_size} bytes, manifest says {want['bytes']}"
         if _file_sha256(path) != want["sha256"]:
             return f"{fname} does not match its sha256"
-    return None
+    return _check_contents(step_dir, files)
 
 
 def find_valid(run_dir: Path) -> Path:
     """The newest checkpoint that verifies: `latest` first, then older ones, with a warning
     for each one skipped. No valid checkpoint is a UserError."""
     run_dir = Path(run_dir)
-    candidates = _step_dirs(run_dir)
-    named = latest_name(run_dir)
+    candidates = step_dirs(run_dir)
+    named, problem = _read_latest(run_dir)
+    problems = [problem] if problem else []
+    if problem:
+        log.warning(f"{run_dir}: {problem}; using the newest valid step directory")
     if named and (run_dir / named) in candidates:
         candidates.remove(run_dir / named)
         candidates.insert(0, run_dir / named)
-    problems = []
     for i, step_dir in enumerate(candidates):
         problem = verify(step_dir)
         if problem is None:
@@ -288,12 +464,27 @@ def find_valid(run_dir: Path) -> Path:
                     "or pass a run that has one (--run NAME or CHECKPOINT_PATH=<step dir>)")
 
 
+def _corrupt(step_dir: Path, problem: str) -> UserError:
+    return UserError(f"checkpoint {step_dir} is corrupt: {problem}; pick an older step or its run "
+                     "(a run falls back to its newest valid checkpoint)")
+
+
 def read_config(step_dir: Path) -> str:
-    return (Path(step_dir) / CONFIG).read_text()
+    """config.yaml's text (parse it with yaml.safe_load; `verify` has checked it does)."""
+    try:
+        return (Path(step_dir) / CONFIG).read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise _corrupt(step_dir, f"{CONFIG} is unreadable ({_reason(e)})") from None
 
 
 def read_trainer_state(step_dir: Path) -> dict:
-    return json.loads((Path(step_dir) / TRAINER_STATE).read_text())
+    try:
+        doc = json.loads((Path(step_dir) / TRAINER_STATE).read_bytes())
+    except (OSError, ValueError) as e:
+        raise _corrupt(step_dir, f"{TRAINER_STATE} is unreadable ({_reason(e)})") from None
+    if not isinstance(doc, dict):
+        raise _corrupt(step_dir, f"{TRAINER_STATE} is not a JSON object")
+    return doc
 
 
 def _upgrade_state(state: dict) -> dict:
@@ -306,33 +497,50 @@ def _upgrade_state(state: dict) -> dict:
 
 def load_checkpoint(step_dir: Path, model, optimizer=None, map_location="cpu", verified: bool = False) -> dict:
     """Load weights (and optimizer state) in place; -> the state.pt dict. Never unpickles code.
-    The manifest is checked first unless the caller just did (`verified`)."""
+    The checkpoint is verified first unless the caller just did (`verified`)."""
     from safetensors.torch import load_file
 
     step_dir = Path(step_dir)
     problem = None if verified else verify(step_dir)
     if problem:
-        raise UserError(f"checkpoint {step_dir} is corrupt: {problem}")
-    if (step_dir / ADAPTER).is_file():
-        if not hasattr(model, "peft_config"):
-            raise UserError(f"checkpoint {step_dir} holds a LoRA adapter but the config has model.lora=false")
-        from peft import set_peft_model_state_dict
+        raise _corrupt(step_dir, problem)
 
-        set_peft_model_state_dict(model, load_file(step_dir / ADAPTER, device=str(map_location)))
-    else:
-        if hasattr(model, "peft_config"):
-            raise UserError(f"checkpoint {step_dir} holds full weights but the config has model.lora=true")
-        weights = load_file(step_dir / MODEL, device=str(map_location))
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        tied = set(getattr(model, "_tied_weights_keys", None) or []) | {"lm_head.weight"}
-        missing = [k for k in missing if k not in tied]
-        if missing or unexpected:
-            raise UserError(f"checkpoint {step_dir} does not fit the model (missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]}); the architecture changed")
-        model.tie_weights()
+    def read(fname, load):
+        try:
+            return load(step_dir / fname)
+        except Exception as e:  # it verified a moment ago: changed since (damage, or another writer)
+            raise _corrupt(step_dir, f"{fname} is unreadable ({_reason(e)})") from None
+
+    def misfit(e: Exception) -> UserError:
+        return UserError(f"checkpoint {step_dir} does not fit the model ({_reason(e)}); the architecture changed")
+
+    lora = hasattr(model, "peft_config")
+    if (step_dir / ADAPTER).is_file() != lora:
+        held, cfg = ("a LoRA adapter", "false") if not lora else ("full weights", "true")
+        raise UserError(f"checkpoint {step_dir} holds {held} but the config has model.lora={cfg}")
+    weights = read(ADAPTER if lora else MODEL, lambda p: load_file(p, device=str(map_location)))
+    try:
+        if lora:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(model, weights)
+        else:
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+            tied = set(getattr(model, "_tied_weights_keys", None) or []) | {"lm_head.weight"}
+            missing = [k for k in missing if k not in tied]
+            if missing or unexpected:
+                raise UserError(f"checkpoint {step_dir} does not fit the model (missing {missing[:3]}, "
+                                f"unexpected {unexpected[:3]}); the architecture changed")
+            model.tie_weights()
+    except (RuntimeError, ValueError, KeyError) as e:  # shape mismatches
+        raise misfit(e) from None
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(step_dir / OPTIMIZER, weights_only=True, map_location=map_location))
-    return _upgrade_state(torch.load(step_dir / STATE, weights_only=True, map_location="cpu"))
+        opt_state = read(OPTIMIZER, lambda p: torch.load(p, weights_only=True, map_location=map_location))
+        try:
+            optimizer.load_state_dict(opt_state)
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise misfit(e) from None
+    return _upgrade_state(read(STATE, lambda p: torch.load(p, weights_only=True, map_location="cpu")))
 
 
 def resume_training(step_dir: Path, model, optimizer, tracker: dict, map_location="cpu") -> int:
@@ -341,8 +549,11 @@ def resume_training(step_dir: Path, model, optimizer, tracker: dict, map_locatio
     from trainer import runtime
 
     state = load_checkpoint(step_dir, model, optimizer, map_location=map_location)
-    runtime.set_rng_state(state[RNG])
-    tracker.update(state[TRACKER])
+    try:
+        runtime.set_rng_state(state[RNG])
+        tracker.update(state[TRACKER])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        raise _corrupt(Path(step_dir), f"{STATE} has no usable {RNG} or {TRACKER} ({_reason(e)})") from None
     set_aside_newer(Path(step_dir).parent, state[STEP])
     return state[STEP]
 
@@ -366,24 +577,28 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def _replace_dir(src_dir: Path, dst: Path, link: bool) -> None:
-    """Copy (or link) src_dir to dst atomically: dst.tmp, fsync, then swap in."""
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in sorted(src_dir.iterdir()):
-        if link:
-            _link_or_copy(f, tmp / f.name)
-        else:
-            shutil.copyfile(f, tmp / f.name)
-            with open(tmp / f.name, "rb+") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    old = dst.with_name(dst.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    _fsync_dir(dst.parent)
+    """Copy (or link) src_dir to dst atomically: dst.tmp, fsync, then swap in. Call it under the
+    lock of dst's folder. A failed or interrupted copy removes its partial folder."""
+    tmp, old = dst.with_name(dst.name + ".tmp"), dst.with_name(dst.name + ".old")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for f in sorted(src_dir.iterdir()):
+            if link:
+                _link_or_copy(f, tmp / f.name)
+            else:
+                shutil.copyfile(f, tmp / f.name)
+                with open(tmp / f.name, "rb+") as fh:
+                    os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        shutil.rmtree(old, ignore_errors=True)
+        if dst.exists():
+            os.replace(dst, old)
+        os.replace(tmp, dst)
+        _fsync_dir(dst.parent)
+    except BaseException:
+        _undo(tmp, old, dst)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -397,25 +612,40 @@ def update_best(run_dir: Path, step_dir: Path, metric: dict) -> None:
 
 
 def mirror(step_dir: Path, mirror_run_dir: Path, keep_last: int = 0) -> None:
-    """Copy a completed checkpoint to a second location with the same atomic protocol.
-    A failing mirror is a warning: the primary checkpoint is already safe."""
+    """Copy a completed checkpoint to a second location with the same atomic protocol, and
+    follow the primary's branch there (set aside newer steps, prune). A failing mirror is a
+    warning: the primary checkpoint is already safe."""
+    step_dir, mirror_run_dir = Path(step_dir), Path(mirror_run_dir)
     try:
-        mirror_run_dir.mkdir(parents=True, exist_ok=True)
-        _replace_dir(step_dir, mirror_run_dir / step_dir.name, link=False)
-        _set_latest(mirror_run_dir, step_dir.name)
-        if keep_last:
-            prune(mirror_run_dir, keep_last, keep=step_dir)
-    except OSError as e:
-        log.warning(f"could not mirror {step_dir} to {mirror_run_dir}: {e}; the primary checkpoint is intact")
+        with lock_run(mirror_run_dir):  # another run of the same name may mirror here too
+            _replace_dir(step_dir, mirror_run_dir / step_dir.name, link=False)
+            _set_latest(mirror_run_dir, step_dir.name)
+            named = STEP_DIR.match(step_dir.name)
+            if named:
+                set_aside_newer(mirror_run_dir, int(named.group(2)))
+            if keep_last:
+                prune(mirror_run_dir, keep_last, keep=step_dir)
+    except (OSError, UserError) as e:
+        log.warning(f"could not mirror {step_dir} to {mirror_run_dir}: {_reason(e)}; the primary checkpoint is intact")
 
 
 def storage_report(run_dir: Path) -> str:
     """'3 checkpoints, 12.1 MB each, 36.3 MB in all' for the log."""
-    dirs = _step_dirs(run_dir)
-    sizes = [sum(f.stat().st_size for f in d.iterdir()) for d in dirs]
+    sizes = [sum(f.stat().st_size for f in _listdir(d)) for d in step_dirs(run_dir)]
     if not sizes:
         return "no checkpoints"
     return f"{len(sizes)} checkpoint(s) kept, {sizes[0] / 1e6:.1f} MB each, {sum(sizes) / 1e6:.1f} MB in all"
+
+
+def _last_written(run_dir: Path) -> float:
+    """When a run last saved: the newest mtime of `latest` and its step dirs (seconds)."""
+    times = []
+    for path in [run_dir / LATEST, *step_dirs(run_dir)]:
+        try:
+            times.append(path.stat().st_mtime)
+        except OSError:
+            pass
+    return max(times, default=0.0)
 
 
 def locate(run: str | None = None, checkpoint: str | None = None, out_dir: str = "volumes") -> Path:
@@ -431,8 +661,7 @@ def locate(run: str | None = None, checkpoint: str | None = None, out_dir: str =
         if (path / MANIFEST).exists() or path.name.rsplit("_", 1)[-1].isdigit():
             problem = verify(path)
             if problem:
-                raise UserError(f"checkpoint {path} is corrupt: {problem}; pick an older step or its run "
-                                "(the run falls back to its newest valid checkpoint)")
+                raise _corrupt(path, problem)
             return path
         return find_valid(path)
     root = Path(out_dir) / "checkpoints"
@@ -441,16 +670,15 @@ def locate(run: str | None = None, checkpoint: str | None = None, out_dir: str =
         if not run_dir.is_dir():
             raise UserError(f"no run {run!r} in {root}; `ls {root}` lists the runs")
         return find_valid(run_dir)
-    runs = [p for p in root.iterdir() if (p / LATEST).is_file()] if root.is_dir() else []
+    runs = [p for p in _listdir(root) if p.is_dir() and has_checkpoints(p)]
     if not runs:
         raise UserError(f"no checkpoint to resume in {root}; start with `trainer train --config ...` "
                         "or pass --run NAME / CHECKPOINT_PATH=<step dir>")
-    return find_valid(max(runs, key=lambda p: (p / LATEST).stat().st_mtime))
+    return find_valid(max(runs, key=_last_written))
 
 
 def restore(step_dir: Path, device="cpu"):
     """A checkpoint as (model, tokenizer, config, state) for sampling, export and evaluation."""
-    import yaml
     from tokenizers import Tokenizer
 
     from trainer import config as configs
@@ -459,9 +687,98 @@ def restore(step_dir: Path, device="cpu"):
     step_dir = Path(step_dir)
     problem = verify(step_dir)
     if problem:
-        raise UserError(f"checkpoint {step_dir} is corrupt: {problem}")
-    cfg = configs.from_dict(yaml.safe_load(read_config(step_dir)))
-    tok = Tokenizer.from_file(str(step_dir / TOKENIZER))
+        raise _corrupt(step_dir, problem)
+    try:
+        cfg = configs.from_dict(_load_yaml(read_config(step_dir)))
+    except (TypeError, ValueError, AttributeError) as e:  # parsed, but not a config this trainer knows
+        raise _corrupt(step_dir, f"{CONFIG} is not a valid config ({_reason(e)})") from None
+    try:
+        tok = Tokenizer.from_file(str(step_dir / TOKENIZER))
+    except Exception as e:  # missing (a hand-made checkpoint) or not a tokenizer: any error says so
+        raise _corrupt(step_dir, f"{TOKENIZER} is missing or unreadable ({_reason(e)})") from None
     model, _ = models.build_model(cfg.model, tok.get_vocab_size(), tok.token_to_id("<|endoftext|>"), cfg.run.seed)
     state = load_checkpoint(step_dir, model, map_location=device, verified=True)
     return model.to(device).eval(), tok, cfg, state
+
+
+# One run, one writer. flock belongs to the open file, so the kernel drops it when the holder
+# dies (kill -9 included): a stale .lock never blocks, and its text only names the holder.
+_held: dict[str, list] = {}  # lock file realpath -> [fd or None, handles open in this process]
+_held_guard = threading.Lock()
+_unlockable: set[str] = set()  # folders whose filesystem refused flock (warned once)
+
+
+class RunLock:
+    """This process's hold on a run folder; a context manager. The lock is re-entrant within a
+    process (the training loop and its saver thread share one hold) and is released when the
+    last handle is released or the process ends."""
+
+    def __init__(self, key: str, run_dir: Path) -> None:
+        self._key, self.run_dir = key, run_dir
+
+    def release(self) -> None:
+        with _held_guard:
+            if self._key is None:
+                return
+            entry = _held[self._key]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _held[self._key]
+                if entry[0] is not None:
+                    os.close(entry[0])  # the only descriptor of this open file: the flock goes with it
+            self._key = None
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _holder(fd: int) -> str:
+    """Who holds a lock, from the JSON its holder wrote (untrusted: may be stale or empty)."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0))
+        text = f"pid {info['pid']} on {info['host']}, since {info['started']}: {info['command']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder unknown"
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())[:160]
+
+
+def lock_run(run_dir: Path) -> RunLock:
+    """Take the run's writer lock (creating run_dir if needed), or raise a UserError naming the
+    process that holds it. Hold it for as long as the process may write the run."""
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        key = os.path.realpath(run_dir / LOCK)
+        with _held_guard:
+            if key in _held:  # this process is the writer already
+                _held[key][1] += 1
+                return RunLock(key, run_dir)
+            fd = os.open(key, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder(fd)
+                os.close(fd)
+                raise UserError(f"run {run_dir} is being written by another process ({holder}); wait for it to "
+                                f"finish or stop it, then run this command again") from None
+            except OSError as e:  # ENOLCK / EOPNOTSUPP: this filesystem cannot lock
+                os.close(fd)
+                fd = None
+                if key not in _unlockable:
+                    _unlockable.add(key)
+                    log.warning(f"cannot lock {run_dir} ({_reason(e)}); make sure only one process writes this run")
+            if fd is not None:
+                info = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
+                        "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+                try:
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+                except OSError:  # a full disk may refuse the text; the flock is what counts
+                    pass
+            _held[key] = [fd, 1]
+            return RunLock(key, run_dir)
+    except OSError as e:
+        raise UserError(f"cannot lock run {run_dir} ({_reason(e)}); check that the folder is writable") from None

@@ -58,7 +58,90 @@ def _help(commands: dict, name: str | None) -> str:
     return text
 
 
+def one_line(message) -> str:
+    """Library messages (torch's unpickling errors, say) span lines; an error is one line."""
+    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+def _check_repeats(argv: list[str]) -> None:
+    """fire keeps the last of `--train.max_steps=3 --train.max_steps=5`; a repeat is a mistake."""
+    from trainer.config import ALIASES
+
+    seen: dict[str, str] = {}
+    for arg in argv:
+        if not arg.startswith("--") or arg == "--":
+            continue
+        flag = arg[2:].split("=", 1)[0]
+        key = ALIASES.get(flag, flag).replace("-", "_")
+        if key in seen:
+            forms = f" (as --{seen[key]} and --{flag})" if seen[key] != flag else ""
+            raise UserError(f"--{key} is given twice{forms}; pass it once")
+        seen[key] = flag
+
+
+def _parse(fn, argv: list[str], name: str) -> tuple[tuple, dict]:
+    """fire's parsing without fire's call: -> (args, kwargs) for fn. fire calls a function before
+    it notices a stray argument, and then prints its usage block; here a stray argument is one
+    line before anything runs."""
+    import contextlib
+    import functools
+    import io
+
+    got: dict = {}
+
+    @functools.wraps(fn)
+    def record(*args, **kwargs):
+        got["call"] = (args, kwargs)
+
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(captured):
+            fire.Fire(record, command=argv, name=name, serialize=lambda result: None)
+    except fire.core.FireExit:
+        error = next((line[len("ERROR: "):] for line in captured.getvalue().splitlines()
+                      if line.startswith("ERROR: ")), one_line(captured.getvalue()))
+        stray = error.split("Could not consume arg: ", 1)[-1] if "Could not consume arg" in error else None
+        raise UserError(f"unexpected argument {stray!r} for `{name}`; options look like --key=value "
+                        f"(`{name} --help` lists them)" if stray else f"{name}: {error} (`{name} --help`)") from None
+    if "call" not in got:
+        raise UserError(f"{name}: could not read the arguments {' '.join(argv)!r} (`{name} --help`)")
+    return got["call"]
+
+
+def _typed(fn, args: tuple, kwargs: dict, name: str) -> dict:
+    """Check each named argument against its annotation, as config keys are checked: a wrong
+    type is one line naming the argument before the command starts."""
+    import inspect
+    import typing
+
+    from trainer.config import _coerce
+
+    signature = inspect.signature(fn)
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as e:
+        raise UserError(f"{name}: {e} (`{name} --help`)") from None
+    hints = typing.get_type_hints(fn)
+    out = {}
+    for param, value in bound.arguments.items():
+        kind = signature.parameters[param].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)  # config overrides: checked by the config loader
+            continue
+        typ = hints.get(param)
+        options = [t for t in typing.get_args(typ) if t is not type(None)] if typing.get_args(typ) else [typ]
+        if value is True and options != [bool]:  # fire's reading of a bare `--run` with no value
+            raise UserError(f"--{param} needs a value, e.g. --{param}=VALUE (`{name} --help`)")
+        if value is not None and len(options) == 1 and options[0] in (int, float, str, bool):
+            value = _coerce(value, options[0], f"--{param}", from_text=True)
+        out[param] = value
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
+    from trainer.signals import STOP, Stopped
+
+    STOP.install()  # from here on a signal ends the command in a defined state (trainer/signals.py)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or "--help" in argv or "-h" in argv:
         print(_help(_commands(), argv[0] if argv else None))
@@ -72,15 +155,22 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if argv[0] not in COMMANDS:
             raise UserError(f"unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)} (trainer --help)")
-        fire.Fire(_load(argv[0]), command=argv[1:], name=f"trainer {argv[0]}", serialize=lambda result: None)
+        name = f"trainer {argv[0]}"
+        _check_repeats(argv[1:])
+        fn = _load(argv[0])
+        fn(**_typed(fn, *_parse(fn, argv[1:], name), name))
     except UserError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except (Stopped, KeyboardInterrupt) as e:
+        signum = getattr(e, "signum", 2)
+        print(f"stopped by {e if isinstance(e, Stopped) else 'SIGINT'} before `trainer {argv[0]}` finished; "
+              "nothing was left half-written: run the same command again", file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
+    finally:
+        STOP.uninstall()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,27 +155,6 @@ class GRPOConfig:
     server_adapter_dir: str = ""  # the same dir as the server sees it ("" = same path)
     concurrency: int = 4  # openai backend: requests in flight
 
-    def __post_init__(self):
-        problems = []
-        if self.group_size < 2:
-            problems.append(f"grpo.group_size={self.group_size}: GRPO compares completions of one prompt, "
-                            "set it to 2 or more")
-        for name in ("iterations", "prompts_per_iter", "max_tokens", "ppo_epochs", "minibatch_size",
-                     "rollout_batch", "concurrency", "repeat_length", "sat_vars", "sat_clauses", "sat_k"):
-            if getattr(self, name) < 1:
-                problems.append(f"grpo.{name}={getattr(self, name)} must be at least 1")
-        for name, options in (("env", ("sat", "arithmetic", "repeat")), ("backend", ("local", "openai")),
-                              ("scale_rewards", ("group", "batch", "none")),
-                              ("loss_agg", ("token_mean", "sequence_mean"))):
-            if getattr(self, name) not in options:
-                problems.append(f"grpo.{name}={getattr(self, name)!r} must be one of {', '.join(options)}")
-        if not 0 < self.top_p <= 1 or self.temperature < 0:
-            problems.append(f"grpo.top_p={self.top_p} must be in (0, 1] and grpo.temperature={self.temperature} >= 0")
-        if self.lr <= 0 or self.beta < 0 or self.epsilon <= 0 or self.epsilon_high < 0:
-            problems.append("grpo.lr and grpo.epsilon must be > 0; grpo.beta and grpo.epsilon_high >= 0")
-        if problems:
-            raise UserError("invalid config: " + "; ".join(problems))
-
 
 @dataclass(frozen=True)
 class Config:
@@ -202,8 +182,13 @@ class Config:
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
-# keys that may not change when resuming: they define the weights' shapes or the token ids
-FROZEN_ON_RESUME = ("model.", "data.")
+# keys that may not change when resuming: they define the weights' shapes, the token ids or
+# the batches (run.seed keys the sampler)
+FROZEN_ON_RESUME = ("model.", "data.", "run.seed")
+# keys that may change on resume, but then the run is no longer bit-exact with an uninterrupted one
+INEXACT_ON_RESUME = ("run.threads", "run.device", "run.compile", "train.batch_size", "train.grad_accum", "train.lr",
+                     "train.min_lr", "train.warmup_steps", "train.schedule", "train.weight_decay", "train.beta1",
+                     "train.beta2", "train.grad_clip", "train.max_steps")
 NOT_CONFIG_ENV = {"TRAINER_DEBUG"}  # TRAINER_* variables that are not config keys
 # short flags from the setups Airlock replaces (`--steps 10 --seed 42`)
 ALIASES = {"steps": "train.max_steps", "seed": "run.seed", "lr": "train.lr",
@@ -348,67 +333,138 @@ def load(config: str | None = None, **overrides) -> Config:
     return cfg
 
 
-def from_dict(tree: dict) -> Config:
-    """A config saved in a run or checkpoint (already validated once)."""
+def from_dict(tree, origin: str = "saved config") -> Config:
+    """A config saved in a run or checkpoint. Read back like any input: keys this version does
+    not know are dropped (an older or newer Airlock wrote them), types and values are checked."""
+    if not isinstance(tree, dict):
+        raise UserError(f"{origin}: not a mapping of sections")
+    known = {s: {k: v for k, v in values.items() if k in typing.get_type_hints(_section_classes()[s])}
+             for s, values in tree.items() if s in SECTIONS and isinstance(values, dict)}
+    tree = Config().to_dict()
+    _apply(tree, known, origin)
     classes = _section_classes()
-    merged = Config().to_dict()
-    for section, values in tree.items():
-        if section in merged:
-            merged[section].update({k: v for k, v in values.items() if k in merged[section]})
-    return Config(**{s: classes[s](**v) for s, v in merged.items()})
+    cfg = Config(**{s: classes[s](**v) for s, v in tree.items()})
+    validate(cfg)
+    return cfg
+
+
+def changed_keys(old: Config, new: Config, prefixes: tuple[str, ...]) -> dict[str, tuple]:
+    """{dotted key: (old value, new value)} for the keys under `prefixes` that differ."""
+    a, b = old.to_dict(), new.to_dict()
+    return {f"{section}.{key}": (a[section][key], b[section][key]) for section in a for key in a[section]
+            if f"{section}.{key}".startswith(prefixes) and a[section][key] != b[section][key]}
 
 
 def changed_frozen_keys(old: Config, new: Config) -> list[str]:
-    """Keys that define weights or token ids and differ between two configs."""
-    a, b = old.to_dict(), new.to_dict()
-    out = []
-    for section in a:
-        for key in a[section]:
-            dotted = f"{section}.{key}"
-            if dotted.startswith(FROZEN_ON_RESUME) and a[section][key] != b[section][key]:
-                out.append(dotted)
-    return out
+    """Keys that define weights, token ids or batches and differ between two configs."""
+    return list(changed_keys(old, new, FROZEN_ON_RESUME))
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a number: lo <= v <= hi, with open ends where lo_open/hi_open."""
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def holds(self, v) -> bool:
+        return ((self.lo is None or (v > self.lo if self.lo_open else v >= self.lo))
+                and (self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)))
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+def _min(lo, open_: bool = False) -> Range:
+    return Range(lo, None, lo_open=open_)
+
+
+PROB = Range(0, 1, hi_open=True)  # a dropout probability, a beta
+SEED = Range(0, 2**63 - 1)  # what torch, numpy's SeedSequence and Python's random all accept
+# every number a config may hold, and the values that make sense; `validate` checks them all
+# before any work starts, and tests/unit/test_config.py feeds each one a bad value
+RANGES = {
+    "run.seed": SEED, "run.threads": _min(0),
+    "model.n_layer": _min(1), "model.n_head": _min(1), "model.n_embd": _min(1), "model.block_size": _min(1),
+    "model.dropout": PROB, "model.lora_r": _min(1), "model.lora_alpha": _min(0, open_=True),
+    "model.lora_dropout": PROB,
+    "data.vocab_size": _min(1), "data.val_fraction": Range(0, 1, lo_open=True, hi_open=True),
+    "data.split_seed": SEED, "data.max_bytes": _min(0),
+    "train.max_steps": _min(1), "train.batch_size": _min(1), "train.grad_accum": _min(1),
+    "train.lr": _min(0, open_=True), "train.min_lr": _min(0), "train.warmup_steps": _min(0),
+    "train.weight_decay": _min(0), "train.beta1": PROB, "train.beta2": PROB, "train.grad_clip": _min(-1),
+    "train.eval_interval": _min(0), "train.eval_iters": _min(1), "train.log_interval": _min(1),
+    "checkpoint.interval": _min(0), "checkpoint.keep_last": _min(0),
+    "sample.max_new_tokens": _min(1), "sample.temperature": _min(0), "sample.top_k": _min(0), "sample.seed": SEED,
+    "eval.interval": _min(0), "eval.replicates": _min(1), "eval.num_problems": _min(1),
+    "eval.watch_interval": _min(0, open_=True),
+    "server.port": Range(1, 65535), "server.timeout": _min(0, open_=True), "server.retries": _min(0),
+    "grpo.sat_vars": _min(1), "grpo.sat_clauses": _min(1), "grpo.sat_k": _min(1), "grpo.arith_max": _min(0),
+    "grpo.repeat_length": _min(1), "grpo.iterations": _min(1), "grpo.prompts_per_iter": _min(1),
+    "grpo.group_size": _min(2), "grpo.max_tokens": _min(1), "grpo.temperature": _min(0),
+    "grpo.top_p": Range(0, 1, lo_open=True), "grpo.lr": _min(0, open_=True), "grpo.beta": _min(0),
+    "grpo.epsilon": _min(0, open_=True), "grpo.epsilon_high": _min(0), "grpo.entropy_coef": _min(0),
+    "grpo.ppo_epochs": _min(1), "grpo.minibatch_size": _min(1), "grpo.grad_clip": _min(0),
+    "grpo.rollout_batch": _min(1), "grpo.concurrency": _min(1),
+}
+CHOICES = {
+    "model.type": ("from_scratch", "gpt2"), "data.tokenizer": ("gpt2", "bpe", "char"),
+    "train.schedule": ("cosine", "constant"), "grpo.env": ("sat", "arithmetic", "repeat"),
+    "grpo.backend": ("local", "openai"), "grpo.scale_rewards": ("group", "batch", "none"),
+    "grpo.loss_agg": ("token_mean", "sequence_mean"),
+}
+HINTS = {  # why a range is what it is, where the bare range would puzzle
+    "train.grad_clip": " (-1 = automatic, 0 = off)", "grpo.group_size": " (GRPO compares completions of one prompt)",
+}
 
 
 def validate(cfg: Config) -> None:
     """Collect every problem, raise once."""
+    tree = cfg.to_dict()
     problems = []
-    m, d, t, c = cfg.model, cfg.data, cfg.train, cfg.checkpoint
-    if m.type not in ("from_scratch", "gpt2"):
-        problems.append(f"model.type={m.type!r} must be from_scratch or gpt2")
-    if d.tokenizer not in ("gpt2", "bpe", "char"):
-        problems.append(f"data.tokenizer={d.tokenizer!r} must be gpt2, bpe or char")
+    for key, allowed in RANGES.items():
+        section, name = key.split(".")
+        value = tree[section][name]
+        if not allowed.holds(value):
+            problems.append(f"{key}={value} must be {allowed}{HINTS.get(key, '')}")
+    for key, options in CHOICES.items():
+        section, name = key.split(".")
+        if tree[section][name] not in options:
+            problems.append(f"{key}={tree[section][name]!r} must be one of {', '.join(options)}")
+    m, d, t, g = cfg.model, cfg.data, cfg.train, cfg.grpo
     if m.type == "gpt2" and d.tokenizer != "gpt2":
         problems.append(f"model.type=gpt2 needs data.tokenizer=gpt2 (got {d.tokenizer!r})")
     if m.lora and m.type != "gpt2":
         problems.append("model.lora=true needs model.type=gpt2 (LoRA adapts pretrained weights)")
-    if m.n_embd % max(m.n_head, 1):
+    if m.lora and not m.lora_targets:
+        problems.append("model.lora_targets is empty; name the layers LoRA adapts, e.g. c_attn,c_proj,c_fc")
+    if m.n_head >= 1 and m.n_embd % m.n_head:
         problems.append(f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
-    for name, value in (("model.n_layer", m.n_layer), ("model.n_head", m.n_head), ("model.n_embd", m.n_embd),
-                        ("model.block_size", m.block_size), ("model.lora_r", m.lora_r),
-                        ("train.max_steps", t.max_steps), ("train.batch_size", t.batch_size),
-                        ("train.grad_accum", t.grad_accum), ("train.eval_iters", t.eval_iters),
-                        ("train.log_interval", t.log_interval), ("data.vocab_size", d.vocab_size)):
-        if value < 1:
-            problems.append(f"{name}={value} must be at least 1")
-    for name, value in (("model.dropout", m.dropout), ("model.lora_dropout", m.lora_dropout)):
-        if not 0.0 <= value < 1.0:
-            problems.append(f"{name}={value} must be in [0, 1)")
-    if not 0.0 < d.val_fraction < 1.0:
-        problems.append(f"data.val_fraction={d.val_fraction} must be in (0, 1)")
-    if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
-        problems.append(f"train.lr={t.lr} and train.min_lr={t.min_lr} need 0 <= min_lr <= lr, lr > 0")
-    if t.schedule not in ("cosine", "constant"):
-        problems.append(f"train.schedule={t.schedule!r} must be cosine or constant")
-    for name, value in (("train.warmup_steps", t.warmup_steps), ("train.eval_interval", t.eval_interval),
-                        ("checkpoint.interval", c.interval), ("checkpoint.keep_last", c.keep_last),
-                        ("data.max_bytes", d.max_bytes)):
-        if value < 0:
-            problems.append(f"{name}={value} must not be negative")
-    if cfg.run.device != "auto" and not (cfg.run.device == "cpu" or cfg.run.device.startswith("cuda")):
+    if d.tokenizer == "bpe" and d.vocab_size < 257:
+        problems.append(f"data.vocab_size={d.vocab_size} must be at least 257 for bpe (256 bytes + <|endoftext|>)")
+    if not d.text_field:
+        problems.append("data.text_field is empty; name the JSONL field that holds the text")
+    if t.min_lr > t.lr:
+        problems.append(f"train.min_lr={t.min_lr} must not be above train.lr={t.lr}")
+    if t.grad_clip < 0 and t.grad_clip != -1:
+        problems.append(f"train.grad_clip={t.grad_clip} must be -1 (automatic), 0 (off) or positive")
+    if g.sat_k > g.sat_vars:
+        problems.append(f"grpo.sat_k={g.sat_k} must not exceed grpo.sat_vars={g.sat_vars} (distinct variables per clause)")
+    if not g.arith_ops or set(g.arith_ops) - set("+-*"):
+        problems.append(f"grpo.arith_ops={g.arith_ops!r} must be made of +, - and *")
+    if not g.repeat_chars:
+        problems.append("grpo.repeat_chars is empty; give the characters to ask for, e.g. abcd")
+    if cfg.run.device != "auto" and not (cfg.run.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", cfg.run.device)):
         problems.append(f"run.device={cfg.run.device!r} must be auto, cpu or cuda[:N]")
     if cfg.run.name and ("/" in cfg.run.name or cfg.run.name.startswith(".")):
         problems.append(f"run.name={cfg.run.name!r} must be a plain folder name (no '/', not starting with '.')")
+    if d.name and ("/" in d.name or d.name.startswith(".")):
+        problems.append(f"data.name={d.name!r} must be a plain folder name (no '/', not starting with '.')")
+    if not cfg.run.out_dir:
+        problems.append("run.out_dir is empty; give the folder for checkpoints/ and metrics/, e.g. volumes")
     if problems:
         raise UserError("invalid config: " + "; ".join(problems))
 
@@ -454,5 +510,5 @@ if __name__ == "__main__":
     print(reference_markdown(), end="")
 
 
-__all__ = ["Config", "load", "build", "from_dict", "read_yaml", "changed_frozen_keys", "grad_clip",
+__all__ = ["Config", "load", "build", "from_dict", "read_yaml", "changed_frozen_keys", "changed_keys", "grad_clip",
            "UserError", "SECTIONS"]

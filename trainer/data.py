@@ -2,7 +2,8 @@
 
 Only this module reads or writes token files. A prepared folder holds train.bin and
 val.bin (flat uint16, or uint32 when the vocab needs it), meta.json and tokenizer.json.
-The same source and settings give byte-identical files.
+The same source and settings give byte-identical files, and meta.json records those
+settings: a folder is reused only by a config with the same ones (`find_prepared`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import sysconfig
 from dataclasses import dataclass
@@ -58,11 +60,25 @@ def _read_jsonl(path: Path, field: str) -> list[str]:
     return docs
 
 
-def _files(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
+SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages"}
+
+
+def _is_test_dir(name: str) -> bool:
+    """The stdlib's test suites and their fixtures (test/, idlelib/idle_test/, lib2to3/tests/,
+    test/ziptestdata/...): deliberately odd files (latin-1, bad syntax), not code to learn from."""
+    name = name.lower()
+    return name in ("test", "tests", "testing") or name.startswith("test_") or \
+        name.endswith(("_test", "_tests", "testdata", "test_data"))
+
+
+def _files(root: Path, suffixes: tuple[str, ...], skip_tests: bool = False) -> list[Path]:
     if root.is_file():
         return [root]
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes
-                  and "__pycache__" not in p.parts and "site-packages" not in p.parts)
+    found = []
+    for folder, dirs, names in os.walk(root):  # pruned, so site-packages is never even listed
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not (skip_tests and _is_test_dir(d))]
+        found += [Path(folder, n) for n in names if Path(n).suffix in suffixes and Path(folder, n).is_file()]
+    return sorted(found)
 
 
 def stdlib_dir() -> Path:
@@ -70,9 +86,13 @@ def stdlib_dir() -> Path:
 
 
 def read_source(source: str, text_field: str, max_bytes: int) -> tuple[list[str] | None, np.ndarray | None, str]:
-    """-> (documents, None, description) for text, (None, tokens, description) for token files."""
-    if source == STDLIB:
-        files, root = _files(stdlib_dir(), (".py",)), stdlib_dir()
+    """-> (documents, None, description) for text, (None, tokens, description) for token files.
+    With max_bytes, files are read in sorted order until that many bytes of text are in hand:
+    the document that reaches the limit is cut there and no later file is opened."""
+    stdlib = source == STDLIB
+    if stdlib:
+        root = stdlib_dir()
+        files = _files(root, (".py",), skip_tests=True)
     else:
         root = Path(source)
         if not root.exists():
@@ -82,67 +102,166 @@ def read_source(source: str, text_field: str, max_bytes: int) -> tuple[list[str]
             return None, _read_tokens(root), f"token file {root.name}"
         files = _files(root, TEXT_SUFFIXES + (".jsonl",))
     if not files:
-        raise UserError(f"data.source={source!r} holds no text files ({', '.join(TEXT_SUFFIXES)}, .jsonl)")
-    docs, total = [], 0
+        where = f" ({root})" if stdlib else ""
+        raise UserError(f"data.source={source!r}{where} holds no text files ({', '.join(TEXT_SUFFIXES)}, .jsonl)")
+    docs, skipped = [], 0
+    left = max_bytes or None  # bytes of text still wanted; None = all
     for path in files:
-        texts = _read_jsonl(path, text_field) if path.suffix == ".jsonl" else [_read_text(path)]
-        for text in texts:
-            if max_bytes and total + len(text.encode()) > max_bytes:
-                break
-            docs.append(text)
-            total += len(text.encode())
-        if max_bytes and total >= max_bytes * 0.99:
+        if left == 0:
             break
+        if path.suffix == ".jsonl":
+            texts = _read_jsonl(path, text_field)
+        elif stdlib:
+            # the stdlib is a corpus Airlock picks, not the user's data: a file it cannot use
+            # (latin-1, unreadable) is skipped and counted rather than failing the run
+            try:
+                texts = [path.read_bytes().decode("utf-8")]
+            except (UnicodeDecodeError, OSError):
+                skipped += 1
+                continue
+        else:
+            texts = [_read_text(path)]
+        for text in texts:
+            if left is not None:
+                raw = text.encode()[:left]
+                text, left = raw.decode("utf-8", "ignore"), left - len(raw)  # cut on a character boundary
+            docs.append(text)
+            if left == 0:
+                break
+    total = sum(len(d.encode()) for d in docs)
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise UserError(f"data.source={source!r} is empty: no non-blank text found")
-    label = STDLIB if source == STDLIB else root.name
-    return docs, None, f"{label}: {len(docs)} documents, {total} bytes"
+    label = STDLIB if stdlib else root.name
+    skip_note = f", {skipped} file(s) skipped (not UTF-8 or unreadable)" if skipped else ""
+    return docs, None, f"{label}: {len(docs)} documents, {total} bytes{skip_note}"
 
 
 def _read_tokens(path: Path) -> np.ndarray:
+    """A flat integer array from .bin (raw uint16, the nanoGPT convention), .npy or .pt."""
+    size = path.stat().st_size
+    if path.suffix == ".bin" and size % 2:
+        raise UserError(f"{path}: {size} bytes is not a whole number of uint16 tokens (2 bytes each); the file "
+                        "is cut short or not uint16 (save other dtypes as .npy)")
+    obj = None
     try:
         if path.suffix == ".bin":
-            arr = np.fromfile(path, dtype=np.uint16)  # the nanoGPT convention
+            arr = np.fromfile(path, dtype=np.uint16)
         elif path.suffix == ".npy":
             arr = np.load(path, allow_pickle=False)
         else:
-            arr = torch.load(path, weights_only=True, map_location="cpu")
-            arr = arr.numpy() if isinstance(arr, torch.Tensor) else np.asarray(arr)
-    except Exception as e:  # numpy/torch raise many types for a bad file
-        raise UserError(f"{path}: cannot read token file ({e.__class__.__name__}: {e})") from None
+            obj = torch.load(path, weights_only=True, map_location="cpu")
+            arr = obj.numpy() if isinstance(obj, torch.Tensor) else \
+                np.asarray(obj) if isinstance(obj, (list, tuple)) else None
+    except Exception as e:  # numpy/torch raise many types for a bad file, some with pages of text
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{path}: cannot read token file ({e.__class__.__name__}: {first}); it must hold one flat "
+                        "integer array (.bin raw uint16, .npy from np.save, .pt a torch.save'd tensor)") from None
+    if arr is None:
+        raise UserError(f"{path}: holds a {type(obj).__name__}, not a tensor of token ids; torch.save the 1-D "
+                        "tensor itself")
     if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-        raise UserError(f"{path}: token file must hold a flat integer array, got shape {arr.shape} {arr.dtype}")
-    if arr.size and arr.min() < 0:
-        raise UserError(f"{path}: token file holds negative ids")
+        raise UserError(f"{path}: token file must hold a flat integer array, got shape {arr.shape} {arr.dtype}; "
+                        "save the ids as a 1-D integer array")
+    if arr.size == 0:
+        raise UserError(f"{path}: token file holds no tokens ({size} bytes)")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= 2**32:  # a prepared file is at most uint32
+        raise UserError(f"{path}: token file holds ids outside 0..{2**32 - 1} (min {lo}, max {hi})")
     return arr.astype(np.int64)
 
 
 # ---------------------------------------------------------------------------- prepare
 
 def prepared_name(source: str, kind: str, vocab_size: int) -> str:
-    stem = STDLIB if source == STDLIB else Path(source.rstrip("/")).stem
+    stem = STDLIB if source == STDLIB else Path(source.rstrip("/")).stem or "data"
     return f"{stem}-{kind}{vocab_size if kind == 'bpe' else ''}"
 
 
 PREPARED_FALLBACK_ENV = "AIRLOCK_PREPARED_FALLBACK"  # read-only folders searched after prepared_dir
 
 
+def settings(data_cfg) -> dict:
+    """The data.* keys that determine a prepared folder's bytes; meta.json records them under
+    "settings" and a folder is reused only for a config with the same ones."""
+    source = data_cfg.source
+    if source != STDLIB:  # a path; "./python-stdlib" stays a path, not the stdlib
+        source = os.path.normpath(source)
+        source = os.path.join(os.curdir, source) if source == STDLIB else source
+    out = {"source": source, "tokenizer": data_cfg.tokenizer}
+    if data_cfg.tokenizer == "bpe":
+        out["vocab_size"] = data_cfg.vocab_size
+    if data_cfg.tokenizer == "gpt2":
+        out["tokenizer_path"] = os.path.normpath(data_cfg.tokenizer_path)
+    out.update(text_field=data_cfg.text_field, val_fraction=data_cfg.val_fraction,
+               split_seed=data_cfg.split_seed, max_bytes=data_cfg.max_bytes)
+    return json.loads(json.dumps(out))  # as meta.json will hold them
+
+
+def _names(data_cfg, want: dict) -> list[str]:
+    """Folder names this config may use, in order: data.name, or the derived name and then the
+    derived name plus the settings hash (where the derived name holds other data)."""
+    if data_cfg.name:
+        return [data_cfg.name]
+    derived = prepared_name(data_cfg.source, data_cfg.tokenizer, data_cfg.vocab_size)
+    digest = hashlib.sha256(json.dumps(want, sort_keys=True).encode()).hexdigest()[:8]
+    return [derived, f"{derived}-{digest}"]
+
+
+def _conflict(path: Path, want: dict, replace_old: bool = False) -> str:
+    """'' when `path` is free or holds data prepared with `want`; else why this config may not
+    use it. replace_old: a folder from an Airlock that recorded no settings may be prepared
+    again (an explicit `trainer prepare`), never silently reused."""
+    if not os.path.lexists(path):
+        return ""
+    if not (path / "meta.json").is_file():
+        return f"{path} exists and is not an Airlock prepared folder (no meta.json), so Airlock leaves it alone"
+    try:
+        have = read_meta(path).get("settings")
+    except UserError:
+        have = None
+    if not isinstance(have, dict):
+        return "" if replace_old else (f"{path} was prepared by an older Airlock that recorded no settings, or its "
+                                       "meta.json is unreadable (`trainer prepare` with this config prepares it again)")
+    keys = [*want, *(have.keys() - want.keys())]
+    if have.get("tokenizer") != want["tokenizer"]:  # vocab_size, tokenizer_path belong to one kind only
+        keys = [k for k in keys if k in have and k in want]
+    diff = [f"data.{k}={have.get(k)!r} there but {want.get(k)!r} in the config" for k in keys
+            if have.get(k) != want.get(k)]
+    return f"{path} holds data prepared with other settings ({'; '.join(diff)})" if diff else ""
+
+
+def _target(data_cfg, replace_old: bool) -> Path:
+    """The folder in prepared_dir that `prepare` writes for this config; UserError if taken."""
+    want = settings(data_cfg)
+    paths = [Path(data_cfg.prepared_dir) / name for name in _names(data_cfg, want)]
+    for path in paths:
+        why = _conflict(path, want, replace_old and bool(data_cfg.name))
+        if not why:
+            return path
+    if data_cfg.name:
+        raise UserError(f"data.name={data_cfg.name!r}: {why}; pick another data.name, or leave it empty so a name "
+                        "is derived from the settings")
+    raise UserError(f"{why}; set data.name to a new folder name")
+
+
 def prepared_path(data_cfg) -> Path:
-    """Where `prepare` writes this config's data."""
-    name = data_cfg.name or prepared_name(data_cfg.source, data_cfg.tokenizer, data_cfg.vocab_size)
-    return Path(data_cfg.prepared_dir) / name
+    """Where `prepare` writes this config's data (raises if that folder holds other data)."""
+    return _target(data_cfg, replace_old=True)
 
 
 def find_prepared(data_cfg) -> Path:
-    """Where to read it: prepared_dir first, then the folders in $AIRLOCK_PREPARED_FALLBACK (the
-    image's corpora, prepared at build time, which a ./data bind mount would otherwise hide)."""
-    path = prepared_path(data_cfg)
-    if not (path / "meta.json").is_file():
-        for folder in filter(None, os.environ.get(PREPARED_FALLBACK_ENV, "").split(os.pathsep)):
-            if (Path(folder) / path.name / "meta.json").is_file():
-                return Path(folder) / path.name
-    return path
+    """The folder to read: one whose recorded settings match the config, in prepared_dir first,
+    then in the folders of $AIRLOCK_PREPARED_FALLBACK (the image's corpora, prepared at build
+    time, which a ./data bind mount would otherwise hide); else where `prepare` will write it."""
+    want = settings(data_cfg)
+    fallback = filter(None, os.environ.get(PREPARED_FALLBACK_ENV, "").split(os.pathsep))
+    for root in (data_cfg.prepared_dir, *fallback):
+        for name in _names(data_cfg, want):
+            path = Path(root) / name
+            if (path / "meta.json").is_file() and not _conflict(path, want):
+                return path
+    return _target(data_cfg, replace_old=False)
 
 
 def split_chunks(n_tokens: int, val_fraction: float, seed: int) -> np.ndarray:
@@ -189,10 +308,14 @@ def prepare(data_cfg, log=print) -> Path:
     val = padded[mask].ravel()
     train, val = train[train >= 0].astype(dtype), val[val >= 0].astype(dtype)
 
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = None
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # a fresh dot-named folder, so no folder of the user's (say `<name>.tmp`) is ever touched;
+        # mkdir rather than mkdtemp keeps the umask's mode (mkdtemp's 0700 would hide the image's
+        # build-time corpora from the non-root user)
+        tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
+        tmp.mkdir()
         train.tofile(tmp / "train.bin")
         val.tofile(tmp / "val.bin")
         tok.save(str(tmp / tk.TOKENIZER_FILE))
@@ -206,16 +329,17 @@ def prepare(data_cfg, log=print) -> Path:
             "chars": n_chars,
             "source": description,
             "split": {"chunk": chunk, "val_fraction": data_cfg.val_fraction, "seed": data_cfg.split_seed},
+            "settings": settings(data_cfg),
             "sha256": {name: _sha256(tmp / name) for name in ("train.bin", "val.bin", tk.TOKENIZER_FILE)},
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _swap_in(tmp, out)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot write prepared data to {out} ({e.strerror}); set data.prepared_dir "
+        raise UserError(f"cannot write prepared data to {out} ({e.strerror or e}); set data.prepared_dir "
                         "to a writable folder") from None
+    finally:  # gone after a good rename; after an error or Ctrl-C nothing half-written stays
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     cpt = f", {n_chars / tokens.size:.2f} chars/token" if n_chars else ""
     log(f"prepared {out}: {description}; {data_cfg.tokenizer} vocab {vocab}; {tokens.size:,} tokens{cpt}; "
         f"train {train.size:,} ({(out / 'train.bin').stat().st_size / 1e6:.1f} MB), "
@@ -223,11 +347,37 @@ def prepare(data_cfg, log=print) -> Path:
     return out
 
 
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename the finished tmp to out; a previous out is set aside until the new one is in place."""
+    old = out.with_name(f".{out.name}.{secrets.token_hex(4)}.old") if os.path.lexists(out) else None
+    if old:
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if old:
+            os.rename(old, out)
+        raise
+    if old:
+        os.unlink(old) if old.is_symlink() else shutil.rmtree(old, ignore_errors=True)
+
+
+META_KEYS = ("tokenizer", "vocab_size", "eot_id", "dtype", "train_tokens", "val_tokens")
+
+
 def read_meta(path: Path) -> dict:
     meta_file = Path(path) / "meta.json"
     if not meta_file.is_file():
         raise UserError(f"prepared data {path} not found; run `trainer prepare --config <same config>`")
-    return json.loads(meta_file.read_text())
+    try:
+        meta = json.loads(meta_file.read_bytes())
+    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        meta = None
+    if not isinstance(meta, dict) or any(k not in meta for k in META_KEYS) or \
+            meta["dtype"] not in ("uint16", "uint32"):
+        raise UserError(f"{meta_file} is not a readable Airlock meta.json; run `trainer prepare --config <same "
+                        "config>` to prepare the data again")
+    return meta
 
 
 # ---------------------------------------------------------------------------- sampler
@@ -248,8 +398,15 @@ class Batches:
     @classmethod
     def open(cls, path: Path, block_size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
         meta = read_meta(path)
-        files = {s: np.memmap(Path(path) / f"{s}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
-                 for s in ("train", "val")}
+        dtype = np.dtype(meta["dtype"])
+        for split in ("train", "val"):  # a cut or swapped file would otherwise be read as other tokens
+            file = Path(path) / f"{split}.bin"
+            size = file.stat().st_size if file.is_file() else None
+            if size != meta[f"{split}_tokens"] * dtype.itemsize:
+                raise UserError(f"{file} is {'missing' if size is None else f'{size} bytes'}, but meta.json says "
+                                f"{meta[f'{split}_tokens']} {dtype.name} tokens; run `trainer prepare --config "
+                                "<same config>` to prepare the data again")
+        files = {s: np.memmap(Path(path) / f"{s}.bin", dtype=dtype, mode="r") for s in ("train", "val")}
         for split, arr in files.items():
             if len(arr) < block_size + 1:
                 raise UserError(f"{path}/{split}.bin has {len(arr)} tokens, fewer than model.block_size + 1 = "

@@ -92,21 +92,29 @@ def sample_command(run: str | None = None, checkpoint: str | None = None, prompt
       max_new_tokens, temperature, top_k, seed: default to the run's sample section.
       num_samples: how many samples, each with seed+i.
     """
+    import dataclasses
+
     from trainer import checkpoint as ckpt
+    from trainer import config as configs
+    from trainer.errors import UserError
     from trainer.offline import go_offline
 
+    given = {k: v for k, v in dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                   seed=seed).items() if v is not None}
+    # the limits of the sample.* config keys, checked before anything loads: --top_k=-5 is one line
+    configs.validate(configs.Config().replace(sample=dataclasses.replace(configs.SampleConfig(), **given)))
+    if num_samples < 1:
+        raise UserError(f"--num_samples={num_samples} must be at least 1")
     go_offline()
     step_dir = ckpt.locate(run, checkpoint, out_dir)
     model, tok, cfg, _ = ckpt.restore(step_dir)
-    s = cfg.sample
+    s = dataclasses.replace(cfg.sample, **given)
     if prompt is None:
         prompt = s.prompt or ("QUESTION: " if cfg.model.type == "gpt2" else "")
     ids = tok.encode(str(prompt)).ids if prompt else [tok.token_to_id("<|endoftext|>")]
     texts = []
     for i in range(int(num_samples)):
-        text = sample_text(model, tok, ids, max_new_tokens or s.max_new_tokens,
-                           s.temperature if temperature is None else temperature,
-                           s.top_k if top_k is None else top_k, (s.seed if seed is None else seed) + i,
+        text = sample_text(model, tok, ids, s.max_new_tokens, s.temperature, s.top_k, s.seed + i,
                            torch.device("cpu"))
         print(f"--- sample {i + 1} from {step_dir} ---\n{prompt}{text}", flush=True)
         texts.append(text)

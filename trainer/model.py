@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -14,9 +12,6 @@ import torch
 from trainer.errors import UserError
 
 log = logging.getLogger("trainer")
-
-GPT2_HUB_ID = "openai-community/gpt2"
-
 
 def _positions(model) -> int:
     return getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
@@ -52,30 +47,50 @@ def build_model(model_cfg, vocab_size: int, eot_id: int, seed: int):
 
 
 def load_pretrained(path: str | Path, dropout: float | None = None):
+    """A local HF folder, never the Hub. A folder that is not a loadable model is one line."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
+
+    from trainer.offline import NetworkBlocked
 
     hf_logging.disable_progress_bar()  # a "Loading weights" bar on stderr would bury a one-line error
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UserError(f"model.path={str(path)!r} holds no HF model (config.json missing); run `just vendor` "
                         "(or `just vendor --fixture` for a tiny test model) or point model.path at a local folder")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # "Loading weights" bars would land in stderr next to real errors
+    if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
+        raise UserError(f"model.path={str(path)!r} has a config.json but no weights (*.safetensors); copy the "
+                        "model's weight files there or run `just vendor` again")
     kwargs = {}
     if dropout is not None:
         kwargs = dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
-    return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kwargs)
+    except NetworkBlocked:
+        raise
+    except Exception as e:  # transformers raises OSError, ValueError, KeyError... for a broken folder
+        raise UserError(f"model.path={str(path)!r} cannot be loaded ({e.__class__.__name__}: {e}); check its "
+                        "config.json and weight files, or run `just vendor` again") from None
 
 
 def add_lora(model, model_cfg):
+    import warnings
+
     from peft import LoraConfig, get_peft_model
 
+    targets = list(model_cfg.lora_targets)
+    leaves = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if not list(module.children())}
+    unknown = [t for t in targets if t not in leaves]
+    if unknown:
+        raise UserError(f"model.lora_targets names {', '.join(unknown)}, which the model at {model_cfg.path} does "
+                        f"not have; its layers are {', '.join(sorted(leaves))}")
     config = LoraConfig(r=model_cfg.lora_r, lora_alpha=model_cfg.lora_alpha, lora_dropout=model_cfg.lora_dropout,
-                        target_modules=list(model_cfg.lora_targets), task_type="CAUSAL_LM",
+                        target_modules=targets, task_type="CAUSAL_LM",
                         fan_in_fan_out=True)  # GPT-2's Conv1D stores weights as (in, out)
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing`; nothing for a user to act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def is_peft(model) -> bool:
@@ -109,29 +124,53 @@ def count_parameters(model) -> tuple[int, int]:
     return total, sum(p.numel() for p in trainable_parameters(model))
 
 
+EXPORT_INFO = "airlock.json"  # marks a folder as an Airlock export and names its run
+
+
+def check_export_target(out: str | Path, run: str) -> Path:
+    """An export may create `out` or replace an earlier export of the same run; anything
+    else there (a file, someone's folder, another run's export) is refused, never deleted."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"export destination {out} is a file; pass a folder path with --out")
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            owner = json.loads((out / EXPORT_INFO).read_text()).get("run")
+        except (OSError, ValueError, AttributeError):
+            owner = None
+        if owner != run:
+            what = f"an export of run {owner!r}" if owner else f"not an Airlock export (no {EXPORT_INFO})"
+            raise UserError(f"export destination {out} is not empty and is {what}; Airlock replaces only an "
+                            f"earlier export of run {run!r}: pass an empty or new folder with --out")
+    return out
+
+
 def export(model, tokenizer, out: str | Path, merge: bool = False, extra: dict | None = None) -> Path:
     """Write an HF folder: AutoModelForCausalLM loads it (or PeftModel, for an unmerged
-    adapter). Written to out.tmp and renamed, so a half-written export never replaces a good one."""
-    from trainer.tokenizer import to_hf
-
+    adapter). Built beside `out` and swapped in, so a half-written export never replaces a
+    good one; `out` may only be new, empty, or an earlier export of the same run."""
     from transformers.utils import logging as hf_logging
 
+    from trainer import atomic
+    from trainer.tokenizer import to_hf
+
     hf_logging.disable_progress_bar()  # "Writing model shards" bars would clutter train.log
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    info = {"format": "peft-adapter" if is_peft(model) and not merge else "transformers", **(extra or {})}
+    out = check_export_target(out, info.get("run", ""))
     target = model
     if is_peft(model) and merge:
         import copy
 
         target = copy.deepcopy(model).merge_and_unload()
-    target.save_pretrained(str(tmp), safe_serialization=True)
-    to_hf(tokenizer).save_pretrained(str(tmp))
-    info = {"format": "peft-adapter" if is_peft(target) else "transformers", **(extra or {})}
-    (tmp / "airlock.json").write_text(json.dumps(info, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    try:
+        with atomic.staging_dir(out) as tmp:
+            target.save_pretrained(str(tmp), safe_serialization=True)
+            to_hf(tokenizer).save_pretrained(str(tmp))
+            (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+            atomic.replace_dir(tmp, out)
+    except OSError as e:
+        raise UserError(f"cannot write the export to {out} ({e.strerror or e}); free disk space or pass another "
+                        "folder with --out") from None
     return out
 
 

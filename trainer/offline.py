@@ -215,22 +215,30 @@ def doctor(cfg) -> int:
     install_guard()
     report(guard_active(), "socket guard", "installed: non-loopback connections raise")
     print("assets (loaded under the guard):")
+    tok = None
     try:
-        path = data.find_prepared(cfg.data)
-        meta = data.read_meta(path)
-        report(True, "data", f"{path}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, "
-                             f"{meta['tokenizer']} vocab {meta['vocab_size']}")
-        tok = tk.load(path)
-        report(True, "tokenizer", f"{path / tk.TOKENIZER_FILE}: {tok.get_vocab_size()} tokens")
-    except (UserError, OSError, ValueError) as e:
-        report(False, "data", f"{e} (run `trainer prepare --config ...`)")
-        tok = None
-        if cfg.data.tokenizer == "gpt2":
-            try:
-                tok = tk.load_gpt2(cfg.data.tokenizer_path)
-                report(True, "tokenizer", f"gpt2 from local files: {tok.get_vocab_size()} tokens")
-            except (UserError, NetworkBlocked) as e2:
-                report(False, "tokenizer", str(e2))
+        path = data.find_prepared(cfg.data)  # train's own matching: a folder with other settings fails here
+        if (path / "meta.json").is_file():
+            meta = data.read_meta(path)
+            report(True, "data", f"{path}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, "
+                                 f"{meta['tokenizer']} vocab {meta['vocab_size']}")
+            tok = tk.load(path)
+            report(True, "tokenizer", f"{path / tk.TOKENIZER_FILE}: {tok.get_vocab_size()} tokens")
+        else:
+            found = cfg.data.source == data.STDLIB or os.path.exists(cfg.data.source)
+            report(found, "data", f"{path} not prepared yet: the first `trainer train` with this config prepares it "
+                                  f"from data.source={cfg.data.source!r}" + ("" if found else ", which does not exist")
+                                  + " (or run `trainer prepare` with this config now)")
+    except UserError as e:
+        report(False, "data", str(e))
+    except (OSError, ValueError) as e:
+        report(False, "data", f"{e} (run `trainer prepare` with this config)")
+    if tok is None and cfg.data.tokenizer == "gpt2":
+        try:
+            tok = tk.load_gpt2(cfg.data.tokenizer_path)
+            report(True, "tokenizer", f"gpt2 from local files: {tok.get_vocab_size()} tokens")
+        except (UserError, NetworkBlocked) as e2:
+            report(False, "tokenizer", str(e2))
     if cfg.model.type == "gpt2":
         try:
             m = models.load_pretrained(cfg.model.path)

@@ -1,12 +1,9 @@
-"""Device, dtype, seeding, RNG capture/restore and the stop-signal flag."""
+"""Device, dtype, seeding and RNG capture/restore (the stop-signal flag is trainer.signals)."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import random
-import signal
-import sys
 
 import numpy as np
 import torch
@@ -61,30 +58,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class StopFlag:
-    """SIGTERM/SIGINT ask the loop to finish its step and save; a second signal exits at once."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def __bool__(self) -> bool:
-        return self.signal is not None
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal is not None:
-            print(f"\nsecond {signal.Signals(signum).name}: exiting now without saving", file=sys.stderr, flush=True)
-            os._exit(128 + signum)
-        self.signal = signum
-        print(f"\n{signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
-              "(send it again to exit at once)", file=sys.stderr, flush=True)
-
-    def install(self) -> "StopFlag":
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+def pin_threads(requested: int) -> int:
+    """Set torch's intra-op threads (0 = keep torch's default) -> the count in use. The count
+    changes float reductions, so a run records it and a resume restores it (bit-exactness)."""
+    threads = requested or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return threads

@@ -25,11 +25,12 @@ import torch.nn.functional as F
 
 from trainer import checkpoint as ckpt
 from trainer import config as configs
-from trainer import data, metrics, offline, runtime
+from trainer import atomic, data, metrics, offline, runtime
 from trainer import model as models
 from trainer import tokenizer as tk
 from trainer.errors import UserError
 from trainer.generate import sample_text
+from trainer.signals import STOP, Stopped
 
 log = logging.getLogger("trainer")
 
@@ -118,12 +119,6 @@ def _git_commit() -> str | None:
         return None
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def _fmt_eta(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
@@ -131,18 +126,34 @@ def _fmt_eta(seconds: float) -> str:
 
 
 def train(cfg, resume_dir: Path | None = None) -> dict:
-    """Run (or continue) training. -> summary dict with the final step, losses and weights sha256."""
+    """Run (or continue) training. -> summary dict with the final step, losses and weights sha256.
+    The run is locked for the whole call: a second writer of the same run is refused."""
     ckpt_dir, metrics_dir = run_dirs(cfg)
+    _check_writable(ckpt_dir, "checkpoint directory")
+    _check_writable(metrics_dir, "metrics directory")
+    try:
+        with ckpt.lock_run(ckpt_dir):
+            return _train(cfg, resume_dir, ckpt_dir, metrics_dir)
+    except Stopped as e:  # start-up is not a safe point to save at, and nothing needs saving yet
+        log.info(f"stopped by {e} during start-up, before any step ran: nothing was saved or changed; "
+                 "run the same command again to start")
+        return {"run": cfg.run.name, "stopped": True, "step": None}
+
+
+def _train(cfg, resume_dir: Path | None, ckpt_dir: Path, metrics_dir: Path) -> dict:
     if resume_dir is None and ckpt.latest_name(ckpt_dir) is not None:
         raise UserError(f"run {cfg.run.name!r} already has checkpoints in {ckpt_dir}; continue it with "
                         f"`trainer resume --run {cfg.run.name}` or pick a new run.name")
-    _check_writable(ckpt_dir, "checkpoint directory")
-    _check_writable(metrics_dir, "metrics directory")
     metrics.setup_logging(metrics_dir / "train.log")
     if cfg.run.offline:
         offline.go_offline()
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
+    # the thread count changes the float reductions, so it is part of the run: recorded in the
+    # config (0 becomes the count actually used) and restored by a resume
+    threads = runtime.pin_threads(cfg.run.threads)
+    cfg = cfg.replace(run=dataclasses.replace(cfg.run, threads=threads))
+    if threads > (os.cpu_count() or threads):
+        log.warning(f"run.threads={threads} but this host has {os.cpu_count()} CPUs: kept so that the run stays "
+                    "bit-exact (slower); pass --run.threads=N to trade exactness for speed")
     device = runtime.pick_device(cfg.run.device)
 
     prepared = data.find_prepared(cfg.data)
@@ -150,9 +161,8 @@ def train(cfg, resume_dir: Path | None = None) -> dict:
         log.info(f"prepared data {prepared} not found: preparing it now")
         data.prepare(cfg.data, log=log.info)
     meta = data.read_meta(prepared)
-    if meta["tokenizer"] != cfg.data.tokenizer:
-        raise UserError(f"{prepared} was prepared with tokenizer {meta['tokenizer']!r} but data.tokenizer="
-                        f"{cfg.data.tokenizer!r}; set data.name to a new folder or re-run `trainer prepare`")
+    if resume_dir is not None:
+        check_same_data(resume_dir, prepared, meta, cfg.run.name)
     tok = tk.load(prepared)
     tok_json = (prepared / tk.TOKENIZER_FILE).read_bytes()
 
@@ -180,12 +190,11 @@ def train(cfg, resume_dir: Path | None = None) -> dict:
              f"({trainable:,} trainable), vocab {meta['vocab_size']}, block {block_size}, device {device}; "
              f"{t.max_steps} steps x {t.batch_size * t.grad_accum} sequences; grad clip {clip}")
     run_info = provenance(cfg, meta, device, cfg.model)
-    _write_json(metrics_dir / "manifest.json", run_info)
+    atomic.write_json(metrics_dir / "manifest.json", run_info)
     (ckpt_dir / ckpt.CONFIG).write_text(cfg.to_yaml())
     (metrics_dir / ckpt.CONFIG).write_text(cfg.to_yaml())
 
     rows = metrics.Metrics(metrics_dir, resume_step=start_step)
-    stop = runtime.StopFlag().install()
     tokens_per_step = t.batch_size * t.grad_accum * block_size
     recent = deque(tracker["recent"], maxlen=20)
     progress = None
@@ -207,7 +216,8 @@ def train(cfg, resume_dir: Path | None = None) -> dict:
                  ckpt.SCHEDULER: {"step": step, "lr": lr_at(max(step, 1), t)}, ckpt.TRACKER: dict(tracker)}
         trainer_state = {"step": step, "max_steps": t.max_steps, "reason": reason, "train_loss": now,
                          "val_loss": tracker.get("last_val"), "best_val": tracker["best_val"],
-                         "tokens": tracker["tokens"], "run": cfg.run.name, "saved_at": time.time()}
+                         "tokens": tracker["tokens"], "run": cfg.run.name, "saved_at": time.time(),
+                         ckpt.DATA: meta["sha256"], ckpt.THREADS: cfg.run.threads}
         files = ckpt.serialize(model, optimizer, state, trainer_state, cfg.to_yaml(),
                                extra_files={ckpt.TOKENIZER: tok_json})
         first, last = tracker["first_loss"], tracker["last_ckpt_loss"]
@@ -223,110 +233,141 @@ def train(cfg, resume_dir: Path | None = None) -> dict:
     t0 = time.time()
     window_t, window_steps = time.time(), 0
     step = start_step
-    try:
-        while step < t.max_steps:
-            step += 1
-            lr = lr_at(step, t)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = 0.0
-            for micro in range(t.grad_accum):
-                x, y = batches.get_batch("train", step, micro)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with runtime.autocast(device):
-                    loss = lm_loss(model, x, y) / t.grad_accum
-                loss.backward()
-                loss_sum += loss.item()
-            if not math.isfinite(loss_sum):  # before the update: the weights on disk and in memory stay finite
-                raise UserError(f"loss is {loss_sum} at step {step}; lower train.lr, check the data, or check that "
-                                "the tokenizer's vocab matches the model (see README, Troubleshooting)")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item() if clip > 0 else None
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            tracker["tokens"] += tokens_per_step
-            if tracker["first_loss"] is None:
-                tracker["first_loss"] = loss_sum
-            recent.append(loss_sum)
+    # from here a signal only sets STOP: the step finishes, a checkpoint is saved, exit 0
+    with STOP.polling("finishing this step and saving a checkpoint"):
+        try:
+            while step < t.max_steps:
+                step += 1
+                lr = lr_at(step, t)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum = 0.0
+                for micro in range(t.grad_accum):
+                    x, y = batches.get_batch("train", step, micro)
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    with runtime.autocast(device):
+                        loss = lm_loss(model, x, y) / t.grad_accum
+                    loss.backward()
+                    loss_sum += loss.item()
+                if not math.isfinite(loss_sum):  # before the update: the weights on disk and in memory stay finite
+                    raise UserError(f"loss is {loss_sum} at step {step}; lower train.lr, check the data, or check that "
+                                    "the tokenizer's vocab matches the model (see README, Troubleshooting)")
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item() if clip > 0 else None
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                tracker["tokens"] += tokens_per_step
+                if tracker["first_loss"] is None:
+                    tracker["first_loss"] = loss_sum
+                recent.append(loss_sum)
 
-            val = None
-            if (t.eval_interval and step % t.eval_interval == 0) or step == t.max_steps:
-                val = estimate_loss(model, batches, t.eval_iters, device)
-                tracker["last_val"] = val
-            window_steps += 1
-            elapsed = time.time() - window_t
-            rate = window_steps / elapsed if elapsed > 0 else 0.0
-            rows.log({"step": step, "loss": round(loss_sum, 6), "val_loss": None if val is None else round(val, 6),
-                      "lr": lr, "grad_norm": None if grad_norm is None else round(grad_norm, 4),
-                      "tokens": tracker["tokens"], "tok_per_s": round(rate * tokens_per_step, 1),
-                      "samples_per_s": round(rate * t.batch_size * t.grad_accum, 2),
-                      "elapsed_s": round(time.time() - t0, 2)})
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss_sum:.4f}")
-            if step % t.log_interval == 0 or step == t.max_steps or val is not None:
-                eta = (t.max_steps - step) / rate if rate else 0
-                vs = f"{val:.4f}" if val is not None else "-"
-                line = (f"step {step}/{t.max_steps} | loss {loss_sum:.4f} | val {vs} | lr {lr:.2e} | "
-                        f"tok/s {rate * tokens_per_step:,.0f} | samples/s {rate * t.batch_size * t.grad_accum:.1f}"
-                        f" | ETA {_fmt_eta(eta)}")
+                val = None
+                if (t.eval_interval and step % t.eval_interval == 0) or step == t.max_steps:
+                    val = estimate_loss(model, batches, t.eval_iters, device)
+                    tracker["last_val"] = val
+                window_steps += 1
+                elapsed = time.time() - window_t
+                rate = window_steps / elapsed if elapsed > 0 else 0.0
+                rows.log({"step": step, "loss": round(loss_sum, 6), "val_loss": None if val is None else round(val, 6),
+                          "lr": lr, "grad_norm": None if grad_norm is None else round(grad_norm, 4),
+                          "tokens": tracker["tokens"], "tok_per_s": round(rate * tokens_per_step, 1),
+                          "samples_per_s": round(rate * t.batch_size * t.grad_accum, 2),
+                          "elapsed_s": round(time.time() - t0, 2)})
                 if progress is not None:
-                    with progress.external_write_mode():
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{loss_sum:.4f}")
+                if step % t.log_interval == 0 or step == t.max_steps or val is not None:
+                    eta = (t.max_steps - step) / rate if rate else 0
+                    vs = f"{val:.4f}" if val is not None else "-"
+                    line = (f"step {step}/{t.max_steps} | loss {loss_sum:.4f} | val {vs} | lr {lr:.2e} | "
+                            f"tok/s {rate * tokens_per_step:,.0f} | samples/s {rate * t.batch_size * t.grad_accum:.1f}"
+                            f" | ETA {_fmt_eta(eta)}")
+                    if progress is not None:
+                        with progress.external_write_mode():
+                            log.info(line)
+                    else:
                         log.info(line)
-                else:
-                    log.info(line)
-                window_t, window_steps = time.time(), 0
+                    window_t, window_steps = time.time(), 0
 
-            best_improved = val is not None and (tracker["best_val"] is None or val < tracker["best_val"])
-            if best_improved:
-                tracker["best_val"] = val
-            periodic = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
-            if stop or periodic or step == t.max_steps:
-                reason = (f"signal {stop.signal}" if stop else "end" if step == t.max_steps else "interval")
-                # best/ is the best of the saved checkpoints: those whose step was also evaluated
-                is_best = cfg.checkpoint.best and val is not None and val == tracker["best_val"]
-                save(step, reason, {"step": step, "val_loss": val} if is_best else None)
-            if stop:
-                saver.close()
-                rows.close()
-                name = ckpt.latest_name(ckpt_dir)
-                log.info(f"stopped at step {step}/{t.max_steps} by signal {stop.signal}; checkpoint "
-                         f"{ckpt_dir / name if name else '(checkpoints disabled)'}; "
-                         f"resume with: trainer resume --run {cfg.run.name}")
-                return {"step": step, "stopped": True, "run": cfg.run.name}
-    finally:
-        saver.close()  # a pending write finishes (or raises its error) before anything else
-        stop.uninstall()
-        if progress is not None:
-            progress.close()
+                best_improved = val is not None and (tracker["best_val"] is None or val < tracker["best_val"])
+                if best_improved:
+                    tracker["best_val"] = val
+                periodic = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
+                if STOP or periodic or step == t.max_steps:
+                    reason = (f"signal {STOP.name}" if STOP else "end" if step == t.max_steps else "interval")
+                    # best/ is the best of the saved checkpoints: those whose step was also evaluated
+                    is_best = cfg.checkpoint.best and val is not None and val == tracker["best_val"]
+                    save(step, reason, {"step": step, "val_loss": val} if is_best else None)
+                if STOP:
+                    saver.close()
+                    rows.close()
+                    name = ckpt.latest_name(ckpt_dir)
+                    log.info(f"stopped at step {step}/{t.max_steps} by {STOP.name}; checkpoint "
+                             f"{ckpt_dir / name if name else '(checkpoints disabled)'}; "
+                             f"resume with: trainer resume --run {cfg.run.name}")
+                    return {"step": step, "stopped": True, "run": cfg.run.name}
+        finally:
+            saver.close()  # a pending write finishes (or raises its error) before anything else
+            if progress is not None:
+                progress.close()
 
-    rows.close()
-    tracker["recent"] = list(recent)
-    unwrapped = getattr(model, "_orig_mod", model)
-    summary = finish(cfg, unwrapped, tok, ckpt_dir, metrics_dir, device, step, tracker, run_info)
-    return summary
+        rows.close()
+        tracker["recent"] = list(recent)
+        unwrapped = getattr(model, "_orig_mod", model)
+        return finish(cfg, unwrapped, tok, ckpt_dir, metrics_dir, device, step, tracker, run_info)
 
 
 def finish(cfg, model, tok, ckpt_dir: Path, metrics_dir: Path, device, step: int, tracker: dict,
            run_info: dict) -> dict:
-    """End of run: plot, sample, export final/, print the weights sha256."""
-    sha = models.weights_sha256(model)
-    metrics.plot_loss(metrics_dir)
-    if cfg.train.sample_at_end:
-        text = sample(cfg, model, tok, device)
-        (metrics_dir / "samples.txt").write_text(text + "\n")
-        log.info(f"sample ({cfg.sample.max_new_tokens} new tokens, temperature {cfg.sample.temperature}, "
-                 f"top-k {cfg.sample.top_k}):\n{text}\n")
-    if cfg.train.export_at_end and cfg.checkpoint.enabled:
-        models.export(model, tok, ckpt_dir / "final",
-                      extra={"run": cfg.run.name, "step": step, "weights_sha256": sha,
-                             "fixture": run_info.get("weights", {}).get("fixture", False)})
-    summary = {"run": cfg.run.name, "step": step, "train_loss": tracker["recent"][-1] if tracker["recent"] else None,
-               "val_loss": tracker.get("last_val"), "best_val": tracker["best_val"], "weights_sha256": sha}
-    _write_json(metrics_dir / "summary.json", summary)
+    """End of run: plot, sample, export final/, summary.json, the weights sha256. The checkpoint
+    of the last step is already saved: a signal here skips what is left, and `trainer resume`
+    does it later (see `run_complete`)."""
+    with STOP.polling("skipping the rest of the end-of-run work (`trainer resume` completes it)"):
+        sha = models.weights_sha256(model)
+        metrics.plot_loss(metrics_dir)
+        if cfg.train.sample_at_end and not STOP:
+            text = sample(cfg, model, tok, device)
+            atomic.write_bytes(metrics_dir / "samples.txt", (text + "\n").encode())
+            log.info(f"sample ({cfg.sample.max_new_tokens} new tokens, temperature {cfg.sample.temperature}, "
+                     f"top-k {cfg.sample.top_k}):\n{text}\n")
+        if cfg.train.export_at_end and cfg.checkpoint.enabled and not STOP:
+            models.export(model, tok, ckpt_dir / "final",
+                          extra={"run": cfg.run.name, "step": step, "weights_sha256": sha,
+                                 "fixture": run_info.get("weights", {}).get("fixture", False)})
+        if STOP:
+            log.info(f"stopped by {STOP.name} during the end-of-run work; the checkpoint of step {step} is saved; "
+                     f"`trainer resume --run {cfg.run.name}` writes the sample, final/ and summary.json")
+            return {"run": cfg.run.name, "step": step, "stopped": True}
+        summary = {"run": cfg.run.name, "step": step,
+                   "train_loss": tracker["recent"][-1] if tracker["recent"] else None,
+                   "val_loss": tracker.get("last_val"), "best_val": tracker["best_val"], "weights_sha256": sha}
+        atomic.write_json(metrics_dir / "summary.json", summary)  # last: its presence means the run is complete
     log.info(f"done: {cfg.run.name} step {step}, val loss {tracker.get('last_val')}, "
              f"metrics in {metrics_dir}, checkpoints in {ckpt_dir}")
     log.info(f"weights sha256: {sha}")
     return summary
+
+
+def run_complete(cfg, step: int) -> bool:
+    """True when the end-of-run work for `step` is done: summary.json names it (written last)."""
+    try:
+        return json.loads((run_dirs(cfg)[1] / "summary.json").read_text()).get("step") == step
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_same_data(step_dir: Path, prepared: Path, meta: dict, run: str) -> None:
+    """A resume must read the tokens and tokenizer the checkpoint was trained on."""
+    saved = ckpt.read_trainer_state(step_dir).get(ckpt.DATA)
+    if saved is None:
+        log.warning(f"{step_dir} predates data fingerprints: cannot check that {prepared} is the data it was "
+                    "trained on")
+        return
+    now = meta.get("sha256", {})
+    differ = [name for name in sorted(set(saved) | set(now)) if saved.get(name) != now.get(name)]
+    if differ:
+        raise UserError(f"prepared data {prepared} is not what run {run} was trained on ({', '.join(differ)} "
+                        "differ from the checkpoint's sha256); re-prepare it from the run's original source and "
+                        "settings, or start a new run with `trainer train`")
 
 
 def sample(cfg, model, tok, device) -> str:
@@ -370,17 +411,27 @@ def resume_command(run: str | None = None, checkpoint: str | None = None, extra_
     if step_dir.name.startswith("iter_"):
         raise UserError(f"{step_dir} is a GRPO iteration; continue that run with "
                         f"`trainer grpo --resume {step_dir.parent.name}`")
-    saved = configs.from_dict(yaml.safe_load(ckpt.read_config(step_dir)))
+    saved = configs.from_dict(yaml.safe_load(ckpt.read_config(step_dir)), f"{step_dir / ckpt.CONFIG}")
     cfg = configs.build(base=saved.to_dict(), overrides=overrides)
     changed = configs.changed_frozen_keys(saved, cfg)
     if changed:
-        raise UserError(f"cannot change {', '.join(changed)} on resume: the checkpoint's weights and token ids "
-                        "depend on them; start a new run (trainer train --run.name NEW) instead")
+        raise UserError(f"cannot change {', '.join(changed)} on resume: the checkpoint's weights, token ids and "
+                        "batches depend on them; start a new run (trainer train --run.name NEW) instead")
     cfg = cfg.replace(run=ckpt.run_config_for(step_dir, cfg.run))
     step = ckpt.read_trainer_state(step_dir)["step"]
+    if extra_steps < 0:
+        raise UserError(f"--extra_steps={extra_steps} must not be negative")
     if extra_steps:
-        cfg = cfg.replace(train=dataclasses.replace(cfg.train, max_steps=step + int(extra_steps)))
-    if step >= cfg.train.max_steps:
+        cfg = cfg.replace(train=dataclasses.replace(cfg.train, max_steps=step + extra_steps))
+    inexact = configs.changed_keys(saved, cfg, configs.INEXACT_ON_RESUME)
+    if cfg.train.schedule == "constant":
+        inexact.pop("train.max_steps", None)  # only the cosine schedule depends on the length
+    if inexact:
+        log.warning("resuming with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in inexact.items())
+                    + ": the run goes on, but no longer bit-exactly as an uninterrupted run would")
+    if step >= cfg.train.max_steps and run_complete(cfg, step):
         raise UserError(f"run {cfg.run.name} already reached step {step} of train.max_steps={cfg.train.max_steps}; "
                         "pass --train.max_steps=N (larger) or --extra_steps=N to train further")
+    if step >= cfg.train.max_steps:
+        log.info(f"run {cfg.run.name} reached step {step} but its end-of-run work is missing: completing it")
     return train(cfg, resume_dir=step_dir)

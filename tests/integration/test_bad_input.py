@@ -1,8 +1,10 @@
-"""The bad-input table (issue 2, item 10), through the real CLI in subprocesses.
+"""The bad-input table, through the real CLI in subprocesses.
 
-Every user mistake below exits 2 with exactly one non-empty line on stderr that names the
-file, key or value at fault, shows no traceback (`--debug` does), and leaves every file that
-was already on disk (a finished run's checkpoints, prepared data) byte-identical. A disk
+Every user mistake below, and every damaged file read back from a checkpoint or a prepared
+folder, exits 2 with exactly one non-empty line on stderr that names the file, key or value
+at fault, shows no traceback (`--debug` does), writes no checkpoint, and leaves every file
+that was already on disk (a finished run's checkpoints, prepared data, a user's folder)
+byte-identical. Command arguments are checked like config keys. A disk
 that fills up during a save fails the same way and keeps the older checkpoint valid and
 named by `latest` (on a real, small tmpfs; skipped where mounting is not permitted).
 """
@@ -29,9 +31,9 @@ BASE = {"train.max_steps": 4, "checkpoint.interval": 2, "train.eval_interval": 0
 
 
 def digest(root: Path) -> dict[str, str]:
-    """sha256 of every file under root, by relative path."""
+    """sha256 of every file under root, by relative path; run locks name their last holder."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 def assert_bad_input(proc: subprocess.CompletedProcess, *names: str) -> str:
@@ -205,11 +207,150 @@ def prepared_dir_under_file(ws, tmp, corpus):
     return argv, {}, [str(ws / "a_file" / "prepared")]
 
 
+def bad_sample_value_in_train(ws, tmp, corpus):
+    # used only by the end-of-run sample, so it must be refused before step 1, not after the last
+    return _train(ws, corpus, "e1", **{"sample.top_k": -5}), {}, ["sample.top_k", "-5"]
+
+
+def negative_threads(ws, tmp, corpus):
+    return _train(ws, corpus, "e2", **{"run.threads": -2}), {}, ["run.threads", "-2"]
+
+
+def repeated_override(ws, tmp, corpus):
+    return [*_train(ws, corpus, "e3"), "--train.max_steps=3", "--train.max_steps=5"], {}, ["train.max_steps", "twice"]
+
+
+def stray_positional(ws, tmp, corpus):
+    return [*_train(ws, corpus, "e4"), "leftover"], {}, ["leftover"]
+
+
+def resume_non_numeric_extra_steps(ws, tmp, corpus):
+    return ["resume", "--run=base", f"--run.out_dir={ws}/volumes", "--extra_steps=abc"], {}, ["extra_steps", "abc"]
+
+
+def sample_non_numeric_tokens(ws, tmp, corpus):
+    return ["sample", "--run=base", f"--out_dir={ws}/volumes", "--max_new_tokens=abc"], {}, ["max_new_tokens", "abc"]
+
+
+def sample_negative_top_k(ws, tmp, corpus):
+    return ["sample", "--run=base", f"--out_dir={ws}/volumes", "--top_k=-5"], {}, ["top_k", "-5"]
+
+
+def lora_targets_not_in_model(ws, tmp, corpus, gpt2_dir):
+    argv = _train(ws, corpus, "e5", **{"model.type": "gpt2", "model.path": gpt2_dir, "data.tokenizer": "gpt2",
+                                       "model.lora": "true", "model.lora_targets": "q_proj,v_proj"})
+    return argv, {}, ["model.lora_targets", "q_proj"]
+
+
+def model_folder_without_weights(ws, tmp, corpus, gpt2_dir):
+    (tmp / "noweights").mkdir()
+    shutil.copy(Path(gpt2_dir) / "config.json", tmp / "noweights" / "config.json")
+    argv = _train(ws, corpus, "e6", **{"model.type": "gpt2", "model.path": tmp / "noweights", "data.tokenizer": "gpt2"})
+    return argv, {}, [str(tmp / "noweights"), "weights"]
+
+
+def model_folder_broken_config(ws, tmp, corpus, gpt2_dir):
+    shutil.copytree(gpt2_dir, tmp / "broken")
+    (tmp / "broken" / "config.json").write_text('{"model_type": "gpt2", "n_layer": ')
+    argv = _train(ws, corpus, "e7", **{"model.type": "gpt2", "model.path": tmp / "broken", "data.tokenizer": "gpt2"})
+    return argv, {}, [str(tmp / "broken")]
+
+
+def odd_length_bin(ws, tmp, corpus):
+    (tmp / "odd.bin").write_bytes(np.arange(400, dtype=np.uint16).tobytes() + b"\x01")
+    argv = ["prepare", f"--data.source={tmp}/odd.bin", "--data.tokenizer=gpt2", f"--data.prepared_dir={ws}/prepared"]
+    return argv, {}, ["odd.bin"]
+
+
+def export_onto_a_file(ws, tmp, corpus):
+    return ["export", "--run=base", f"--out_dir={ws}/volumes", f"--out={ws}/a_file"], {}, [str(ws / "a_file")]
+
+
+def export_onto_a_users_folder(ws, tmp, corpus):
+    (ws / "my_models").mkdir()
+    (ws / "my_models" / "notes.txt").write_text("mine\n")
+    return ["export", "--run=base", f"--out_dir={ws}/volumes", f"--out={ws}/my_models"], {}, [str(ws / "my_models")]
+
+
+def resume_on_changed_data(ws, tmp, corpus):
+    """The prepared folder re-made from edited text: same name, same settings, other tokens."""
+    def point_at_this_copy(step_dir):  # the run's config names the original workspace's data
+        text = (step_dir / ckpt.CONFIG).read_text()
+        (step_dir / ckpt.CONFIG).write_text(text.replace(str(ws_original(ws) / "prepared"), str(ws / "prepared")))
+    _damage_every_checkpoint(ws, point_at_this_copy)
+    prepared = next((ws / "prepared").iterdir())
+    tokens = np.fromfile(prepared / "train.bin", dtype=np.uint16)
+    tokens[:50] = tokens[50:100]
+    tokens.tofile(prepared / "train.bin")
+    meta = json.loads((prepared / "meta.json").read_text())
+    meta["sha256"]["train.bin"] = hashlib.sha256((prepared / "train.bin").read_bytes()).hexdigest()
+    (prepared / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return ["resume", "--run=base", f"--run.out_dir={ws}/volumes", "--extra_steps=2"], {}, [str(prepared), "train.bin"]
+
+
+def ws_original(ws: Path) -> Path:
+    """The workspace a case's copy was made from (its runs' configs name it)."""
+    config = (ws / "volumes" / "checkpoints" / "base" / "step_000004" / ckpt.CONFIG).read_text()
+    return Path(next(line.split(": ", 1)[1].strip().strip("'") for line in config.splitlines()
+                     if line.strip().startswith("prepared_dir:"))).parent
+
+
+def rewrite_manifest(step_dir: Path) -> None:
+    """Make MANIFEST.json agree with the files as they are now: damage a hash check cannot see."""
+    manifest = json.loads((step_dir / ckpt.MANIFEST).read_text())
+    for name in manifest["files"]:
+        data = (step_dir / name).read_bytes()
+        manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (step_dir / ckpt.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _damage_every_checkpoint(ws, damage) -> None:
+    run = ws / "volumes" / "checkpoints" / "base"
+    for step_dir in sorted(run.glob("step_*")):
+        damage(step_dir)
+        rewrite_manifest(step_dir)
+
+
+def checkpoint_state_with_code(ws, tmp, corpus):
+    # a pickle that would call os.system on load: GLOBAL 'os system', a string, REDUCE
+    evil = b"cos\nsystem\n(S'touch " + str(tmp / "pwned").encode() + b"'\ntR."
+    _damage_every_checkpoint(ws, lambda d: (d / ckpt.STATE).write_bytes(evil))
+    return ["resume", "--run=base", f"--run.out_dir={ws}/volumes", "--extra_steps=2"], {}, ["base", ckpt.STATE]
+
+
+def checkpoint_config_with_python_tag(ws, tmp, corpus):
+    tag = f"!!python/object/apply:os.system ['touch {tmp}/pwned']\n"
+    _damage_every_checkpoint(ws, lambda d: (d / ckpt.CONFIG).write_text(tag))
+    return ["sample", "--run=base", f"--out_dir={ws}/volumes"], {}, ["base", ckpt.CONFIG]
+
+
+def checkpoint_truncated_weights(ws, tmp, corpus):
+    def cut(d):
+        data = (d / ckpt.MODEL).read_bytes()
+        (d / ckpt.MODEL).write_bytes(data[: len(data) // 2])
+    _damage_every_checkpoint(ws, cut)
+    return ["export", "--run=base", f"--out_dir={ws}/volumes"], {}, ["base", ckpt.MODEL]
+
+
+def checkpoint_empty_manifest_and_bad_latest(ws, tmp, corpus):
+    run = ws / "volumes" / "checkpoints" / "base"
+    for step_dir in run.glob("step_*"):
+        (step_dir / ckpt.MANIFEST).write_text('{"format_version": 1, "files": {}}\n')
+    (run / ckpt.LATEST).write_bytes(b"step_\xff\xfe\n")
+    return ["resume", "--run=base", f"--run.out_dir={ws}/volumes", "--extra_steps=2"], {}, ["base", "MANIFEST"]
+
+
 CASES = [missing_config, malformed_yaml, yaml_list, unknown_cli_key, unknown_yaml_key, unknown_section,
          unknown_env_key, unknown_env_section, wrong_type_cli, wrong_type_env, wrong_type_yaml,
          missing_corpus, blank_corpus, empty_folder, short_corpus, not_utf8, broken_jsonl, jsonl_no_field,
          token_ids_over_vocab, model_vocab_too_small, resume_no_runs, resume_only_checkpoint_corrupt,
-         resume_changed_architecture, out_dir_under_file, prepared_dir_under_file]
+         resume_changed_architecture, out_dir_under_file, prepared_dir_under_file,
+         bad_sample_value_in_train, negative_threads, repeated_override, stray_positional,
+         resume_non_numeric_extra_steps, sample_non_numeric_tokens, sample_negative_top_k, lora_targets_not_in_model,
+         model_folder_without_weights, model_folder_broken_config, odd_length_bin, export_onto_a_file,
+         export_onto_a_users_folder, resume_on_changed_data, checkpoint_state_with_code,
+         checkpoint_config_with_python_tag, checkpoint_truncated_weights, checkpoint_empty_manifest_and_bad_latest]
+NEEDS_GPT2 = (lora_targets_not_in_model, model_folder_without_weights, model_folder_broken_config)
 
 
 @pytest.fixture(scope="module")
@@ -225,9 +366,10 @@ def launched(request, workspace, corpus_dir, tmp_path_factory) -> dict:
     for case in slow_first:
         ws = tmp_path_factory.mktemp(case.__name__)
         shutil.copytree(workspace, ws, dirs_exist_ok=True)
-        extra = [request.getfixturevalue("small_vocab_model")] if case is model_vocab_too_small else []
+        extra = [request.getfixturevalue("small_vocab_model")] if case is model_vocab_too_small else \
+            [request.getfixturevalue("gpt2_dir")] if case in NEEDS_GPT2 else []
         argv, env, names = case(ws, tmp_path_factory.mktemp(case.__name__ + "-input"), corpus_dir, *extra)
-        before = digest(ws)
+        before = digest(ws)  # after the case set its input up: what the command must leave alone
         proc = pool.submit(run_cli, [str(a) for a in argv], cwd=ws, env=env, check=False)
         started[case] = (proc, ws, names, before)
     yield started
@@ -241,6 +383,9 @@ def test_bad_input(case, launched):
     after = digest(ws)
     damaged = [path for path, sha in before.items() if after.get(path) != sha]
     assert not damaged, f"files changed or removed: {damaged}"
+    new_checkpoints = [p for p in after if p not in before and ("/step_" in p or "/final/" in p)]
+    assert not new_checkpoints, f"a refused command wrote {new_checkpoints}"
+    assert not list(ws.parent.glob("*/pwned")), "a file read back from a checkpoint ran code"
 
 
 def test_debug_shows_the_traceback(workspace, corpus_dir, tmp_path):

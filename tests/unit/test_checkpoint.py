@@ -4,6 +4,9 @@ restores weights and optimizer exactly and never unpickles code."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import pickle
 
 import pytest
@@ -28,16 +31,25 @@ def save(run_dir, step, model, opt, **kw):
                                 {"step": step}, "run: {}\n", **kw)
 
 
+def resign(step_dir, fname):
+    """Rewrite MANIFEST.json to match fname as it is now: only the parser stands in the way."""
+    manifest = json.loads((step_dir / ckpt.MANIFEST).read_text())
+    data = (step_dir / fname).read_bytes()
+    manifest["files"][fname] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (step_dir / ckpt.MANIFEST).write_text(json.dumps(manifest))
+
+
 def test_save_load_round_trip(tmp_path):
     model, opt = tiny()
-    path = save(tmp_path, 3, model, opt)
+    recorded = {ckpt.STEP: 3, ckpt.DATA: {"train.bin": "ab" * 32}, ckpt.THREADS: 2}
+    path = ckpt.save_checkpoint(tmp_path, ckpt.step_name(3), model, opt, recorded, {"step": 3}, "run: {}\n")
     assert path.name == "step_000003" and ckpt.latest_name(tmp_path) == "step_000003"
     assert ckpt.verify(path) is None
     assert not list(tmp_path.glob("*.tmp"))
     other, other_opt = GPT2LMHeadModel(model.config), torch.optim.AdamW(GPT2LMHeadModel(model.config).parameters())
     other_opt = torch.optim.AdamW(other.parameters(), lr=1e-2)
     state = ckpt.load_checkpoint(path, other, other_opt)
-    assert state[ckpt.STEP] == 3
+    assert {k: state[k] for k in recorded} == recorded
     for (k, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
         assert torch.equal(a, b), k
     assert other.lm_head.weight.data_ptr() == other.transformer.wte.weight.data_ptr()  # still tied
@@ -108,27 +120,26 @@ def test_mirror_copies_each_checkpoint(tmp_path):
 def test_loading_never_unpickles_code(tmp_path):
     model, opt = tiny()
     path = save(tmp_path, 1, model, opt)
+    marker = tmp_path / "code_ran"
 
     class Evil:
         def __reduce__(self):
-            return (print, ("code ran",))
+            return (open, (str(marker), "w"))
 
-    (path / ckpt.STATE).write_bytes(pickle.dumps({"step": Evil()}))
-    # re-sign the manifest so that only the unpickler stands in the way
-    import hashlib
-    import json
-
-    manifest = json.loads((path / ckpt.MANIFEST).read_text())
-    data = (path / ckpt.STATE).read_bytes()
-    manifest["files"][ckpt.STATE] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(pickle.UnpicklingError):
-        ckpt.load_checkpoint(path, GPT2LMHeadModel(model.config))
+    for target in (ckpt.STATE, ckpt.OPTIMIZER):
+        good = (path / target).read_bytes()
+        (path / target).write_bytes(pickle.dumps({"step": Evil()}))
+        resign(path, target)  # so that only the unpickler stands in the way
+        with pytest.raises(UserError, match=f"{target} is unreadable") as err:
+            ckpt.load_checkpoint(path, GPT2LMHeadModel(model.config))
+        assert "\n" not in str(err.value) and not marker.exists()
+        (path / target).write_bytes(good)
+        resign(path, target)
 
 
 def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
     """Resuming from an older step: the newer steps are set aside, and the new branch's
-    checkpoints survive keep_last."""
+    checkpoints survive keep_last (set-aside folders are the first to go)."""
     model, opt = tiny()
     for step in (100, 200, 300, 400):
         save(tmp_path, step, model, opt, keep_last=2)
@@ -136,7 +147,7 @@ def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000300.abandoned", "step_000400.abandoned"]
     save(tmp_path, 237, model, opt, keep_last=2)
     assert ckpt.find_valid(tmp_path) == tmp_path / "step_000237"
-    (tmp_path / "step_000300.abandoned").rename(tmp_path / "step_000300")  # even with a newer step present
+    (tmp_path / "step_000400.abandoned").rename(tmp_path / "step_000400")  # even with a newer step present
     save(tmp_path, 240, model, opt, keep_last=2)
     assert (tmp_path / "step_000240").is_dir() and ckpt.latest_name(tmp_path) == "step_000240"
 
@@ -150,3 +161,19 @@ def test_exports_and_tmp_dirs_are_not_checkpoints(tmp_path):
         save(tmp_path, step, model, opt, keep_last=2)
     assert (tmp_path / "export_step_000001").is_dir()
     assert sorted(p.name for p in tmp_path.glob("step_00000?")) == ["step_000002", "step_000003"]
+
+
+def test_locate_without_a_run_picks_the_most_recently_written_run(tmp_path, monkeypatch):
+    """A run killed before its first `latest` (or whose `latest` was lost) still counts."""
+    monkeypatch.delenv("CHECKPOINT_PATH", raising=False)
+    model, opt = tiny()
+    root = tmp_path / "checkpoints"
+    older = save(root / "older", 1, model, opt)
+    newer = save(root / "newer", 5, model, opt)
+    (root / "newer" / ckpt.LATEST).unlink()
+    (root / "empty").mkdir()
+    for path, when in ((older, 1000), (root / "older" / ckpt.LATEST, 1000), (newer, 2000)):
+        os.utime(path, (when, when))
+    assert ckpt.locate(out_dir=str(tmp_path)) == newer
+    os.utime(root / "older" / ckpt.LATEST, (3000, 3000))
+    assert ckpt.locate(out_dir=str(tmp_path)) == older

@@ -92,3 +92,67 @@ def test_readme_config_reference_is_current():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     block = readme.split("<!-- config-reference -->\n", 1)[1].split("<!-- /config-reference -->", 1)[0]
     assert block == C.reference_markdown(), "regenerate the README block with `python -m trainer.config`"
+
+
+def _bad_values(allowed: C.Range) -> list:
+    """Values just outside a range: at an open end, the end itself; at a closed one, one past it."""
+    out = []
+    if allowed.lo is not None:
+        out.append(allowed.lo if allowed.lo_open else allowed.lo - 1)
+    if allowed.hi is not None:
+        out.append(allowed.hi if allowed.hi_open else allowed.hi + 1)
+    return out
+
+
+def test_every_number_in_the_config_has_a_range():
+    import typing
+
+    numbers = {f"{s}.{k}" for s, cls in C._section_classes().items() for k, t in typing.get_type_hints(cls).items()
+               if t in (int, float)}
+    assert numbers - set(C.RANGES) == set(), "give every numeric key a range in config.RANGES"
+    assert set(C.RANGES) - numbers == set()
+
+
+@pytest.mark.parametrize("key", sorted(C.RANGES) + sorted(C.CHOICES))
+def test_every_constrained_key_rejects_a_bad_value_when_loaded(key):
+    """Loading is the first thing every command does, so a bad value stops it before step 1
+    (tests/integration/test_bad_input.py shows it through the CLI for sample.top_k)."""
+    bad = _bad_values(C.RANGES[key]) if key in C.RANGES else ["no-such-choice"]
+    assert bad, key
+    for value in bad:
+        with pytest.raises(UserError, match=key.replace(".", r"\.")):
+            C.build(environ={}, overrides={key: value})
+        default = C.build(environ={}).to_dict()
+        section, name = key.split(".")
+        C.build(environ={}, overrides={key: default[section][name]})  # the default itself is fine
+
+
+@pytest.mark.parametrize("overrides, names", [
+    ({"model.lora": True, "model.type": "gpt2", "data.tokenizer": "gpt2", "model.lora_targets": ""},
+     ["model.lora_targets"]),
+    ({"train.grad_clip": -0.5}, ["train.grad_clip"]),
+    ({"grpo.sat_k": 7, "grpo.sat_vars": 3}, ["grpo.sat_k", "grpo.sat_vars"]),
+    ({"grpo.arith_ops": "+/"}, ["grpo.arith_ops"]),
+    ({"data.tokenizer": "bpe", "data.vocab_size": 100}, ["data.vocab_size"]),
+    ({"train.min_lr": 0.1, "train.lr": 0.01}, ["train.min_lr"]),
+    ({"run.device": "cuda:x"}, ["run.device"]),
+])
+def test_cross_key_rules(overrides, names):
+    with pytest.raises(UserError) as err:
+        C.build(environ={}, overrides=overrides)
+    assert all(n in str(err.value) for n in names), str(err.value)
+
+
+def test_a_saved_config_is_checked_like_any_input():
+    with pytest.raises(UserError, match="train.max_steps: expected int"):
+        C.from_dict({"train": {"max_steps": [1]}}, "ckpt/config.yaml")
+    with pytest.raises(UserError, match="not a mapping"):
+        C.from_dict(["train"], "ckpt/config.yaml")
+    assert C.from_dict({"train": {"max_steps": 3, "gone_key": 1}, "gone_section": {}}).train.max_steps == 3
+
+
+def test_resume_rules():
+    old = C.build(environ={})
+    new = C.build(base=old.to_dict(), environ={}, overrides={"run.seed": 7, "run.threads": 3, "train.log_interval": 1})
+    assert C.changed_frozen_keys(old, new) == ["run.seed"]
+    assert C.changed_keys(old, new, C.INEXACT_ON_RESUME) == {"run.threads": (0, 3)}

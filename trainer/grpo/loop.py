@@ -21,6 +21,7 @@ continues bit-exactly on CPU with the local backend.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -34,6 +35,7 @@ from trainer import metrics, offline, runtime
 from trainer import model as models
 from trainer import tokenizer as tk
 from trainer.errors import UserError
+from trainer.signals import STOP, Stopped
 from trainer.grpo import envs
 from trainer.grpo.algorithm import group_advantages, grpo_loss, mask_truncated_completions, token_logprobs
 from trainer.grpo.rollout import AdapterSync, LocalBackend, OpenAIBackend, RolloutError, SamplingParams
@@ -198,7 +200,19 @@ def _write_json(path: Path, obj) -> None:
 
 
 def grpo(cfg, resume_dir: Path | None = None) -> dict:
-    """Run (or continue) GRPO. -> summary with the last iteration and eval rewards."""
+    """Run (or continue) GRPO. -> summary with the last iteration and eval rewards. The run is
+    locked for the whole call: a second writer of the same run is refused."""
+    ckpt_dir = run_dirs(cfg)[0]
+    try:
+        with ckpt.lock_run(ckpt_dir):
+            return _grpo(cfg, resume_dir)
+    except Stopped as e:  # start-up is not a safe point to save at, and nothing needs saving yet
+        log.info(f"stopped by {e} during start-up, before any iteration ran: nothing was saved; run the same "
+                 "command again to start")
+        return {"iteration": -1, "evals": [], "stopped": True, "weights_sha256": None}
+
+
+def _grpo(cfg, resume_dir: Path | None) -> dict:
     g = cfg.grpo
     ckpt_dir, metrics_dir = run_dirs(cfg)
     if resume_dir is None and ckpt.latest_name(ckpt_dir) is not None:
@@ -212,8 +226,8 @@ def grpo(cfg, resume_dir: Path | None = None) -> dict:
         # loopback stays allowed; the openai backend may also reach exactly the host of server.url
         # (e.g. the compose service `server`) and the addresses that name resolves to
         offline.go_offline(allow_hosts=[server_host(cfg.server.url)] if g.backend == "openai" else [])
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
+    # recorded in the config, so a resume runs with the same count (bit-exact)
+    cfg = cfg.replace(run=dataclasses.replace(cfg.run, threads=runtime.pin_threads(cfg.run.threads)))
     device = runtime.pick_device(cfg.run.device)
     tok = load_tokenizer(cfg)
     eos = tk.eot_id(tok)
@@ -244,7 +258,6 @@ def grpo(cfg, resume_dir: Path | None = None) -> dict:
     tok_json = tok.to_str().encode()
     (metrics_dir / ckpt.CONFIG).write_text(cfg.to_yaml())
     rows = metrics.Metrics(metrics_dir, fields=FIELDS, resume_step=start, key="iteration")
-    stop = runtime.StopFlag().install()
     pushed = {"adapter": None, "version": None}
 
     def ensure_pushed(version: int) -> dict:
@@ -264,55 +277,55 @@ def grpo(cfg, resume_dir: Path | None = None) -> dict:
         log.info(f"eval iter {iteration}: mean reward {result['mean_reward']:.3f}, pass rate {result['pass_rate']:.3f}")
         return result
 
-    try:
-        if start == 0:
-            run_eval(0)
-        it = start
-        for it in range(start + 1, g.iterations + 1):
-            t0 = time.perf_counter()
-            sync_s = ensure_pushed(it - 1)["sync_s"]
-            t1 = time.perf_counter()
-            problems = envs.train_problems(g.env, it - 1, g.prompts_per_iter, **env_options(g))
-            batch, stats, samples = rollout_batch(backend, cfg, problems, params, reward, eos, tok, it)
-            t2 = time.perf_counter()
-            stats.update(train_epoch(policy, ref, optimizer, batch, cfg, it))
-            t3 = time.perf_counter()
-            stats.update(iteration=it, rollout_s=t2 - t1, train_s=t3 - t2, sync_s=sync_s,
-                         adapter=pushed["adapter"], adapter_sha256=pushed.get("sha256"))
-            ev = None
-            if (cfg.eval.interval and it % cfg.eval.interval == 0) or it == g.iterations:
-                ev = run_eval(it)
-                stats.update(eval_reward=ev["mean_reward"], eval_pass_rate=ev["pass_rate"], eval_s=ev["eval_s"],
-                             sync_s=sync_s + ev["sync_s"])
-            stats["iter_s"] = time.perf_counter() - t0  # sync + rollout + train + eval
-            _write_json(metrics_dir / f"train_iter_{it:03d}.json", {**stats, "server_stats": dict(backend.stats),
-                                                                    "groups": samples})
-            rows.log({k: stats.get(k) for k in FIELDS})
-            # the tracker (best eval) is updated before it is saved, so a resumed run knows the best so far
-            best = ev is not None and (tracker["best_eval"] is None or ev["mean_reward"] > tracker["best_eval"])
-            if best:
-                tracker["best_eval"] = ev["mean_reward"]
-            state = {ckpt.STEP: it, ckpt.RNG: runtime.rng_state(), ckpt.TRACKER: tracker}
-            path = ckpt.save_checkpoint(ckpt_dir, ckpt.step_name(it, "iter"), policy, optimizer, state,
-                                        {"iteration": it, "reward_mean": stats["reward_mean"],
-                                         "eval_reward": stats.get("eval_reward"), "adapter": pushed["adapter"]},
-                                        cfg.to_yaml(), cfg.checkpoint.keep_last, cfg.checkpoint.mirror_dir,
-                                        extra_files={ckpt.TOKENIZER: tok_json},
-                                        best={"iteration": it, "eval_reward": ev["mean_reward"]} if best else None)
-            log.info(f"iter {it}/{g.iterations}: reward {stats['reward_mean']:.3f} (zero-std groups "
-                     f"{stats['zero_std_frac']:.2f}), loss {stats['loss']:.4f}, len {stats['len_mean']:.1f}, "
-                     f"rollout {stats['rollout_s']:.2f}s train {stats['train_s']:.2f}s sync {sync_s:.2f}s")
-            if stop:
-                log.info(f"stopped by signal after iteration {it}; saved {path}; continue with "
-                         f"`{resume_hint(cfg)}`")
-                break
-    except RolloutError as e:
-        name = ckpt.latest_name(ckpt_dir)
-        raise RolloutError(f"{e}; last checkpoint: {name or 'none'} (continue with "
-                           f"`{resume_hint(cfg)}`)") from None
-    finally:
-        rows.close()
-        stop.uninstall()
+    with STOP.polling("finishing this iteration and saving a checkpoint"):
+        try:
+            if start == 0:
+                run_eval(0)
+            it = start
+            for it in range(start + 1, g.iterations + 1):
+                t0 = time.perf_counter()
+                sync_s = ensure_pushed(it - 1)["sync_s"]
+                t1 = time.perf_counter()
+                problems = envs.train_problems(g.env, it - 1, g.prompts_per_iter, **env_options(g))
+                batch, stats, samples = rollout_batch(backend, cfg, problems, params, reward, eos, tok, it)
+                t2 = time.perf_counter()
+                stats.update(train_epoch(policy, ref, optimizer, batch, cfg, it))
+                t3 = time.perf_counter()
+                stats.update(iteration=it, rollout_s=t2 - t1, train_s=t3 - t2, sync_s=sync_s,
+                             adapter=pushed["adapter"], adapter_sha256=pushed.get("sha256"))
+                ev = None
+                if (cfg.eval.interval and it % cfg.eval.interval == 0) or it == g.iterations:
+                    ev = run_eval(it)
+                    stats.update(eval_reward=ev["mean_reward"], eval_pass_rate=ev["pass_rate"], eval_s=ev["eval_s"],
+                                 sync_s=sync_s + ev["sync_s"])
+                stats["iter_s"] = time.perf_counter() - t0  # sync + rollout + train + eval
+                _write_json(metrics_dir / f"train_iter_{it:03d}.json", {**stats, "server_stats": dict(backend.stats),
+                                                                        "groups": samples})
+                rows.log({k: stats.get(k) for k in FIELDS})
+                # the tracker (best eval) is updated before it is saved, so a resumed run knows the best so far
+                best = ev is not None and (tracker["best_eval"] is None or ev["mean_reward"] > tracker["best_eval"])
+                if best:
+                    tracker["best_eval"] = ev["mean_reward"]
+                state = {ckpt.STEP: it, ckpt.RNG: runtime.rng_state(), ckpt.TRACKER: tracker}
+                path = ckpt.save_checkpoint(ckpt_dir, ckpt.step_name(it, "iter"), policy, optimizer, state,
+                                            {"iteration": it, "reward_mean": stats["reward_mean"],
+                                             "eval_reward": stats.get("eval_reward"), "adapter": pushed["adapter"]},
+                                            cfg.to_yaml(), cfg.checkpoint.keep_last, cfg.checkpoint.mirror_dir,
+                                            extra_files={ckpt.TOKENIZER: tok_json},
+                                            best={"iteration": it, "eval_reward": ev["mean_reward"]} if best else None)
+                log.info(f"iter {it}/{g.iterations}: reward {stats['reward_mean']:.3f} (zero-std groups "
+                         f"{stats['zero_std_frac']:.2f}), loss {stats['loss']:.4f}, len {stats['len_mean']:.1f}, "
+                         f"rollout {stats['rollout_s']:.2f}s train {stats['train_s']:.2f}s sync {sync_s:.2f}s")
+                if STOP:
+                    log.info(f"stopped by signal after iteration {it}; saved {path}; continue with "
+                             f"`{resume_hint(cfg)}`")
+                    break
+        except RolloutError as e:
+            name = ckpt.latest_name(ckpt_dir)
+            raise RolloutError(f"{e}; last checkpoint: {name or 'none'} (continue with "
+                               f"`{resume_hint(cfg)}`)") from None
+        finally:
+            rows.close()
     return {"iteration": it, "evals": tracker["evals"], "weights_sha256": models.weights_sha256(policy)}
 
 
@@ -342,7 +355,7 @@ def grpo_command(config: str | None = None, resume: str = "", **overrides) -> di
     if not step_dir.name.startswith("iter_"):
         raise UserError(f"{step_dir} is a pretraining checkpoint, not a GRPO iteration; continue it with "
                         f"`trainer resume --run {step_dir.parent.name}`, or start GRPO from it with model.path")
-    saved = configs.from_dict(yaml.safe_load(ckpt.read_config(step_dir)))
+    saved = configs.from_dict(yaml.safe_load(ckpt.read_config(step_dir)), f"{step_dir / ckpt.CONFIG}")
     cfg = configs.build(base=saved.to_dict(), yaml_path=config, overrides=overrides)
     changed = configs.changed_frozen_keys(saved, cfg)
     if changed:

@@ -31,7 +31,7 @@ import yaml
 
 from trainer import checkpoint as ckpt
 from trainer import config as configs
-from trainer import runtime
+from trainer.signals import STOP
 from trainer.errors import UserError
 
 log = logging.getLogger("trainer")
@@ -173,15 +173,15 @@ def sweep_command(config: str | None = None, grid: str = "", **overrides) -> lis
     parsed = parse_grid(grid)
     sweep_name, runs = plan(config, parsed, overrides)
     out_dir = Path(runs[0]["cfg"].run.out_dir) / "metrics" / sweep_name
-    stop = runtime.StopFlag().install()  # a signal between runs; grpo() has its own during a run
-    try:
+    # a signal between runs stops the sweep; during a run, grpo() finishes its iteration and saves
+    with STOP.polling("finishing this run's iteration and saving a checkpoint"):
         for i, r in enumerate(runs, 1):
             cfg = r["cfg"]
             done, step_dir = run_state(cfg)
             if done >= cfg.grpo.iterations:
                 print(f"[{i}/{len(runs)}] {r['name']}: finished earlier, skipped", flush=True)
                 continue
-            if stop:
+            if STOP:
                 break
             if step_dir is not None:
                 saved = configs.from_dict(yaml.safe_load(ckpt.read_config(step_dir)))
@@ -195,8 +195,6 @@ def sweep_command(config: str | None = None, grid: str = "", **overrides) -> lis
             write_summary(out_dir, summary_rows(runs))
             if result["iteration"] < cfg.grpo.iterations:  # the run saw SIGTERM/SIGINT and saved
                 break
-    finally:
-        stop.uninstall()
     rows = summary_rows(runs)
     csv_path, md_path = write_summary(out_dir, rows)
     print(md_path.read_text(), end="", flush=True)

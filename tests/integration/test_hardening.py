@@ -1,0 +1,141 @@
+"""What the outside reliability battery found, fixed at the cause and proven through the real CLI:
+
+- a signal anywhere in a command's life ends in a defined state: during start-up nothing is
+  written and exit is 0; during the end-of-run work the rest is skipped, and `trainer resume`
+  completes the run to the same weights sha256 as an uninterrupted one;
+- the thread count is part of the run: recorded, and restored by a resume on a host whose
+  default differs, so the resumed run stays bit-exact; overriding it warns;
+- one run, one writer: a second writer is refused naming the holder, and a holder killed with
+  SIGKILL does not block the resume;
+- export replaces only its own earlier export, atomically, and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import run_cli, start_cli, tiny_args, wait_for
+from trainer import checkpoint as ckpt
+from trainer.metrics import read_rows
+
+
+def summary(out: Path, name: str) -> dict:
+    return json.loads((out / "volumes" / "metrics" / name / "summary.json").read_text())
+
+
+def read_until(proc, needle: str) -> str:
+    """Read the merged output line by line until `needle` shows up (or the process ends)."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    raise AssertionError(f"{needle!r} never printed; exit {proc.wait()}:\n{''.join(seen)[-3000:]}")
+
+
+def test_signal_during_start_up_writes_nothing_and_exits_0(tmp_path, corpus_dir):
+    args = tiny_args(corpus_dir, tmp_path, "early", **{"train.max_steps": 4})
+    proc = start_cli(["train", *args], cwd=tmp_path)
+    read_until(proc, "preparing it now")  # the corpus is being tokenized: start-up, no step yet
+    proc.send_signal(signal.SIGTERM)
+    out = proc.stdout.read()
+    assert proc.wait(timeout=60) == 0, out
+    assert "during start-up" in out and "Traceback" not in out
+    assert not list((tmp_path / "volumes" / "checkpoints" / "early").glob("step_*"))
+    leftovers = [p.name for p in (tmp_path / "prepared").iterdir()] if (tmp_path / "prepared").exists() else []
+    assert all((tmp_path / "prepared" / name / "meta.json").is_file() for name in leftovers), leftovers
+    run_cli(["train", *args], cwd=tmp_path)  # the same command starts it as if nothing happened
+    assert summary(tmp_path, "early")["step"] == 4
+
+
+def test_signal_during_end_of_run_work_then_resume_completes_it(tmp_path, corpus_dir):
+    extra = {"train.max_steps": 6, "checkpoint.interval": 3, "sample.max_new_tokens": 4000}
+    run_cli(["train", *tiny_args(corpus_dir, tmp_path, "ref", **extra)], cwd=tmp_path)
+    run_dir = tmp_path / "volumes" / "checkpoints" / "late"
+    proc = start_cli(["train", *tiny_args(corpus_dir, tmp_path, "late", **extra)], cwd=tmp_path)
+    wait_for(lambda: ckpt.latest_name(run_dir) == "step_000006", proc=proc)  # the last step is saved
+    proc.send_signal(signal.SIGTERM)
+    out = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0, out
+    assert "end-of-run work" in out and "trainer resume" in out, out
+    assert not (tmp_path / "volumes" / "metrics" / "late" / "summary.json").exists()
+    assert not (run_dir / "final").exists()
+
+    done = run_cli(["resume", "--run=late", f"--run.out_dir={tmp_path / 'volumes'}"], cwd=tmp_path)
+    assert "end-of-run work is missing" in done.stdout
+    assert summary(tmp_path, "late")["weights_sha256"] == summary(tmp_path, "ref")["weights_sha256"]
+    assert json.loads((run_dir / "final" / "airlock.json").read_text())["step"] == 6
+    assert [int(r["step"]) for r in read_rows(tmp_path / "volumes" / "metrics" / "late" / "metrics.csv")] == \
+        list(range(1, 7))
+    again = run_cli(["resume", "--run=late", f"--run.out_dir={tmp_path / 'volumes'}"], cwd=tmp_path, check=False)
+    assert again.returncode == 2 and "already reached step 6" in again.stderr
+
+
+def test_thread_count_is_recorded_and_restored_on_a_host_with_another_default(tmp_path, corpus_dir):
+    """OMP_NUM_THREADS=1 makes torch's default one thread: a host with one core, as far as the
+    run can tell. The run started with the default of two keeps two after the resume."""
+    # a constant schedule, so that the 4-step run continued to 8 is the 8-step run
+    extra = {"run.threads": 0, "train.max_steps": 8, "checkpoint.interval": 4, "train.schedule": "constant"}
+    two = {"OMP_NUM_THREADS": "2"}
+    run_cli(["train", *tiny_args(corpus_dir, tmp_path, "ref", **extra)], cwd=tmp_path, env=two)
+    run_cli(["train", *tiny_args(corpus_dir, tmp_path, "moved", **{**extra, "train.max_steps": 4})], cwd=tmp_path,
+            env=two)
+    saved = yaml.safe_load((tmp_path / "volumes" / "checkpoints" / "moved" / "step_000004" / ckpt.CONFIG).read_text())
+    assert saved["run"]["threads"] == 2  # 0 was recorded as the count actually used
+
+    resumed = run_cli(["resume", "--run=moved", f"--run.out_dir={tmp_path / 'volumes'}", "--train.max_steps=8"],
+                      cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert "run.threads" not in resumed.stdout  # nothing changed, nothing to warn about
+    assert summary(tmp_path, "moved")["weights_sha256"] == summary(tmp_path, "ref")["weights_sha256"]
+
+    changed = run_cli(["resume", "--run=moved", f"--run.out_dir={tmp_path / 'volumes'}", "--extra_steps=1",
+                       "--run.threads=1"], cwd=tmp_path)
+    assert "run.threads 2 -> 1" in changed.stdout and "no longer bit-exactly" in changed.stdout
+
+
+def test_one_run_one_writer(tmp_path, corpus_dir):
+    args = tiny_args(corpus_dir, tmp_path, "busy", **{"train.max_steps": 100000, "checkpoint.interval": 2})
+    run_dir = tmp_path / "volumes" / "checkpoints" / "busy"
+    holder = start_cli(["train", *args], cwd=tmp_path)
+    try:
+        wait_for(lambda: ckpt.latest_name(run_dir), proc=holder)
+        second = run_cli(["resume", "--run=busy", f"--run.out_dir={tmp_path / 'volumes'}"], cwd=tmp_path,
+                         check=False)
+        line = second.stderr.strip()
+        assert second.returncode == 2 and len(line.splitlines()) == 1, second.stderr + second.stdout
+        assert "busy" in line and str(holder.pid) in line, line
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops its lock with the process
+        holder.wait()
+    resumed = run_cli(["resume", "--run=busy", f"--run.out_dir={tmp_path / 'volumes'}", "--extra_steps=1"],
+                      cwd=tmp_path)
+    assert "resumed busy" in resumed.stdout
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, corpus_dir):
+    out = tmp_path_factory.mktemp("exports")
+    run_cli(["train", *tiny_args(corpus_dir, out, "exp", **{"train.max_steps": 4})], cwd=out)
+    return out
+
+
+def test_export_replaces_only_its_own_earlier_export(finished_run, tmp_path):
+    volumes = finished_run / "volumes"
+    dest = tmp_path / "exported"
+    run_cli(["export", "--run=exp", f"--out_dir={volumes}", f"--out={dest}"], cwd=finished_run)
+    first = (dest / "model.safetensors").stat().st_ino
+    assert json.loads((dest / "airlock.json").read_text())["run"] == "exp"
+    run_cli(["export", "--run=exp", f"--out_dir={volumes}", f"--out={dest}"], cwd=finished_run)
+    assert (dest / "model.safetensors").stat().st_ino != first  # a new export took the old one's place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]  # no temporary folder left behind
+
+    (dest / "airlock.json").write_text(json.dumps({"run": "someone-else"}))
+    refused = run_cli(["export", "--run=exp", f"--out_dir={volumes}", f"--out={dest}"], cwd=finished_run,
+                      check=False)
+    assert refused.returncode == 2 and "someone-else" in refused.stderr
+    assert json.loads((dest / "airlock.json").read_text()) == {"run": "someone-else"}

@@ -1,0 +1,168 @@
+"""Files read back from a checkpoint are untrusted. A checkpoint whose manifest was rewritten
+to match a damaged or hostile file (an unpicklable object, a GLOBAL opcode, a Python YAML
+tag, a truncated safetensors file, trainer_state.json without its step), a malformed
+manifest, or a damaged `latest` is a corrupt checkpoint everywhere: `find_valid` falls back
+to the previous one with a warning, and `locate`, `load_checkpoint` and `restore` give one
+UserError line; no code from the checkpoint ever runs."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from trainer import checkpoint as ckpt
+from trainer.errors import UserError
+
+CONFIG = "run:\n  seed: 1\nmodel:\n  type: from_scratch\n"
+
+
+class Evil:
+    """Unpickling this creates the file `path`: proof that code ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def tiny(lora: bool = False):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=16, vocab_size=50))
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(torch.randint(0, 50, (2, 8)), labels=torch.randint(0, 50, (2, 8))).loss.backward()
+    opt.step()
+    return model, opt
+
+
+def save(run_dir, step, model, opt):
+    return ckpt.save_checkpoint(run_dir, ckpt.step_name(step), model, opt, {ckpt.STEP: step}, {"step": step},
+                                CONFIG, extra_files={ckpt.TOKENIZER: b'{"version": "1.0"}'})
+
+
+def manifest(step_dir) -> dict:
+    return json.loads((step_dir / ckpt.MANIFEST).read_text())
+
+
+def put(step_dir, fname, data: bytes) -> None:
+    """Replace a file and rewrite its MANIFEST entry to match: only the parser can object."""
+    (step_dir / fname).write_bytes(data)
+    m = manifest(step_dir)
+    m["files"][fname] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (step_dir / ckpt.MANIFEST).write_text(json.dumps(m))
+
+
+def torch_bytes(obj) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def edit_manifest(step_dir, change) -> None:
+    m = manifest(step_dir)
+    (step_dir / ckpt.MANIFEST).write_text(json.dumps(change(m)))
+
+
+def drop(m, fname):
+    del m["files"][fname]
+    return m
+
+
+DAMAGE = {
+    "optimizer_not_allowlisted": lambda d, mark: put(d, ckpt.OPTIMIZER, torch_bytes(
+        {"state": {}, "param_groups": [], "x": Evil(mark)})),
+    "state_global_opcode": lambda d, mark: put(d, ckpt.STATE, b"cbuiltins\nopen\n(S'" + str(mark).encode()
+                                               + b"'\nS'w'\ntR."),
+    "state_not_allowlisted": lambda d, mark: put(d, ckpt.STATE, torch_bytes(argparse.Namespace(step=2))),
+    "state_of_another_step": lambda d, mark: put(d, ckpt.STATE, torch_bytes({ckpt.STEP: 7})),
+    "config_python_tag": lambda d, mark: put(d, ckpt.CONFIG, f'!!python/object/apply:os.system ["touch {mark}"]\n'
+                                             .encode()),
+    "config_not_mapping": lambda d, mark: put(d, ckpt.CONFIG, b"- a\n- list\n"),
+    "config_section_not_mapping": lambda d, mark: put(d, ckpt.CONFIG, b"run: 5\n"),
+    "config_not_utf8": lambda d, mark: put(d, ckpt.CONFIG, b"run: {name: \xff\xfe}\n"),
+    "weights_truncated": lambda d, mark: put(d, ckpt.MODEL, (d / ckpt.MODEL).read_bytes()[:-1000]),
+    "weights_header_garbage": lambda d, mark: put(d, ckpt.MODEL, b"\xff" * 8 + (d / ckpt.MODEL).read_bytes()[8:]),
+    "trainer_state_not_json": lambda d, mark: put(d, ckpt.TRAINER_STATE, b"{not json"),
+    "trainer_state_without_step": lambda d, mark: put(d, ckpt.TRAINER_STATE, b'{"reason": "interval"}'),
+    "manifest_lists_nothing": lambda d, mark: edit_manifest(d, lambda m: {**m, "files": {}}),
+    "manifest_not_a_mapping": lambda d, mark: edit_manifest(d, lambda m: [m]),
+    "manifest_entry_without_sha256": lambda d, mark: edit_manifest(
+        d, lambda m: {**m, "files": {k: {"bytes": v["bytes"]} for k, v in m["files"].items()}}),
+    "manifest_entry_is_a_path": lambda d, mark: edit_manifest(
+        d, lambda m: {**m, "files": {**m["files"], "../step_000001/config.yaml": m["files"][ckpt.CONFIG]}}),
+    "manifest_without_optimizer": lambda d, mark: ((d / ckpt.OPTIMIZER).unlink(),
+                                                   edit_manifest(d, lambda m: drop(m, ckpt.OPTIMIZER))),
+    "manifest_without_tokenizer": lambda d, mark: edit_manifest(d, lambda m: drop(m, ckpt.TOKENIZER)),
+}
+
+
+def one_line_user_error(call) -> str:
+    with pytest.raises(UserError) as err:
+        call()
+    message = str(err.value)
+    assert "\n" not in message and len(message) < 1000, message
+    return message
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE) + ["adapter_truncated"])
+def test_damaged_file_with_matching_manifest_is_corrupt(tmp_path, damage, caplog):
+    lora = damage == "adapter_truncated"
+    model, opt = tiny(lora)
+    run_dir, mark = tmp_path / "run", tmp_path / "code_ran"
+    good = save(run_dir, 1, model, opt)
+    bad = save(run_dir, 2, model, opt)
+    if lora:
+        put(bad, ckpt.ADAPTER, (bad / ckpt.ADAPTER).read_bytes()[:-40])
+    else:
+        DAMAGE[damage](bad, mark)
+
+    problem = ckpt.verify(bad)
+    assert problem is not None and "\n" not in problem
+    with caplog.at_level("WARNING", logger="trainer"):
+        assert ckpt.find_valid(run_dir) == good
+    assert "falling back to step_000001" in caplog.text
+    assert str(bad) in one_line_user_error(lambda: ckpt.locate(checkpoint=str(bad)))
+    assert "corrupt" in one_line_user_error(lambda: ckpt.load_checkpoint(bad, tiny(lora)[0]))
+    assert "corrupt" in one_line_user_error(lambda: ckpt.restore(bad))
+    assert ckpt.verify(good) is None  # a clean checkpoint beside it still verifies
+    shutil.rmtree(good)
+    assert "no valid checkpoint" in one_line_user_error(lambda: ckpt.find_valid(run_dir))
+    assert not mark.exists(), "a file from the checkpoint ran code"
+
+
+@pytest.mark.parametrize("latest", ["not_utf8", "a_folder", "outside", "garbage"])
+def test_damaged_latest_falls_back_to_the_step_dirs(tmp_path, latest, caplog):
+    model, opt = tiny()
+    save(tmp_path, 1, model, opt)
+    newest = save(tmp_path, 2, model, opt)
+    pointer = tmp_path / ckpt.LATEST
+    pointer.unlink()
+    if latest == "not_utf8":
+        pointer.write_bytes(b"step_\xff\xfe\n")
+    elif latest == "a_folder":
+        pointer.mkdir()
+    elif latest == "outside":
+        (tmp_path / "x").mkdir()
+        pointer.write_text("../x\n")
+    else:
+        pointer.write_text("step_000001 and more\n")
+    assert ckpt.latest_name(tmp_path) is None
+    with caplog.at_level("WARNING", logger="trainer"):
+        assert ckpt.find_valid(tmp_path) == newest
+        assert ckpt.locate(checkpoint=str(tmp_path)) == newest
+    assert "`latest`" in caplog.text
+    for step_dir in (tmp_path / "step_000001", newest):
+        shutil.rmtree(step_dir)
+    assert "`latest`" in one_line_user_error(lambda: ckpt.find_valid(tmp_path))

@@ -1,0 +1,105 @@
+"""One run, one writer: while a live process holds a run's lock, a second process is refused
+with one line naming the holder, and so are its checkpoint writes; once the holder is
+SIGKILLed the lock is free again whatever its file still says. Within one process the lock
+is re-entrant and held until the last handle is released. The lock file is never listed,
+copied or pruned as a checkpoint."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from trainer import checkpoint as ckpt
+from trainer.errors import UserError
+
+HOLD = """
+import sys, time
+from trainer import checkpoint as ckpt
+lock = ckpt.lock_run(sys.argv[1])
+print("locked", flush=True)
+time.sleep(300)
+"""
+
+
+def tiny():
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=16, vocab_size=50))
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def save(run_dir, step, model, opt, **kw):
+    return ckpt.save_checkpoint(run_dir, ckpt.step_name(step), model, opt, {ckpt.STEP: step}, {"step": step},
+                                "run: {}\n", **kw)
+
+
+def held_elsewhere(run_dir) -> bool:
+    """Whether some open file (this process's lock included) holds the flock: a fresh open file
+    description conflicts with every other one, in this process too."""
+    fd = os.open(run_dir / ckpt.LOCK, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def test_second_writer_is_refused_until_the_holder_is_killed(tmp_path):
+    run_dir = tmp_path / "checkpoints" / "run1"  # does not exist yet: taking the lock creates it
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError) as err:
+            ckpt.lock_run(run_dir)
+        message = str(err.value)
+        assert "\n" not in message and str(run_dir) in message
+        assert f"pid {holder.pid} on {socket.gethostname()}" in message and "since" in message
+        model, opt = tiny()
+        with pytest.raises(UserError, match=f"pid {holder.pid}"):
+            save(run_dir, 1, model, opt)
+        assert ckpt.latest_name(run_dir) is None and not list(run_dir.glob("step_*"))
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert json.loads((run_dir / ckpt.LOCK).read_text())["pid"] == holder.pid  # stale text, no flock
+    with ckpt.lock_run(run_dir):
+        assert json.loads((run_dir / ckpt.LOCK).read_text())["pid"] == os.getpid()
+        save(run_dir, 1, model, opt)  # re-entrant: the save takes the lock this process holds
+    assert ckpt.find_valid(run_dir) == run_dir / "step_000001"
+
+
+def test_lock_is_reentrant_and_held_until_the_last_release(tmp_path):
+    model, opt = tiny()
+    outer = ckpt.lock_run(tmp_path)
+    with ckpt.lock_run(tmp_path):
+        saver = ckpt.AsyncSaver()  # the saver thread takes it a third time
+        saver.save(tmp_path, ckpt.step_name(1), ckpt.serialize(model, opt, {ckpt.STEP: 1}, {"step": 1}, "run: {}\n"))
+        saver.close()
+    assert held_elsewhere(tmp_path)
+    outer.release()
+    outer.release()  # a second release of one handle is harmless
+    assert not held_elsewhere(tmp_path)
+    assert ckpt.find_valid(tmp_path) == tmp_path / "step_000001"
+
+
+def test_lock_file_is_not_a_checkpoint(tmp_path):
+    model, opt = tiny()
+    run_dir, mirror_root = tmp_path / "run", tmp_path / "mirror"
+    with ckpt.lock_run(run_dir):
+        for step in (1, 2, 3):
+            save(run_dir, step, model, opt, keep_last=1, mirror_dir=str(mirror_root))
+    assert (run_dir / ckpt.LOCK).is_file()
+    assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == ["step_000003"]
+    assert not list(run_dir.glob(f"*/{ckpt.LOCK}")) and not list(mirror_root.glob(f"*/*/{ckpt.LOCK}"))
+    assert ckpt.find_valid(run_dir) == run_dir / "step_000003"
+    assert ckpt.storage_report(run_dir).startswith("1 checkpoint(s)")

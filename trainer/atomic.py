@@ -1,0 +1,96 @@
+"""Write-then-rename: a reader, a crash or a kill -9 sees the old version or the new one, never a mix.
+
+Temporary names are unique and carry `airlock` (`.<name>.airlock-XXXX.tmp`), so they can never
+be a user's file, and a leftover from a killed process can be recognised and removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+TMP_TAG = ".airlock-"
+
+
+def fsync_dir(path: Path) -> None:
+    # fsync the directory too, or a rename in it can be lost on power failure
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tmp_prefix(dst: Path) -> str:
+    return f".{dst.name}{TMP_TAG}"
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Replace `path` with `data`: temp file in the same folder, fsync, rename, fsync the folder."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_json(path: Path, obj) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+@contextlib.contextmanager
+def staging_dir(dst: Path):
+    """A fresh hidden folder beside `dst` to build its new version in; removed if anything
+    (an error, a signal) interrupts the build. Leftovers of a killed earlier build go first."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    for stale in dst.parent.glob(_tmp_prefix(dst) + "*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(dst), suffix=".tmp", dir=dst.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def replace_dir(new: Path, dst: Path) -> None:
+    """Put the folder `new` in place of `dst` (which may not exist), then remove the old one.
+    With RENAME_EXCHANGE there is no moment without a `dst`; elsewhere the old one is moved
+    aside first, and only removed once the new one is in place."""
+    new, dst = Path(new), Path(dst)
+    fsync_dir(new)
+    if dst.exists() and _exchange(new, dst):
+        old = new  # after the swap, `new` names the old version
+    else:
+        old = None
+        if dst.exists():
+            old = Path(tempfile.mkdtemp(prefix=_tmp_prefix(dst), suffix=".tmp", dir=dst.parent))
+            os.replace(dst, old / dst.name)
+        os.replace(new, dst)
+    fsync_dir(dst.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

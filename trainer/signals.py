@@ -1,0 +1,86 @@
+"""SIGTERM / SIGINT for the whole life of a command, so a signal always ends in a defined state.
+
+`cli.main` installs the one `STOP` flag before anything heavy is imported. Until a command
+says it can stop at a safe point, a signal raises `Stopped` where the code happens to be:
+writers clean up their temporary folders on the way out (every write is temp + rename), and
+the CLI exits 128 + signal with one line. Inside `STOP.polling(...)` (the training loops and
+the end-of-run work) a signal only sets the flag; the loop finishes its step, saves and exits
+0. A second signal always exits at once. Kept free of torch and numpy: it must be importable
+in milliseconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Stopped(BaseException):
+    """A signal arrived while the command could not stop at a safe point. A BaseException, so
+    `except Exception` in library code does not swallow it (KeyboardInterrupt is one too)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopFlag:
+    """Truthy once a signal arrived. Raise mode by default; `polling()` switches to flag mode."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._polling: list[str] = []  # what the innermost polling block does on a signal
+        self._previous: dict[int, object] = {}
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signal).name if self.signal else ""
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            print(f"\nsecond {signal.Signals(signum).name}: exiting now without saving", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signal = signum
+        if not self._polling:
+            raise Stopped(signum)
+        print(f"\n{signal.Signals(signum).name} received: {self._polling[-1]} (send it again to exit at once)",
+              file=sys.stderr, flush=True)
+
+    def install(self) -> "StopFlag":
+        """Take over SIGTERM and SIGINT (main thread only; elsewhere the caller's handlers stay)."""
+        if not self._previous:
+            self.signal = None
+            try:
+                for sig in SIGNALS:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (an in-process test): signals are not ours to take
+                self._previous.clear()
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    @contextlib.contextmanager
+    def polling(self, what: str):
+        """Inside: a signal sets the flag (printing `what` will happen) and the code polls it."""
+        installed_here = not self._previous
+        self.install()
+        self._polling.append(what)
+        try:
+            yield self
+        finally:
+            self._polling.pop()
+            if installed_here:
+                self.uninstall()
+
+
+STOP = StopFlag()
