@@ -141,7 +141,7 @@ def train(cfg, resume_dir: Path | None = None) -> dict:
 
 
 def _train(cfg, resume_dir: Path | None, ckpt_dir: Path, metrics_dir: Path) -> dict:
-    if resume_dir is None and ckpt.latest_name(ckpt_dir) is not None:
+    if resume_dir is None and ckpt.has_checkpoints(ckpt_dir):
         raise UserError(f"run {cfg.run.name!r} already has checkpoints in {ckpt_dir}; continue it with "
                         f"`trainer resume --run {cfg.run.name}` or pick a new run.name")
     metrics.setup_logging(metrics_dir / "train.log")

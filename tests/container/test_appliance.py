@@ -103,6 +103,27 @@ def test_doctor_passes_without_network(docker_client, image, volumes):
     assert "needs no network" in logs
 
 
+RAW_SOCKET = """
+import _socket, errno
+from trainer import offline
+offline.go_offline()  # the Python-level guard is on, and the raw C socket below goes around it
+for kind, call in (("udp", lambda s: s.sendto(b"x", ("1.1.1.1", 53))), ("tcp", lambda s: s.connect(("1.1.1.1", 53)))):
+    s = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM if kind == "udp" else _socket.SOCK_STREAM)
+    try:
+        call(s)
+        print(kind, "SENT")
+    except OSError as e:
+        print(kind, errno.errorcode.get(e.errno, e.errno))
+"""
+
+
+def test_raw_socket_that_bypasses_the_guard_still_reaches_nothing(docker_client, image, volumes):
+    """The socket guard is Python-level; `network_mode: none` is what makes a raw socket moot."""
+    code, logs = finish(start(docker_client, volumes, "-c", RAW_SOCKET, entrypoint=["python"]))
+    assert code == 0, logs
+    assert "SENT" not in logs and "udp ENETUNREACH" in logs and "tcp ENETUNREACH" in logs, logs
+
+
 def test_smoke_train(docker_client, image, volumes):
     code, logs = finish(start(docker_client, volumes, "train", *SMOKE, "--name", "smoke"))
     assert code == 0, logs

@@ -215,7 +215,7 @@ def grpo(cfg, resume_dir: Path | None = None) -> dict:
 def _grpo(cfg, resume_dir: Path | None) -> dict:
     g = cfg.grpo
     ckpt_dir, metrics_dir = run_dirs(cfg)
-    if resume_dir is None and ckpt.latest_name(ckpt_dir) is not None:
+    if resume_dir is None and ckpt.has_checkpoints(ckpt_dir):
         raise UserError(f"run {cfg.run.name!r} already has checkpoints in {ckpt_dir}; continue it with "
                         f"`{resume_hint(cfg)}` or pick a new run.name")
     if g.backend == "openai" and not cfg.model.lora:
@@ -342,7 +342,7 @@ def grpo_command(config: str | None = None, resume: str = "", **overrides) -> di
     """
     if resume == "auto":
         cfg = configs.load(config, **overrides)
-        resume = cfg.run.name if ckpt.latest_name(run_dirs(cfg)[0]) is not None else ""
+        resume = cfg.run.name if ckpt.has_checkpoints(run_dirs(cfg)[0]) else ""
         if not resume:
             return grpo(cfg)
     if not resume:

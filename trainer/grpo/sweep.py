@@ -105,7 +105,7 @@ def run_state(cfg) -> tuple[int, Path | None]:
     from trainer.grpo.loop import run_dirs
 
     ckpt_dir, _ = run_dirs(cfg)
-    if ckpt.latest_name(ckpt_dir) is None and not any(ckpt_dir.glob("iter_*")):
+    if not ckpt.has_checkpoints(ckpt_dir):
         return 0, None
     step_dir = ckpt.find_valid(ckpt_dir)
     return int(ckpt.read_trainer_state(step_dir)["iteration"]), step_dir
