@@ -8,9 +8,10 @@ Only this module lists, reads or writes checkpoint directories. A checkpoint is 
                   trainer_state.json  config.yaml  tokenizer.json (when the loop saves one)
                   MANIFEST.json                 sha256 + size of every file above, written last
 
-state.pt keys: STEP, RNG, SAMPLER, SCHEDULER, TRACKER; DATA (sha256 of the prepared
-train.bin/val.bin/tokenizer.json trained on) and THREADS (torch intra-op threads) where
-recorded. `_upgrade_state` is the one place older layouts are handled.
+state.pt keys: STEP, RNG, SAMPLER, SCHEDULER, TRACKER. DATA (sha256 of the prepared
+train.bin/val.bin/tokenizer.json trained on) and THREADS (torch intra-op threads) are what
+train.py records besides (in trainer_state.json); older checkpoints lack them.
+`_upgrade_state` is the one place older layouts are handled.
 
 Save order: files into step_N.tmp/, each fsynced -> MANIFEST -> fsync dir -> rename ->
 fsync parent -> replace `latest`. A kill -9 at any point leaves either no step_N or a
@@ -43,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.atomic import fsync_dir
 from trainer.errors import UserError
 
 log = logging.getLogger("trainer")
@@ -87,15 +89,6 @@ def _reason(e: BaseException) -> str:
     chunks = [c for c in re.split(r"\n\s*\n", text) if c.strip()]
     text = " ".join("".join(ch if ch.isprintable() else " " for ch in (chunks or [""])[0]).split())
     return text.split(". ", 1)[0][:200] or type(e).__name__
-
-
-def _fsync_dir(path: Path) -> None:
-    # fsync the directory too, or a rename in it can be lost on power failure
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write(path: Path, data: bytes) -> dict:
@@ -179,12 +172,12 @@ def write_checkpoint(run_dir: Path, name: str, files: dict[str, bytes], keep_las
             manifest = {"format_version": FORMAT_VERSION, "name": name,
                         "files": {fname: _write(tmp / fname, data) for fname, data in files.items()}}
             _write(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             if final.exists():  # re-saving a step: keep the old copy until the new one is in place
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(final, old)
             os.replace(tmp, final)
-            _fsync_dir(run_dir)
+            fsync_dir(run_dir)
             _set_latest(run_dir, name)
         except BaseException as e:  # KeyboardInterrupt too: never leave a partial folder behind
             _undo(tmp, old, final)
@@ -254,7 +247,7 @@ def _set_latest(run_dir: Path, name: str) -> None:
     tmp = run_dir / (LATEST + ".tmp")
     _write(tmp, (name + "\n").encode())
     os.replace(tmp, run_dir / LATEST)
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
 
 
 def _read_latest(run_dir: Path) -> tuple[str | None, str | None]:
@@ -590,12 +583,12 @@ def _replace_dir(src_dir: Path, dst: Path, link: bool) -> None:
                 shutil.copyfile(f, tmp / f.name)
                 with open(tmp / f.name, "rb+") as fh:
                     os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         shutil.rmtree(old, ignore_errors=True)
         if dst.exists():
             os.replace(dst, old)
         os.replace(tmp, dst)
-        _fsync_dir(dst.parent)
+        fsync_dir(dst.parent)
     except BaseException:
         _undo(tmp, old, dst)
         raise
@@ -648,33 +641,47 @@ def _last_written(run_dir: Path) -> float:
     return max(times, default=0.0)
 
 
-def locate(run: str | None = None, checkpoint: str | None = None, out_dir: str = "volumes") -> Path:
-    """The step dir to resume, sample or export from:
-    `checkpoint` (or $CHECKPOINT_PATH) names a step dir or run dir; `run` names a run under
-    out_dir/checkpoints (or a path to one); neither = the most recently saved run."""
+def _resolve(run: str | None, checkpoint: str | None, out_dir: str) -> tuple[Path, bool]:
+    """(what `locate` reads, whether it is one step dir rather than a run folder)."""
     explicit = checkpoint or (None if run else os.environ.get("CHECKPOINT_PATH"))
     if explicit:
         path = Path(explicit)
         if not path.exists():
             raise UserError(f"checkpoint {path} does not exist; give a step directory such as "
                             f"{out_dir}/checkpoints/<run>/step_000100")
-        if (path / MANIFEST).exists() or path.name.rsplit("_", 1)[-1].isdigit():
-            problem = verify(path)
-            if problem:
-                raise _corrupt(path, problem)
-            return path
-        return find_valid(path)
+        return path, (path / MANIFEST).exists() or path.name.rsplit("_", 1)[-1].isdigit()
     root = Path(out_dir) / "checkpoints"
     if run:
         run_dir = Path(run) if Path(run).is_dir() and not (root / run).is_dir() else root / run
         if not run_dir.is_dir():
             raise UserError(f"no run {run!r} in {root}; `ls {root}` lists the runs")
-        return find_valid(run_dir)
+        return run_dir, False
     runs = [p for p in _listdir(root) if p.is_dir() and has_checkpoints(p)]
     if not runs:
         raise UserError(f"no checkpoint to resume in {root}; start with `trainer train --config ...` "
                         "or pass --run NAME / CHECKPOINT_PATH=<step dir>")
-    return find_valid(max(runs, key=_last_written))
+    return max(runs, key=_last_written), False
+
+
+def run_folder(run: str | None = None, checkpoint: str | None = None, out_dir: str = "volumes") -> Path:
+    """The run folder `locate` reads with the same arguments. A command that will write that
+    run locks it first (`lock_run`), so a live writer cannot prune what `locate` is reading."""
+    path, is_step = _resolve(run, checkpoint, out_dir)
+    return path.parent if is_step else path
+
+
+def locate(run: str | None = None, checkpoint: str | None = None, out_dir: str = "volumes") -> Path:
+    """The step dir to resume, sample or export from:
+    `checkpoint` (or $CHECKPOINT_PATH) names a step dir or run dir; `run` names a run under
+    out_dir/checkpoints (or a path to one); neither = the run written most recently (by its
+    `latest` or step dirs: a run killed before its first `latest` counts)."""
+    path, is_step = _resolve(run, checkpoint, out_dir)
+    if not is_step:
+        return find_valid(path)
+    problem = verify(path)
+    if problem:
+        raise _corrupt(path, problem)
+    return path
 
 
 def restore(step_dir: Path, device="cpu"):
@@ -689,7 +696,7 @@ def restore(step_dir: Path, device="cpu"):
     if problem:
         raise _corrupt(step_dir, problem)
     try:
-        cfg = configs.from_dict(_load_yaml(read_config(step_dir)))
+        cfg = configs.from_dict(_load_yaml(read_config(step_dir)), str(step_dir / CONFIG))
     except (TypeError, ValueError, AttributeError) as e:  # parsed, but not a config this trainer knows
         raise _corrupt(step_dir, f"{CONFIG} is not a valid config ({_reason(e)})") from None
     try:

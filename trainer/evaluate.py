@@ -110,16 +110,13 @@ def evaluate_checkpoint(step_dir: Path, device: torch.device, force: bool = Fals
 
 
 def completed(root: Path) -> list[Path]:
-    """Completed step directories under a run folder or a checkpoints root, oldest first.
-    best/ and final/ are copies of step directories and are not evaluated twice."""
+    """Completed step directories under a run folder or a checkpoints root, oldest first, as the
+    checkpoint module lists them (no *.tmp, *.old or *.abandoned). best/ and final/ are copies
+    of step directories and are not evaluated twice."""
     root = Path(root)
-    runs = [root] if (root / ckpt.LATEST).exists() or any(root.glob("step_*")) else \
+    runs = [root] if ckpt.has_checkpoints(root) else \
         sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    found = []
-    for run_dir in runs:
-        for p in run_dir.glob("step_*"):
-            if p.is_dir() and not p.name.endswith(".tmp") and (p / ckpt.MANIFEST).is_file():
-                found.append(p)
+    found = [p for run_dir in runs for p in ckpt.step_dirs(run_dir) if p.name.startswith("step_")]
     return sorted(found, key=lambda p: (p.parent.name, p.name))
 
 

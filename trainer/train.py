@@ -404,10 +404,16 @@ def resume_command(run: str | None = None, checkpoint: str | None = None, extra_
       overrides: --section.key=value for length, intervals and logging; model.* and data.*
         keys are fixed by the checkpoint.
     """
+    probe = configs.build(overrides={k: v for k, v in overrides.items() if k.startswith("run.out_dir")})
+    # locked before anything is read: a live writer of this run would prune what we read
+    with ckpt.lock_run(ckpt.run_folder(run, checkpoint, probe.run.out_dir)):
+        return _resume(run, checkpoint, extra_steps, probe.run.out_dir, overrides)
+
+
+def _resume(run: str | None, checkpoint: str | None, extra_steps: int, out_dir: str, overrides: dict) -> dict:
     import yaml
 
-    probe = configs.build(overrides={k: v for k, v in overrides.items() if k.startswith("run.out_dir")})
-    step_dir = ckpt.locate(run, checkpoint, probe.run.out_dir)
+    step_dir = ckpt.locate(run, checkpoint, out_dir)
     if step_dir.name.startswith("iter_"):
         raise UserError(f"{step_dir} is a GRPO iteration; continue that run with "
                         f"`trainer grpo --resume {step_dir.parent.name}`")

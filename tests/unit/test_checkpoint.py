@@ -1,6 +1,7 @@
 """Checkpoint contract: atomic directories with a manifest, `latest`, verification,
 fallback from a corrupt newest checkpoint, keep-last-K, best/ and the mirror; loading
-restores weights and optimizer exactly and never unpickles code."""
+restores weights, optimizer and the recorded state exactly and never unpickles code; `locate`
+without a run picks the run written most recently, with or without a `latest`."""
 
 from __future__ import annotations
 

@@ -166,3 +166,11 @@ def test_damaged_latest_falls_back_to_the_step_dirs(tmp_path, latest, caplog):
     for step_dir in (tmp_path / "step_000001", newest):
         shutil.rmtree(step_dir)
     assert "`latest`" in one_line_user_error(lambda: ckpt.find_valid(tmp_path))
+
+
+def test_restore_reports_an_unusable_tokenizer_in_one_line(tmp_path):
+    """The tokenizer copy is parsed by `restore` only (verify leaves it to its one reader)."""
+    model, opt = tiny()
+    step_dir = save(tmp_path, 1, model, opt)  # its tokenizer.json is valid JSON but no tokenizer
+    assert ckpt.verify(step_dir) is None
+    assert ckpt.TOKENIZER in one_line_user_error(lambda: ckpt.restore(step_dir))

@@ -91,7 +91,8 @@ def test_pruning_removes_leftovers_of_killed_saves_and_nothing_else(tmp_path):
     model, opt = tiny()
     save(tmp_path, 1, model, opt)
     leftovers = ["step_000002.tmp", "step_000001.old", "iter_000007.tmp"]
-    strangers = ["step_000002.tmp.keep", "notes.tmp", "mystep_000001.tmp", "step_abc.tmp", "step_000002.tmpx"]
+    strangers = ["step_000002.tmp.keep", "notes.tmp", "mystep_000001.tmp", "step_abc.tmp", "step_000002.tmpx",
+                 "step_000005.old"]  # the last: the only copy of step 5 (killed between two renames)
     for name in leftovers + strangers:
         (tmp_path / name).mkdir()
         (tmp_path / name / "file").write_bytes(b"x" * 100)

@@ -103,3 +103,17 @@ def test_lock_file_is_not_a_checkpoint(tmp_path):
     assert not list(run_dir.glob(f"*/{ckpt.LOCK}")) and not list(mirror_root.glob(f"*/*/{ckpt.LOCK}"))
     assert ckpt.find_valid(run_dir) == run_dir / "step_000003"
     assert ckpt.storage_report(run_dir).startswith("1 checkpoint(s)")
+
+
+def test_run_folder_names_what_locate_reads(tmp_path, monkeypatch):
+    """What a resume locks before it reads: the run of a step dir, a named run, or the newest."""
+    monkeypatch.delenv("CHECKPOINT_PATH", raising=False)
+    model, opt = tiny()
+    root = tmp_path / "checkpoints"
+    step = save(root / "a", 1, model, opt)
+    assert ckpt.run_folder(checkpoint=str(step), out_dir=str(tmp_path)) == root / "a"
+    assert ckpt.run_folder(checkpoint=str(root / "a"), out_dir=str(tmp_path)) == root / "a"
+    assert ckpt.run_folder(run="a", out_dir=str(tmp_path)) == root / "a"
+    assert ckpt.run_folder(out_dir=str(tmp_path)) == root / "a"
+    with ckpt.lock_run(ckpt.run_folder(run="a", out_dir=str(tmp_path))):
+        assert ckpt.locate(run="a", out_dir=str(tmp_path)) == step

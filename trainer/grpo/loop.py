@@ -347,11 +347,18 @@ def grpo_command(config: str | None = None, resume: str = "", **overrides) -> di
             return grpo(cfg)
     if not resume:
         return grpo(configs.load(config, **overrides))
+    probe = configs.build(yaml_path=config, overrides={k: v for k, v in overrides.items() if k == "run.out_dir"})
+    where = (resume if not Path(resume).is_dir() else None, resume if Path(resume).is_dir() else None,
+             probe.run.out_dir)
+    # locked before anything is read: a live writer of this run would prune what we read
+    with ckpt.lock_run(ckpt.run_folder(*where)):
+        step_dir = ckpt.locate(*where)
+        return _resume(step_dir, config, overrides)
+
+
+def _resume(step_dir: Path, config: str | None, overrides: dict) -> dict:
     import yaml
 
-    probe = configs.build(yaml_path=config, overrides={k: v for k, v in overrides.items() if k == "run.out_dir"})
-    step_dir = ckpt.locate(resume if not Path(resume).is_dir() else None,
-                           resume if Path(resume).is_dir() else None, probe.run.out_dir)
     if not step_dir.name.startswith("iter_"):
         raise UserError(f"{step_dir} is a pretraining checkpoint, not a GRPO iteration; continue it with "
                         f"`trainer resume --run {step_dir.parent.name}`, or start GRPO from it with model.path")
