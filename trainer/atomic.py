@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -33,7 +34,8 @@ def _tmp_prefix(dst: Path) -> str:
 def write_bytes(path: Path, data: bytes) -> None:
     """Replace `path` with `data`: temp file in the same folder, fsync, rename, fsync the folder."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f"{_tmp_prefix(path)}{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask's mode, as open() gives
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -59,7 +61,10 @@ def staging_dir(dst: Path):
     dst.parent.mkdir(parents=True, exist_ok=True)
     for stale in dst.parent.glob(_tmp_prefix(dst) + "*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(dst), suffix=".tmp", dir=dst.parent))
+    # mkdir with a random name (exclusive, like mkdtemp) keeps the umask's mode: mkdtemp's 0700
+    # would hide the image's build-time corpora and exports from other users of the volume
+    tmp = dst.parent / f"{_tmp_prefix(dst)}{secrets.token_hex(4)}.tmp"
+    tmp.mkdir()
     try:
         yield tmp
     except BaseException:

@@ -28,6 +28,7 @@ process dies, so a kill -9 never leaves a run locked.
 from __future__ import annotations
 
 import fcntl
+import contextlib
 import hashlib
 import io
 import json
@@ -710,7 +711,7 @@ def restore(step_dir: Path, device="cpu"):
 
 # One run, one writer. flock belongs to the open file, so the kernel drops it when the holder
 # dies (kill -9 included): a stale .lock never blocks, and its text only names the holder.
-_held: dict[str, list] = {}  # lock file realpath -> [fd or None, handles open in this process]
+_held: dict[str, list] = {}  # lock file realpath -> [fd or None, handles in this process, created run_dir]
 _held_guard = threading.Lock()
 _unlockable: set[str] = set()  # folders whose filesystem refused flock (warned once)
 
@@ -731,6 +732,11 @@ class RunLock:
             entry[1] -= 1
             if entry[1] == 0:
                 del _held[self._key]
+                if entry[2]:  # a run folder this hold created and nothing was written to: leave no trace
+                    with contextlib.suppress(OSError):
+                        if [p.name for p in self.run_dir.iterdir()] == [LOCK]:
+                            os.unlink(self._key)
+                            self.run_dir.rmdir()
                 if entry[0] is not None:
                     os.close(entry[0])  # the only descriptor of this open file: the flock goes with it
             self._key = None
@@ -757,6 +763,7 @@ def lock_run(run_dir: Path) -> RunLock:
     process that holds it. Hold it for as long as the process may write the run."""
     run_dir = Path(run_dir)
     try:
+        created = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
         key = os.path.realpath(run_dir / LOCK)
         with _held_guard:
@@ -785,7 +792,7 @@ def lock_run(run_dir: Path) -> RunLock:
                     os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
                 except OSError:  # a full disk may refuse the text; the flock is what counts
                     pass
-            _held[key] = [fd, 1]
+            _held[key] = [fd, 1, created]
             return RunLock(key, run_dir)
     except OSError as e:
         raise UserError(f"cannot lock run {run_dir} ({_reason(e)}); check that the folder is writable") from None

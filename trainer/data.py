@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
-import shutil
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer import atomic
 from trainer import tokenizer as tk
 from trainer.errors import UserError
 
@@ -308,58 +307,34 @@ def prepare(data_cfg, log=print) -> Path:
     val = padded[mask].ravel()
     train, val = train[train >= 0].astype(dtype), val[val >= 0].astype(dtype)
 
-    tmp = None
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        # a fresh dot-named folder, so no folder of the user's (say `<name>.tmp`) is ever touched;
-        # mkdir rather than mkdtemp keeps the umask's mode (mkdtemp's 0700 would hide the image's
-        # build-time corpora from the non-root user)
-        tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
-        tmp.mkdir()
-        train.tofile(tmp / "train.bin")
-        val.tofile(tmp / "val.bin")
-        tok.save(str(tmp / tk.TOKENIZER_FILE))
-        meta = {
-            "tokenizer": data_cfg.tokenizer,
-            "vocab_size": vocab,
-            "eot_id": eot,
-            "dtype": np.dtype(dtype).name,
-            "train_tokens": int(train.size),
-            "val_tokens": int(val.size),
-            "chars": n_chars,
-            "source": description,
-            "split": {"chunk": chunk, "val_fraction": data_cfg.val_fraction, "seed": data_cfg.split_seed},
-            "settings": settings(data_cfg),
-            "sha256": {name: _sha256(tmp / name) for name in ("train.bin", "val.bin", tk.TOKENIZER_FILE)},
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        _swap_in(tmp, out)
+        with atomic.staging_dir(out) as tmp:  # removed again if anything (Ctrl-C too) interrupts
+            train.tofile(tmp / "train.bin")
+            val.tofile(tmp / "val.bin")
+            tok.save(str(tmp / tk.TOKENIZER_FILE))
+            meta = {
+                "tokenizer": data_cfg.tokenizer,
+                "vocab_size": vocab,
+                "eot_id": eot,
+                "dtype": np.dtype(dtype).name,
+                "train_tokens": int(train.size),
+                "val_tokens": int(val.size),
+                "chars": n_chars,
+                "source": description,
+                "split": {"chunk": chunk, "val_fraction": data_cfg.val_fraction, "seed": data_cfg.split_seed},
+                "settings": settings(data_cfg),
+                "sha256": {name: _sha256(tmp / name) for name in ("train.bin", "val.bin", tk.TOKENIZER_FILE)},
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+            atomic.replace_dir(tmp, out)
     except OSError as e:
         raise UserError(f"cannot write prepared data to {out} ({e.strerror or e}); set data.prepared_dir "
                         "to a writable folder") from None
-    finally:  # gone after a good rename; after an error or Ctrl-C nothing half-written stays
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
     cpt = f", {n_chars / tokens.size:.2f} chars/token" if n_chars else ""
     log(f"prepared {out}: {description}; {data_cfg.tokenizer} vocab {vocab}; {tokens.size:,} tokens{cpt}; "
         f"train {train.size:,} ({(out / 'train.bin').stat().st_size / 1e6:.1f} MB), "
         f"val {val.size:,} ({(out / 'val.bin').stat().st_size / 1e6:.1f} MB)")
     return out
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename the finished tmp to out; a previous out is set aside until the new one is in place."""
-    old = out.with_name(f".{out.name}.{secrets.token_hex(4)}.old") if os.path.lexists(out) else None
-    if old:
-        os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        if old:
-            os.rename(old, out)
-        raise
-    if old:
-        os.unlink(old) if old.is_symlink() else shutil.rmtree(old, ignore_errors=True)
 
 
 META_KEYS = ("tokenizer", "vocab_size", "eot_id", "dtype", "train_tokens", "val_tokens")
