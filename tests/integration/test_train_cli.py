@@ -90,6 +90,7 @@ def test_lora_run_exports_a_peft_adapter_and_merges(tmp_path, corpus_dir, gpt2_d
         "model.block_size": 128})
     proc = run_cli(["train", *args], cwd=tmp_path)
     assert "more than the model's 64 positions; using 64" in proc.stdout  # block size capped
+    assert proc.stderr.strip() == "", proc.stderr  # no library warnings (peft's FutureWarning) for the user
     run_dir = tmp_path / "volumes" / "checkpoints" / "lora"
     step_dir = ckpt.find_valid(run_dir)
     assert (step_dir / ckpt.ADAPTER).is_file() and not (step_dir / ckpt.MODEL).exists()
@@ -103,8 +104,9 @@ def test_lora_run_exports_a_peft_adapter_and_merges(tmp_path, corpus_dir, gpt2_d
             plain = peft_model(ids).logits
     assert not torch.allclose(adapted, plain)  # the adapter learned something
     merged_dir = tmp_path / "merged"
-    run_cli(["export", "--run", "lora", "--merge", "--out", str(merged_dir),
-             "--out_dir", str(tmp_path / "volumes")], cwd=tmp_path)
+    exported = run_cli(["export", "--run", "lora", "--merge", "--out", str(merged_dir),
+                        "--out_dir", str(tmp_path / "volumes")], cwd=tmp_path)
+    assert exported.stderr.strip() == "", exported.stderr
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, local_files_only=True).eval()
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, adapted, atol=1e-4)
