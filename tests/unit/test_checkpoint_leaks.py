@@ -10,21 +10,9 @@ import sys
 import textwrap
 
 import pytest
-import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
+from tests.unit.test_checkpoint import save, tiny
 from trainer import checkpoint as ckpt
-
-
-def tiny():
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=16, vocab_size=50))
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
-
-
-def save(run_dir, step, model, opt, **kw):
-    return ckpt.save_checkpoint(run_dir, ckpt.step_name(step), model, opt, {ckpt.STEP: step}, {"step": step},
-                                "run: {}\n", **kw)
 
 
 def names(folder, pattern="*"):

@@ -15,9 +15,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
+from tests.unit.test_checkpoint import save, tiny
 from trainer import checkpoint as ckpt
 from trainer.errors import UserError
 
@@ -28,17 +27,6 @@ lock = ckpt.lock_run(sys.argv[1])
 print("locked", flush=True)
 time.sleep(300)
 """
-
-
-def tiny():
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=16, vocab_size=50))
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
-
-
-def save(run_dir, step, model, opt, **kw):
-    return ckpt.save_checkpoint(run_dir, ckpt.step_name(step), model, opt, {ckpt.STEP: step}, {"step": step},
-                                "run: {}\n", **kw)
 
 
 def held_elsewhere(run_dir) -> bool:
