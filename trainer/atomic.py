@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 TMP_TAG = ".airlock-"
@@ -61,6 +60,11 @@ def staging_dir(dst: Path):
     dst.parent.mkdir(parents=True, exist_ok=True)
     for stale in dst.parent.glob(_tmp_prefix(dst) + "*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
+    for parked in dst.parent.glob(_tmp_prefix(dst) + "*.old"):  # a kill fell between replace_dir's renames
+        if not os.path.lexists(dst):
+            os.rename(parked, dst)
+        else:
+            shutil.rmtree(parked, ignore_errors=True)
     # mkdir with a random name (exclusive, like mkdtemp) keeps the umask's mode: mkdtemp's 0700
     # would hide the image's build-time corpora and exports from other users of the volume
     tmp = dst.parent / f"{_tmp_prefix(dst)}{secrets.token_hex(4)}.tmp"
@@ -84,8 +88,9 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def replace_dir(new: Path, dst: Path) -> None:
     """Put the folder `new` in place of `dst` (which may not exist), then remove the old one.
-    With RENAME_EXCHANGE there is no moment without a `dst`; elsewhere the old one is moved
-    aside first, and only removed once the new one is in place."""
+    With RENAME_EXCHANGE there is no moment without a `dst`. Elsewhere the old one is parked
+    beside it first, put back if the second rename fails, and recovered by the next
+    `staging_dir` for `dst` if a kill falls between the two renames."""
     new, dst = Path(new), Path(dst)
     fsync_dir(new)
     if dst.exists() and _exchange(new, dst):
@@ -93,9 +98,14 @@ def replace_dir(new: Path, dst: Path) -> None:
     else:
         old = None
         if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=_tmp_prefix(dst), suffix=".tmp", dir=dst.parent))
-            os.replace(dst, old / dst.name)
-        os.replace(new, dst)
+            old = dst.parent / f"{_tmp_prefix(dst)}{secrets.token_hex(4)}.old"
+            os.rename(dst, old)
+        try:
+            os.rename(new, dst)
+        except BaseException:
+            if old is not None:
+                os.rename(old, dst)
+            raise
     fsync_dir(dst.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -433,9 +433,10 @@ def verify(step_dir: Path) -> str | None:
     return _check_contents(step_dir, files)
 
 
-def find_valid(run_dir: Path) -> Path:
+def find_valid(run_dir: Path, attempt: int = 0) -> Path:
     """The newest checkpoint that verifies: `latest` first, then older ones, with a warning
-    for each one skipped. No valid checkpoint is a UserError."""
+    for each one skipped. No valid checkpoint is a UserError. A folder that vanishes while it
+    is read (a live writer pruned it) is no damage: the list is read again."""
     run_dir = Path(run_dir)
     candidates = step_dirs(run_dir)
     named, problem = _read_latest(run_dir)
@@ -449,6 +450,8 @@ def find_valid(run_dir: Path) -> Path:
         problem = verify(step_dir)
         if problem is None:
             return step_dir
+        if not os.path.lexists(step_dir) and attempt < 3:  # pruned by the run's live writer mid-read
+            return find_valid(run_dir, attempt + 1)
         problems.append(f"{step_dir.name}: {problem}")
         nxt = candidates[i + 1].name if i + 1 < len(candidates) else None
         log.warning(f"checkpoint {step_dir} is corrupt: {problem}; "
@@ -479,6 +482,12 @@ def read_trainer_state(step_dir: Path) -> dict:
     if not isinstance(doc, dict):
         raise _corrupt(step_dir, f"{TRAINER_STATE} is not a JSON object")
     return doc
+
+
+def recorded_sha256(step_dir: Path, fname: str) -> str | None:
+    """The sha256 MANIFEST.json records for one of the checkpoint's files (None if unlisted)."""
+    files, problem = _manifest_files(Path(step_dir))
+    return None if problem or fname not in files else files[fname]["sha256"]
 
 
 def _upgrade_state(state: dict) -> dict:
@@ -537,28 +546,62 @@ def load_checkpoint(step_dir: Path, model, optimizer=None, map_location="cpu", v
     return _upgrade_state(read(STATE, lambda p: torch.load(p, weights_only=True, map_location="cpu")))
 
 
-def resume_training(step_dir: Path, model, optimizer, tracker: dict, map_location="cpu") -> int:
+def resume_training(step_dir: Path, model, optimizer, tracker: dict, map_location="cpu",
+                    run_dir: Path | None = None) -> int:
     """Load weights and optimizer in place, restore every RNG and update `tracker` from the
-    checkpoint: what a loop needs to continue bit-exactly. -> the step (or iteration) saved."""
+    checkpoint: what a loop needs to continue bit-exactly. -> the step (or iteration) saved.
+    `tracker` holds the loop's defaults: a saved value of another type is a corrupt checkpoint.
+    Newer steps are set aside only where the resumed run writes (`run_dir`, default the
+    checkpoint's own run): a copy elsewhere (a mirror, a read-only folder) is only read."""
     from trainer import runtime
 
+    step_dir = Path(step_dir)
     state = load_checkpoint(step_dir, model, optimizer, map_location=map_location)
+    saved = state.get(TRACKER)
+    if not isinstance(saved, dict):
+        raise _corrupt(step_dir, f"{STATE} has no {TRACKER} mapping")
+    for key, value in saved.items():
+        default = tracker.get(key)
+        if key in tracker and default is not None and value is not None and not _same_kind(default, value):
+            raise _corrupt(step_dir, f"{STATE} {TRACKER}.{key} is {value!r}, not a {type(default).__name__}")
     try:
         runtime.set_rng_state(state[RNG])
-        tracker.update(state[TRACKER])
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
-        raise _corrupt(Path(step_dir), f"{STATE} has no usable {RNG} or {TRACKER} ({_reason(e)})") from None
-    set_aside_newer(Path(step_dir).parent, state[STEP])
+        raise _corrupt(step_dir, f"{STATE} has no usable {RNG} ({_reason(e)})") from None
+    tracker.update(saved)
+    if run_dir is None or os.path.realpath(run_dir) == os.path.realpath(step_dir.parent):
+        set_aside_newer(step_dir.parent, state[STEP])
     return state[STEP]
+
+
+def _same_kind(default, value) -> bool:
+    """A tracker value may replace its default: numbers for numbers, lists of the same shape."""
+    number = (int, float)
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, number):
+        return isinstance(value, number)
+    if isinstance(default, list):
+        return isinstance(value, list) and all(isinstance(v, (number, list)) and not isinstance(v, bool)
+                                               for v in value)
+    return isinstance(value, type(default))
+
+
+def writes_in_place(run_dir: Path) -> bool:
+    """Whether resuming `run_dir` writes into it: a run in the <out_dir>/checkpoints/<run>/
+    layout that this process may write (see run_config_for); else it is only read."""
+    run_dir = Path(run_dir)
+    return run_dir.parent.name == "checkpoints" and os.access(run_dir, os.W_OK)
 
 
 def run_config_for(step_dir: Path, run_cfg):
     """The run section a resume writes to: the checkpoint's own run when it sits in the
-    <out_dir>/checkpoints/<run>/ layout; a copy elsewhere (a mirror) keeps the configured one."""
+    <out_dir>/checkpoints/<run>/ layout and may be written; a copy elsewhere (a mirror, a
+    read-only mount) keeps the configured one."""
     import dataclasses
 
     run_dir = Path(step_dir).parent
-    if run_dir.parent.name == "checkpoints":
+    if writes_in_place(run_dir):
         return dataclasses.replace(run_cfg, name=run_dir.name, out_dir=str(run_dir.parent.parent))
     return run_cfg
 
@@ -707,6 +750,20 @@ def restore(step_dir: Path, device="cpu"):
     model, _ = models.build_model(cfg.model, tok.get_vocab_size(), tok.token_to_id("<|endoftext|>"), cfg.run.seed)
     state = load_checkpoint(step_dir, model, map_location=device, verified=True)
     return model.to(device).eval(), tok, cfg, state
+
+
+def locate_and_restore(run: str | None = None, checkpoint: str | None = None, out_dir: str = "volumes",
+                       device="cpu"):
+    """-> (step_dir, (model, tokenizer, config, state)) for the checkpoint `locate` picks. A
+    reader does not lock the run, so a live writer may prune that checkpoint between the
+    listing and the reading: then the newest one is looked for again, not called corrupt."""
+    for attempt in range(4):
+        step_dir = locate(run, checkpoint, out_dir)
+        try:
+            return step_dir, restore(step_dir, device)
+        except UserError:
+            if os.path.lexists(step_dir) or attempt == 3:
+                raise
 
 
 # One run, one writer. flock belongs to the open file, so the kernel drops it when the holder

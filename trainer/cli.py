@@ -143,16 +143,16 @@ def main(argv: list[str] | None = None) -> None:
 
     STOP.install()  # from here on a signal ends the command in a defined state (trainer/signals.py)
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or "--help" in argv or "-h" in argv:
-        print(_help(_commands(), argv[0] if argv else None))
-        return
     debug = "--debug" in argv or os.environ.get("TRAINER_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # log lines (warnings too) go to stdout from the first one; unconfigured, logging would put
-    # them on stderr beside the one-line error
-    setup_logging()
     try:
+        if not argv or argv[0] in ("-h", "--help") or "--help" in argv or "-h" in argv:
+            print(_help(_commands(), argv[0] if argv else None))
+            return
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # log lines (warnings too) go to stdout from the first one; unconfigured, logging would put
+        # them on stderr beside the one-line error
+        setup_logging()
         if argv[0] not in COMMANDS:
             raise UserError(f"unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)} (trainer --help)")
         name = f"trainer {argv[0]}"
@@ -166,8 +166,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except (Stopped, KeyboardInterrupt) as e:
         signum = getattr(e, "signum", 2)
-        print(f"stopped by {e if isinstance(e, Stopped) else 'SIGINT'} before `trainer {argv[0]}` finished; "
-              "nothing was left half-written: run the same command again", file=sys.stderr, flush=True)
+        what = f"`trainer {argv[0]}`" if argv else "trainer"
+        print(f"stopped by {e if isinstance(e, Stopped) else 'SIGINT'} before {what} finished; nothing was left "
+              "half-written: run the same command again", file=sys.stderr, flush=True)
         sys.exit(128 + signum)
     finally:
         STOP.uninstall()

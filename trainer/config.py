@@ -154,6 +154,7 @@ class GRPOConfig:
     adapter_dir: str = ""  # openai backend: shared dir for adapters; "" = <out_dir>/adapters/<run>
     server_adapter_dir: str = ""  # the same dir as the server sees it ("" = same path)
     concurrency: int = 4  # openai backend: requests in flight
+    is_cap: float = 3.0  # openai backend: truncated importance-sampling cap (TRL's default); 0 = off
 
 
 @dataclass(frozen=True)
@@ -335,7 +336,9 @@ def load(config: str | None = None, **overrides) -> Config:
 
 def from_dict(tree, origin: str = "saved config") -> Config:
     """A config saved in a run or checkpoint. Read back like any input: keys this version does
-    not know are dropped (an older or newer Airlock wrote them), types and values are checked."""
+    not know are dropped (an older or newer Airlock wrote them) and types are checked. Values are
+    checked only for the keys a resume cannot change (the weights' shapes, the data, the seed):
+    the others may be fixed by an override, and `build` checks the result."""
     if not isinstance(tree, dict):
         raise UserError(f"{origin}: not a mapping of sections")
     known = {s: {k: v for k, v in values.items() if k in typing.get_type_hints(_section_classes()[s])}
@@ -344,7 +347,10 @@ def from_dict(tree, origin: str = "saved config") -> Config:
     _apply(tree, known, origin)
     classes = _section_classes()
     cfg = Config(**{s: classes[s](**v) for s, v in tree.items()})
-    validate(cfg)
+    try:
+        validate(cfg, only=FROZEN_ON_RESUME)
+    except UserError as e:
+        raise UserError(f"{origin}: {e}") from None
     return cfg
 
 
@@ -358,6 +364,27 @@ def changed_keys(old: Config, new: Config, prefixes: tuple[str, ...]) -> dict[st
 def changed_frozen_keys(old: Config, new: Config) -> list[str]:
     """Keys that define weights, token ids or batches and differ between two configs."""
     return list(changed_keys(old, new, FROZEN_ON_RESUME))
+
+
+def for_resume(saved: Config, cfg: Config) -> tuple[Config, dict[str, tuple]]:
+    """`cfg` as a resume of the run `saved` runs it. A changed frozen key is a UserError; a
+    thread count of 0 (not chosen) takes the recorded one. -> (cfg, {key: (old, new)} for the
+    keys whose change costs bit-exactness)."""
+    changed = changed_frozen_keys(saved, cfg)
+    if changed:
+        raise UserError(f"cannot change {', '.join(changed)} on resume: the checkpoint's weights, token ids and "
+                        "batches depend on them; start a new run (trainer train --run.name NEW) instead")
+    if not cfg.run.threads and saved.run.threads:
+        cfg = cfg.replace(run=dataclasses.replace(cfg.run, threads=saved.run.threads))
+    inexact = changed_keys(saved, cfg, INEXACT_ON_RESUME)
+    if cfg.train.schedule == "constant":
+        inexact.pop("train.max_steps", None)  # only the cosine schedule depends on the length
+    return cfg, inexact
+
+
+def inexact_warning(inexact: dict[str, tuple]) -> str:
+    return ("resuming with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in inexact.items())
+            + ": the run goes on, but no longer bit-exactly as an uninterrupted run would")
 
 
 @dataclass(frozen=True)
@@ -408,7 +435,7 @@ RANGES = {
     "grpo.top_p": Range(0, 1, lo_open=True), "grpo.lr": _min(0, open_=True), "grpo.beta": _min(0),
     "grpo.epsilon": _min(0, open_=True), "grpo.epsilon_high": _min(0), "grpo.entropy_coef": _min(0),
     "grpo.ppo_epochs": _min(1), "grpo.minibatch_size": _min(1), "grpo.grad_clip": _min(0),
-    "grpo.rollout_batch": _min(1), "grpo.concurrency": _min(1),
+    "grpo.rollout_batch": _min(1), "grpo.concurrency": _min(1), "grpo.is_cap": _min(0),
 }
 CHOICES = {
     "model.type": ("from_scratch", "gpt2"), "data.tokenizer": ("gpt2", "bpe", "char"),
@@ -421,8 +448,9 @@ HINTS = {  # why a range is what it is, where the bare range would puzzle
 }
 
 
-def validate(cfg: Config) -> None:
-    """Collect every problem, raise once."""
+def validate(cfg: Config, only: tuple[str, ...] = ()) -> None:
+    """Collect every problem, raise once. `only`: just the problems of keys with these
+    prefixes (each problem text starts with the key it is about)."""
     tree = cfg.to_dict()
     problems = []
     for key, allowed in RANGES.items():
@@ -465,6 +493,7 @@ def validate(cfg: Config) -> None:
         problems.append(f"data.name={d.name!r} must be a plain folder name (no '/', not starting with '.')")
     if not cfg.run.out_dir:
         problems.append("run.out_dir is empty; give the folder for checkpoints/ and metrics/, e.g. volumes")
+    problems = [p for p in problems if p.startswith(only)] if only else problems
     if problems:
         raise UserError("invalid config: " + "; ".join(problems))
 

@@ -249,18 +249,64 @@ def prepared_path(data_cfg) -> Path:
     return _target(data_cfg, replace_old=True)
 
 
-def find_prepared(data_cfg) -> Path:
+def find_prepared(data_cfg, expect: dict | None = None) -> Path:
     """The folder to read: one whose recorded settings match the config, in prepared_dir first,
     then in the folders of $AIRLOCK_PREPARED_FALLBACK (the image's corpora, prepared at build
-    time, which a ./data bind mount would otherwise hide); else where `prepare` will write it."""
+    time, which a ./data bind mount would otherwise hide); else where `prepare` will write it.
+    `expect` ({file: sha256}, a checkpoint's record) first picks a folder holding exactly those
+    files, even one an older Airlock wrote without settings: a resume wants its own data."""
     want = settings(data_cfg)
-    fallback = filter(None, os.environ.get(PREPARED_FALLBACK_ENV, "").split(os.pathsep))
-    for root in (data_cfg.prepared_dir, *fallback):
-        for name in _names(data_cfg, want):
-            path = Path(root) / name
-            if (path / "meta.json").is_file() and not _conflict(path, want):
+    fallback = list(filter(None, os.environ.get(PREPARED_FALLBACK_ENV, "").split(os.pathsep)))
+    candidates = [Path(root) / name for root in (data_cfg.prepared_dir, *fallback) for name in _names(data_cfg, want)]
+    candidates = [path for path in candidates if (path / "meta.json").is_file()]
+    if expect:
+        for path in candidates:
+            recorded = _recorded_sha256(path)
+            if all(recorded.get(name) == sha for name, sha in expect.items()):
                 return path
+    for path in candidates:
+        if not _conflict(path, want):
+            return path
     return _target(data_cfg, replace_old=False)
+
+
+def _recorded_sha256(path: Path) -> dict:
+    try:
+        recorded = read_meta(path).get("sha256")
+    except UserError:
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def fingerprint(path: Path, names=("train.bin", "val.bin", tk.TOKENIZER_FILE)) -> dict:
+    """sha256 of the files as they are now (not as meta.json says they were)."""
+    return {name: _sha256(Path(path) / name) if (Path(path) / name).is_file() else None for name in names}
+
+
+def source_stamp(source: str) -> dict:
+    """Count, size and newest mtime of the files a source is read from: only stat calls, and it
+    changes when the text is edited, which settings alone cannot see. {} when it cannot be read."""
+    try:
+        if source == STDLIB:
+            files = _files(stdlib_dir(), (".py",), skip_tests=True)
+        else:
+            root = Path(source)
+            files = [root] if root.is_file() else _files(root, TEXT_SUFFIXES + (".jsonl",))
+        stats = [f.stat() for f in files]
+    except OSError:
+        return {}
+    return {"files": len(stats), "bytes": sum(st.st_size for st in stats),
+            "mtime_ns": max((st.st_mtime_ns for st in stats), default=0)}
+
+
+def source_changed(path: Path, data_cfg) -> bool:
+    """True when the source was edited after `path` was prepared from it."""
+    try:
+        recorded = read_meta(path).get("source_stamp")
+    except UserError:
+        return False
+    now = source_stamp(data_cfg.source)
+    return bool(recorded) and bool(now) and recorded != now
 
 
 def split_chunks(n_tokens: int, val_fraction: float, seed: int) -> np.ndarray:
@@ -285,6 +331,7 @@ def _sha256(path: Path) -> str:
 def prepare(data_cfg, log=print) -> Path:
     """Tokenize `data_cfg.source` into the prepared folder; returns its path."""
     out = prepared_path(data_cfg)
+    stamp = source_stamp(data_cfg.source)  # before reading: an edit during prepare shows up next time
     docs, tokens, description = read_source(data_cfg.source, data_cfg.text_field, data_cfg.max_bytes)
     tok = tk.build(data_cfg.tokenizer, docs, data_cfg.vocab_size, data_cfg.tokenizer_path)
     vocab = tok.get_vocab_size()
@@ -323,6 +370,7 @@ def prepare(data_cfg, log=print) -> Path:
                 "source": description,
                 "split": {"chunk": chunk, "val_fraction": data_cfg.val_fraction, "seed": data_cfg.split_seed},
                 "settings": settings(data_cfg),
+                "source_stamp": stamp,
                 "sha256": {name: _sha256(tmp / name) for name in ("train.bin", "val.bin", tk.TOKENIZER_FILE)},
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -67,9 +67,13 @@ def _append(path: Path, row: dict) -> None:
         os.fsync(f.fileno())
 
 
-def evaluate_checkpoint(step_dir: Path, device: torch.device, force: bool = False) -> dict | None:
-    """Evaluate one completed step directory; -> its eval.jsonl row, or None if skipped."""
-    from trainer.train import estimate_loss, sample
+def evaluate_checkpoint(step_dir: Path, device: torch.device, force: bool = False,
+                        strict: bool = False) -> dict | None:
+    """Evaluate one completed step directory; -> its eval.jsonl row, or None if skipped. A
+    checkpoint that cannot be read, or whose data cannot be found as it was trained, is
+    skipped with a warning (the watch goes on), or with `strict` is the error."""
+    from trainer.generate import sample_text
+    from trainer.train import check_same_data, estimate_loss, expected_data, sample_prompt
 
     step_dir = Path(step_dir)
     out = metrics_dir_for(step_dir)
@@ -79,16 +83,23 @@ def evaluate_checkpoint(step_dir: Path, device: torch.device, force: bool = Fals
             return None
         t0 = time.time()
         model, tok, cfg, state = ckpt.restore(step_dir, device=device)
+        expect = expected_data(step_dir, out)  # the data it was trained on, hashed: no val loss on other data
+        prepared = data.find_prepared(cfg.data, expect)
+        check_same_data(expect, prepared, step_dir, step_dir.parent.name)
+        prompt = sample_prompt(cfg, tok)
+        positions = getattr(getattr(model, "config", None), "n_positions", None) or cfg.model.block_size
+        batches = data.Batches.open(prepared, min(cfg.model.block_size, positions), cfg.train.batch_size,
+                                    cfg.run.seed)
     except Exception as e:  # pruned or damaged under the watcher: any library may raise; the watch goes on
+        if strict and isinstance(e, UserError):
+            raise
         why = "pruned before it could be read" if not step_dir.exists() else f"unreadable ({e})"
         log.warning(f"evaluate: skipped {step_dir}: {why}")
         return None
 
-    positions = getattr(getattr(model, "config", None), "n_positions", None) or cfg.model.block_size
-    block_size = min(cfg.model.block_size, positions)
-    batches = data.Batches.open(data.find_prepared(cfg.data), block_size, cfg.train.batch_size, cfg.run.seed)
     val_loss = estimate_loss(model, batches, cfg.train.eval_iters, device)
-    text = sample(cfg, model, tok, device)
+    s = cfg.sample
+    text = sample_text(model, tok, prompt, s.max_new_tokens, s.temperature, s.top_k, s.seed, device)
     row = {
         "run": step_dir.parent.name,
         "checkpoint": step_dir.name,
@@ -158,6 +169,8 @@ def evaluate_command(checkpoint: str | None = None, watch: str | None = None, ru
                         scans a single time. Already-evaluated checkpoints are skipped (restart-safe).
     With none of them: the newest checkpoint of the most recent run. --force re-evaluates.
     """
+    if interval <= 0:
+        raise UserError(f"--interval={interval} must be more than 0 seconds")
     offline.go_offline()  # the evaluator never needs a network
     dev = runtime.pick_device(device)
     if watch:
@@ -166,7 +179,7 @@ def evaluate_command(checkpoint: str | None = None, watch: str | None = None, ru
         watch_loop(Path(watch), dev, float(interval), once)
         return
     step_dir = ckpt.locate(run=run, checkpoint=checkpoint, out_dir=out_dir)
-    row = evaluate_checkpoint(step_dir, dev, force=force)
+    row = evaluate_checkpoint(step_dir, dev, force=force, strict=True)
     if row is None and step_dir.exists():
         log.info(f"evaluate: {step_dir} is already in {metrics_dir_for(step_dir) / EVAL_FILE} (--force to redo)")
 

@@ -106,12 +106,17 @@ def sample_command(run: str | None = None, checkpoint: str | None = None, prompt
     if num_samples < 1:
         raise UserError(f"--num_samples={num_samples} must be at least 1")
     go_offline()
-    step_dir = ckpt.locate(run, checkpoint, out_dir)
-    model, tok, cfg, _ = ckpt.restore(step_dir)
+    step_dir, (model, tok, cfg, _) = ckpt.locate_and_restore(run, checkpoint, out_dir)
     s = dataclasses.replace(cfg.sample, **given)
+    try:  # a value saved by an older Airlock may be out of today's range: say which, and how to override
+        configs.validate(configs.Config().replace(sample=s))
+    except UserError as e:
+        raise UserError(f"{e} (from {step_dir / ckpt.CONFIG}; pass it as an option, e.g. --top_k=50)") from None
     if prompt is None:
         prompt = s.prompt or ("QUESTION: " if cfg.model.type == "gpt2" else "")
     ids = tok.encode(str(prompt)).ids if prompt else [tok.token_to_id("<|endoftext|>")]
+    if not ids:
+        raise UserError(f"--prompt={prompt!r} encodes to no tokens with this run's tokenizer; use text it knows")
     texts = []
     for i in range(int(num_samples)):
         text = sample_text(model, tok, ids, s.max_new_tokens, s.temperature, s.top_k, s.seed + i,
@@ -156,10 +161,14 @@ def sample(model, prompts: list[list[int]], seeds: list[int], max_tokens: int, t
     """Batched, seeded sampling with a KV cache: one completion per row of `prompts`.
 
     Each row i draws its random numbers from its own torch.Generator seeded with seeds[i]
-    (one uniform per step, used for inverse-CDF sampling), so a row's tokens depend on its
-    seed and the model only: not on the batch it shares, its position in it, or the other
-    rows' lengths. That makes `trainer serve` (seed+i per choice) and the local backend
-    produce the same completions for the same weights and seeds.
+    (one uniform per step, used for inverse-CDF sampling; any int, taken modulo 2**64 as
+    torch does for negative seeds), so a row's tokens depend on its prompt, its seed and
+    the model: not on the other rows' seeds or prompts. That makes `trainer serve` (seed+i
+    per choice) and the local backend produce the same completions for the same weights
+    and seeds. Up to float rounding: the batch's size and padding change the kernels' sums
+    in the last bits (float32 logits by ~1e-6), and when a uniform falls that close to a
+    boundary of the CDF the token differs. Measured on a random 50257-token GPT-2 in
+    float32: 1 to 4 of 48 rows of 24 tokens; none in float64.
 
     Prompts are left-padded; position ids count real tokens only, so padding does not
     shift a row. Finished rows keep feeding `pad_id` until every row is done.
@@ -170,7 +179,7 @@ def sample(model, prompts: list[list[int]], seeds: list[int], max_tokens: int, t
         raise ValueError("every prompt needs at least one token")
     device = next(model.parameters()).device
     B = len(prompts)
-    uniforms = torch.stack([torch.rand(max(max_tokens, 1), generator=torch.Generator().manual_seed(int(s)))
+    uniforms = torch.stack([torch.rand(max(max_tokens, 1), generator=torch.Generator().manual_seed(int(s) % 2**64))
                             for s in seeds]).to(device)  # (B, max_tokens)
     ids, mask = _left_pad(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)

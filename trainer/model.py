@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -127,25 +128,30 @@ def count_parameters(model) -> tuple[int, int]:
 EXPORT_INFO = "airlock.json"  # marks a folder as an Airlock export and names its run
 
 
-def check_export_target(out: str | Path, run: str) -> Path:
-    """An export may create `out` or replace an earlier export of the same run; anything
-    else there (a file, someone's folder, another run's export) is refused, never deleted."""
+def check_export_target(out: str | Path, run: str, any_run: bool = False) -> Path:
+    """An export may create `out` or replace an earlier export of the same run (of any run with
+    `any_run`: a run's own final/, which a copied or renamed run inherits); anything else there
+    (a file, someone's folder, another run's export) is refused, never deleted."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"export destination {out} is a file; pass a folder path with --out")
+    if os.path.ismount(out):
+        raise UserError(f"export destination {out} is a mount point, which cannot be replaced; pass a folder "
+                        f"inside it, e.g. --out {out / 'export'}")
     if out.is_dir() and any(out.iterdir()):
         try:
             owner = json.loads((out / EXPORT_INFO).read_text()).get("run")
         except (OSError, ValueError, AttributeError):
             owner = None
-        if owner != run:
+        if owner is None or (owner != run and not any_run):
             what = f"an export of run {owner!r}" if owner else f"not an Airlock export (no {EXPORT_INFO})"
             raise UserError(f"export destination {out} is not empty and is {what}; Airlock replaces only an "
                             f"earlier export of run {run!r}: pass an empty or new folder with --out")
     return out
 
 
-def export(model, tokenizer, out: str | Path, merge: bool = False, extra: dict | None = None) -> Path:
+def export(model, tokenizer, out: str | Path, merge: bool = False, extra: dict | None = None,
+           any_run: bool = False) -> Path:
     """Write an HF folder: AutoModelForCausalLM loads it (or PeftModel, for an unmerged
     adapter). Built beside `out` and swapped in, so a half-written export never replaces a
     good one; `out` may only be new, empty, or an earlier export of the same run."""
@@ -156,7 +162,7 @@ def export(model, tokenizer, out: str | Path, merge: bool = False, extra: dict |
 
     hf_logging.disable_progress_bar()  # "Writing model shards" bars would clutter train.log
     info = {"format": "peft-adapter" if is_peft(model) and not merge else "transformers", **(extra or {})}
-    out = check_export_target(out, info.get("run", ""))
+    out = check_export_target(out, info.get("run", ""), any_run)
     target = model
     if is_peft(model) and merge:
         import copy
@@ -169,8 +175,8 @@ def export(model, tokenizer, out: str | Path, merge: bool = False, extra: dict |
             (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
             atomic.replace_dir(tmp, out)
     except OSError as e:
-        raise UserError(f"cannot write the export to {out} ({e.strerror or e}); free disk space or pass another "
-                        "folder with --out") from None
+        raise UserError(f"cannot write the export to {out} ({e.strerror or e}); check that the folder above it "
+                        "exists and is writable with space left, or pass another folder with --out") from None
     return out
 
 
@@ -188,8 +194,7 @@ def export_command(run: str | None = None, checkpoint: str | None = None, out: s
     from trainer.offline import go_offline
 
     go_offline()
-    step_dir = ckpt.locate(run, checkpoint, out_dir)
-    model, tok, cfg, state = ckpt.restore(step_dir)
+    step_dir, (model, tok, cfg, state) = ckpt.locate_and_restore(run, checkpoint, out_dir)
     dest = Path(out) if out else step_dir.parent / f"export_{step_dir.name}{'_merged' if merge else ''}"
     export(model, tok, dest, merge=merge, extra={"run": cfg.run.name, "checkpoint": step_dir.name,
                                                   "weights_sha256": weights_sha256(model)})

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -26,6 +25,15 @@ class Stopped(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+
+def _say(text: str) -> None:
+    # os.write, not print: a handler that prints while the interrupted code is inside a print
+    # (a tqdm bar, a log line) raises "reentrant call" on the buffered stream
+    try:
+        os.write(2, text.encode(errors="replace"))
+    except OSError:
+        pass
 
 
 class StopFlag:
@@ -45,13 +53,12 @@ class StopFlag:
 
     def _handle(self, signum, frame) -> None:
         if self.signal is not None:
-            print(f"\nsecond {signal.Signals(signum).name}: exiting now without saving", file=sys.stderr, flush=True)
+            _say(f"\nsecond {signal.Signals(signum).name}: exiting now without saving\n")
             os._exit(128 + signum)
         self.signal = signum
         if not self._polling:
             raise Stopped(signum)
-        print(f"\n{signal.Signals(signum).name} received: {self._polling[-1]} (send it again to exit at once)",
-              file=sys.stderr, flush=True)
+        _say(f"\n{signal.Signals(signum).name} received: {self._polling[-1]} (send it again to exit at once)\n")
 
     def install(self) -> "StopFlag":
         """Take over SIGTERM and SIGINT (main thread only; elsewhere the caller's handlers stay)."""

@@ -8,6 +8,7 @@ reproduces the uninterrupted one bit for bit on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -156,15 +157,20 @@ def _train(cfg, resume_dir: Path | None, ckpt_dir: Path, metrics_dir: Path) -> d
                     "bit-exact (slower); pass --run.threads=N to trade exactness for speed")
     device = runtime.pick_device(cfg.run.device)
 
-    prepared = data.find_prepared(cfg.data)
+    expect = expected_data(resume_dir, metrics_dir) if resume_dir is not None else None
+    prepared = data.find_prepared(cfg.data, expect)
     if not (prepared / "meta.json").is_file():
         log.info(f"prepared data {prepared} not found: preparing it now")
-        data.prepare(cfg.data, log=log.info)
+        prepared = data.prepare(cfg.data, log=log.info)
+    elif resume_dir is None and data.source_changed(prepared, cfg.data):
+        log.info(f"data.source={cfg.data.source} changed since {prepared} was prepared: preparing it again")
+        prepared = data.prepare(cfg.data, log=log.info)
     meta = data.read_meta(prepared)
-    if resume_dir is not None:
-        check_same_data(resume_dir, prepared, meta, cfg.run.name)
+    if expect is not None:
+        check_same_data(expect, prepared, resume_dir, cfg.run.name)
     tok = tk.load(prepared)
     tok_json = (prepared / tk.TOKENIZER_FILE).read_bytes()
+    prompt_ids = sample_prompt(cfg, tok)  # an end-of-run sample that cannot run is refused before step 1
 
     runtime.seed_everything(cfg.run.seed)
     model, block_size = models.build_model(cfg.model, meta["vocab_size"], meta["eot_id"], cfg.run.seed)
@@ -178,7 +184,8 @@ def _train(cfg, resume_dir: Path | None, ckpt_dir: Path, metrics_dir: Path) -> d
     start_step, tracker = 0, {"first_loss": None, "last_ckpt_loss": None, "best_val": None, "tokens": 0,
                               "recent": []}
     if resume_dir is not None:
-        start_step = ckpt.resume_training(resume_dir, model, optimizer, tracker, map_location=device)
+        start_step = ckpt.resume_training(resume_dir, model, optimizer, tracker, map_location=device,
+                                          run_dir=ckpt_dir)
         log.info(f"resumed {cfg.run.name} from {resume_dir} at step {start_step}")
     if cfg.run.compile:
         model = torch.compile(model)
@@ -217,7 +224,7 @@ def _train(cfg, resume_dir: Path | None, ckpt_dir: Path, metrics_dir: Path) -> d
         trainer_state = {"step": step, "max_steps": t.max_steps, "reason": reason, "train_loss": now,
                          "val_loss": tracker.get("last_val"), "best_val": tracker["best_val"],
                          "tokens": tracker["tokens"], "run": cfg.run.name, "saved_at": time.time(),
-                         ckpt.DATA: meta["sha256"], ckpt.THREADS: cfg.run.threads}
+                         ckpt.DATA: {k: v for k, v in meta["sha256"].items()}, ckpt.THREADS: cfg.run.threads}
         files = ckpt.serialize(model, optimizer, state, trainer_state, cfg.to_yaml(),
                                extra_files={ckpt.TOKENIZER: tok_json})
         first, last = tracker["first_loss"], tracker["last_ckpt_loss"]
@@ -313,11 +320,11 @@ def _train(cfg, resume_dir: Path | None, ckpt_dir: Path, metrics_dir: Path) -> d
         rows.close()
         tracker["recent"] = list(recent)
         unwrapped = getattr(model, "_orig_mod", model)
-        return finish(cfg, unwrapped, tok, ckpt_dir, metrics_dir, device, step, tracker, run_info)
+        return finish(cfg, unwrapped, tok, ckpt_dir, metrics_dir, device, step, tracker, run_info, prompt_ids)
 
 
 def finish(cfg, model, tok, ckpt_dir: Path, metrics_dir: Path, device, step: int, tracker: dict,
-           run_info: dict) -> dict:
+           run_info: dict, prompt_ids: list[int]) -> dict:
     """End of run: plot, sample, export final/, summary.json, the weights sha256. The checkpoint
     of the last step is already saved: a signal here skips what is left, and `trainer resume`
     does it later (see `run_complete`)."""
@@ -325,12 +332,13 @@ def finish(cfg, model, tok, ckpt_dir: Path, metrics_dir: Path, device, step: int
         sha = models.weights_sha256(model)
         metrics.plot_loss(metrics_dir)
         if cfg.train.sample_at_end and not STOP:
-            text = sample(cfg, model, tok, device)
+            s = cfg.sample
+            text = sample_text(model, tok, prompt_ids, s.max_new_tokens, s.temperature, s.top_k, s.seed, device)
             atomic.write_bytes(metrics_dir / "samples.txt", (text + "\n").encode())
             log.info(f"sample ({cfg.sample.max_new_tokens} new tokens, temperature {cfg.sample.temperature}, "
                      f"top-k {cfg.sample.top_k}):\n{text}\n")
         if cfg.train.export_at_end and cfg.checkpoint.enabled and not STOP:
-            models.export(model, tok, ckpt_dir / "final",
+            models.export(model, tok, ckpt_dir / "final", any_run=True,
                           extra={"run": cfg.run.name, "step": step, "weights_sha256": sha,
                                  "fixture": run_info.get("weights", {}).get("fixture", False)})
         if STOP:
@@ -355,31 +363,50 @@ def run_complete(cfg, step: int) -> bool:
         return False
 
 
-def check_same_data(step_dir: Path, prepared: Path, meta: dict, run: str) -> None:
-    """A resume must read the tokens and tokenizer the checkpoint was trained on."""
+def expected_data(step_dir: Path, metrics_dir: Path) -> dict:
+    """{file: sha256} of the prepared data a checkpoint was trained on: its own record, or for
+    checkpoints older than that record, the run's provenance and the checkpoint's tokenizer copy."""
     saved = ckpt.read_trainer_state(step_dir).get(ckpt.DATA)
     if saved is None:
-        log.warning(f"{step_dir} predates data fingerprints: cannot check that {prepared} is the data it was "
-                    "trained on")
+        try:
+            saved = json.loads((Path(metrics_dir) / "manifest.json").read_text()).get("data_sha256") or {}
+        except (OSError, ValueError, AttributeError):
+            saved = {}
+        tokenizer = ckpt.recorded_sha256(step_dir, ckpt.TOKENIZER)
+        saved = {**saved, **({tk.TOKENIZER_FILE: tokenizer} if tokenizer else {})} if isinstance(saved, dict) else saved
+    if not isinstance(saved, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in saved.items()):
+        raise UserError(f"checkpoint {step_dir} is corrupt: {ckpt.TRAINER_STATE} {ckpt.DATA!r} is not a mapping of "
+                        "file names to sha256; resume from an older step with --checkpoint")
+    return saved
+
+
+def check_same_data(expect: dict, prepared: Path, step_dir: Path, run: str) -> None:
+    """A resume must read the tokens and tokenizer the checkpoint was trained on: the files as
+    they are now are hashed, not what meta.json says of them."""
+    if not expect:
+        log.warning(f"{step_dir} records no data fingerprint: cannot check that {prepared} is its data")
         return
-    now = meta.get("sha256", {})
-    differ = [name for name in sorted(set(saved) | set(now)) if saved.get(name) != now.get(name)]
+    now = data.fingerprint(prepared, names=tuple(expect))
+    differ = [name for name in expect if now.get(name) != expect[name]]
     if differ:
         raise UserError(f"prepared data {prepared} is not what run {run} was trained on ({', '.join(differ)} "
                         "differ from the checkpoint's sha256); re-prepare it from the run's original source and "
                         "settings, or start a new run with `trainer train`")
 
 
-def sample(cfg, model, tok, device) -> str:
-    """The seeds' end-of-run sample: `QUESTION: ` for gpt2, the start token for from-scratch."""
+def sample_prompt(cfg, tok) -> list[int]:
+    """The seeds' end-of-run sample prompt as ids: `QUESTION: ` for gpt2, the start token for
+    from-scratch, or sample.prompt, which must encode to at least one token."""
     s = cfg.sample
     if s.prompt:
         ids = tok.encode(s.prompt).ids
-    elif cfg.model.type == "gpt2":
-        ids = tok.encode("QUESTION: ").ids
-    else:
-        ids = [tk.eot_id(tok)]
-    return sample_text(model, tok, ids, s.max_new_tokens, s.temperature, s.top_k, s.seed, device)
+        if not ids:
+            raise UserError(f"sample.prompt={s.prompt!r} encodes to no tokens with this tokenizer "
+                            f"({cfg.data.tokenizer}); use text the corpus contains")
+        return ids
+    if cfg.model.type == "gpt2":
+        return tok.encode("QUESTION: ").ids
+    return [tk.eot_id(tok)]
 
 
 def train_command(config: str | None = None, **overrides) -> dict:
@@ -405,36 +432,33 @@ def resume_command(run: str | None = None, checkpoint: str | None = None, extra_
         keys are fixed by the checkpoint.
     """
     probe = configs.build(overrides={k: v for k, v in overrides.items() if k.startswith("run.out_dir")})
-    # locked before anything is read: a live writer of this run would prune what we read
-    with ckpt.lock_run(ckpt.run_folder(run, checkpoint, probe.run.out_dir)):
-        return _resume(run, checkpoint, extra_steps, probe.run.out_dir, overrides)
+    checkpoint = checkpoint or (None if run else os.environ.get("CHECKPOINT_PATH"))
+    source = ckpt.run_folder(run, checkpoint, probe.run.out_dir)
+    # a run resumed where it lies is locked before anything is read (a live writer would prune
+    # what we read); a copy elsewhere (a mirror, a read-only folder) is only read, and train()
+    # locks the run it writes
+    with ckpt.lock_run(source) if ckpt.writes_in_place(source) else contextlib.nullcontext():
+        step_dir = ckpt.locate(run or (None if checkpoint else str(source)), checkpoint, probe.run.out_dir)
+        return _resume(step_dir, extra_steps, overrides)
 
 
-def _resume(run: str | None, checkpoint: str | None, extra_steps: int, out_dir: str, overrides: dict) -> dict:
+def _resume(step_dir: Path, extra_steps: int, overrides: dict) -> dict:
     import yaml
 
-    step_dir = ckpt.locate(run, checkpoint, out_dir)
     if step_dir.name.startswith("iter_"):
         raise UserError(f"{step_dir} is a GRPO iteration; continue that run with "
                         f"`trainer grpo --resume {step_dir.parent.name}`")
     saved = configs.from_dict(yaml.safe_load(ckpt.read_config(step_dir)), f"{step_dir / ckpt.CONFIG}")
     cfg = configs.build(base=saved.to_dict(), overrides=overrides)
-    changed = configs.changed_frozen_keys(saved, cfg)
-    if changed:
-        raise UserError(f"cannot change {', '.join(changed)} on resume: the checkpoint's weights, token ids and "
-                        "batches depend on them; start a new run (trainer train --run.name NEW) instead")
     cfg = cfg.replace(run=ckpt.run_config_for(step_dir, cfg.run))
     step = ckpt.read_trainer_state(step_dir)["step"]
     if extra_steps < 0:
         raise UserError(f"--extra_steps={extra_steps} must not be negative")
     if extra_steps:
         cfg = cfg.replace(train=dataclasses.replace(cfg.train, max_steps=step + extra_steps))
-    inexact = configs.changed_keys(saved, cfg, configs.INEXACT_ON_RESUME)
-    if cfg.train.schedule == "constant":
-        inexact.pop("train.max_steps", None)  # only the cosine schedule depends on the length
+    cfg, inexact = configs.for_resume(saved, cfg)
     if inexact:
-        log.warning("resuming with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in inexact.items())
-                    + ": the run goes on, but no longer bit-exactly as an uninterrupted run would")
+        log.warning(configs.inexact_warning(inexact))
     if step >= cfg.train.max_steps and run_complete(cfg, step):
         raise UserError(f"run {cfg.run.name} already reached step {step} of train.max_steps={cfg.train.max_steps}; "
                         "pass --train.max_steps=N (larger) or --extra_steps=N to train further")

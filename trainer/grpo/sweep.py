@@ -184,11 +184,14 @@ def sweep_command(config: str | None = None, grid: str = "", **overrides) -> lis
             if STOP:
                 break
             if step_dir is not None:
-                saved = configs.from_dict(yaml.safe_load(ckpt.read_config(step_dir)))
+                saved = configs.from_dict(yaml.safe_load(ckpt.read_config(step_dir)), str(step_dir / ckpt.CONFIG))
                 changed = configs.changed_frozen_keys(saved, cfg)
                 if changed:
                     raise UserError(f"run {r['name']} was started with other {', '.join(changed)}; "
                                     f"remove {run_dirs(cfg)[0]} or pick another run.name")
+                cfg, inexact = configs.for_resume(saved, cfg)  # e.g. the thread count it was started with
+                if inexact:
+                    log.warning(configs.inexact_warning(inexact))
             print(f"[{i}/{len(runs)}] {r['name']}: " + (f"resuming from iteration {done}" if done else "starting"),
                   flush=True)
             result = grpo(cfg, resume_dir=step_dir)
