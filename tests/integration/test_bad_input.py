@@ -212,6 +212,11 @@ def bad_sample_value_in_train(ws, tmp, corpus):
     return _train(ws, corpus, "e1", **{"sample.top_k": -5}), {}, ["sample.top_k", "-5"]
 
 
+def prompt_with_no_tokens(ws, tmp, corpus):
+    # the char tokenizer knows only the corpus's characters: the end-of-run sample could not run
+    return _train(ws, corpus, "e8", **{"sample.prompt": "\u20ac\u20ac"}), {}, ["sample.prompt"]
+
+
 def negative_threads(ws, tmp, corpus):
     return _train(ws, corpus, "e2", **{"run.threads": -2}), {}, ["run.threads", "-2"]
 
@@ -345,7 +350,7 @@ CASES = [missing_config, malformed_yaml, yaml_list, unknown_cli_key, unknown_yam
          missing_corpus, blank_corpus, empty_folder, short_corpus, not_utf8, broken_jsonl, jsonl_no_field,
          token_ids_over_vocab, model_vocab_too_small, resume_no_runs, resume_only_checkpoint_corrupt,
          resume_changed_architecture, out_dir_under_file, prepared_dir_under_file,
-         bad_sample_value_in_train, negative_threads, repeated_override, stray_positional,
+         bad_sample_value_in_train, prompt_with_no_tokens, negative_threads, repeated_override, stray_positional,
          resume_non_numeric_extra_steps, sample_non_numeric_tokens, sample_negative_top_k, lora_targets_not_in_model,
          model_folder_without_weights, model_folder_broken_config, odd_length_bin, export_onto_a_file,
          export_onto_a_users_folder, resume_on_changed_data, checkpoint_state_with_code,

@@ -139,3 +139,88 @@ def test_export_replaces_only_its_own_earlier_export(finished_run, tmp_path):
                       check=False)
     assert refused.returncode == 2 and "someone-else" in refused.stderr
     assert json.loads((dest / "airlock.json").read_text()) == {"run": "someone-else"}
+
+
+def _resign(step_dir: Path, edit) -> None:
+    """Edit a checkpoint file and make MANIFEST.json agree: what a hash check cannot catch."""
+    import hashlib
+
+    edit(step_dir)
+    manifest = json.loads((step_dir / ckpt.MANIFEST).read_text())
+    for name in manifest["files"]:
+        raw = (step_dir / name).read_bytes()
+        manifest["files"][name] = {"sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw)}
+    (step_dir / ckpt.MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_older_checkpoint_without_a_data_record_still_refuses_other_data(tmp_path, corpus_dir):
+    """A checkpoint from before data fingerprints: the run's provenance and the checkpoint's own
+    tokenizer copy are what it was trained on."""
+    args = tiny_args(corpus_dir, tmp_path, "old", **{"train.max_steps": 4})
+    run_cli(["train", *args], cwd=tmp_path)
+    step_dir = tmp_path / "volumes" / "checkpoints" / "old" / "step_000004"
+
+    def drop_record(d):
+        state = json.loads((d / ckpt.TRAINER_STATE).read_text())
+        del state[ckpt.DATA]
+        (d / ckpt.TRAINER_STATE).write_text(json.dumps(state))
+    _resign(step_dir, drop_record)
+    prepared = next((tmp_path / "prepared").iterdir())
+    (prepared / "tokenizer.json").write_text((prepared / "tokenizer.json").read_text().replace('"a"', '"\\u00e4"', 1))
+    resume = ["resume", "--run=old", f"--run.out_dir={tmp_path / 'volumes'}", "--extra_steps=1"]
+    refused = run_cli(resume, cwd=tmp_path, check=False)
+    assert refused.returncode == 2 and "tokenizer.json" in refused.stderr and str(prepared) in refused.stderr
+
+
+def test_a_saved_value_out_of_range_is_fixed_by_an_override(tmp_path, corpus_dir):
+    run_cli(["train", *tiny_args(corpus_dir, tmp_path, "k", **{"train.max_steps": 3})], cwd=tmp_path)
+    step_dir = tmp_path / "volumes" / "checkpoints" / "k" / "step_000003"
+    _resign(step_dir, lambda d: (d / ckpt.CONFIG).write_text((d / ckpt.CONFIG).read_text().replace(
+        "top_k: 50", "top_k: -5")))
+    volumes = f"--out_dir={tmp_path / 'volumes'}"
+    no_override = run_cli(["sample", "--run=k", volumes], cwd=tmp_path, check=False)
+    assert no_override.returncode == 2 and "sample.top_k" in no_override.stderr and "--top_k" in no_override.stderr
+    run_cli(["sample", "--run=k", volumes, "--top_k=5", "--max_new_tokens=5"], cwd=tmp_path)
+    run_cli(["resume", "--run=k", f"--run.out_dir={tmp_path / 'volumes'}", "--extra_steps=1", "--sample.top_k=10"],
+            cwd=tmp_path)
+
+
+def test_a_copy_outside_the_run_layout_is_read_not_written(tmp_path, corpus_dir):
+    """A mirror or a read-only folder: the resume writes to the configured run, never into the copy."""
+    import hashlib
+    import shutil
+
+    run_cli(["train", *tiny_args(corpus_dir, tmp_path, "src", **{"train.max_steps": 6, "checkpoint.interval": 3})],
+            cwd=tmp_path)
+    copy = tmp_path / "backup" / "src"
+    shutil.copytree(tmp_path / "volumes" / "checkpoints" / "src", copy)
+    shutil.rmtree(tmp_path / "volumes" / "checkpoints" / "src")
+    (copy / ".lock").unlink()  # the lock file of the run it was copied from
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in copy.rglob("*") if p.is_file()}
+    out = run_cli(["resume", f"--checkpoint={copy / 'step_000003'}", "--extra_steps=1",
+                   f"--run.out_dir={tmp_path / 'volumes'}", "--run.name=src"], cwd=tmp_path)
+    after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in copy.rglob("*") if p.is_file()}
+    assert after == before and not (copy / ".lock").exists(), out.stdout
+    assert ckpt.latest_name(tmp_path / "volumes" / "checkpoints" / "src") == "step_000004"
+
+
+def test_a_copied_run_finishes_and_replaces_its_inherited_final(tmp_path, corpus_dir):
+    import shutil
+
+    run_cli(["train", *tiny_args(corpus_dir, tmp_path, "orig", **{"train.max_steps": 3})], cwd=tmp_path)
+    runs = tmp_path / "volumes" / "checkpoints"
+    shutil.copytree(runs / "orig", runs / "twin")
+    run_cli(["resume", "--run=twin", f"--run.out_dir={tmp_path / 'volumes'}", "--extra_steps=1"], cwd=tmp_path)
+    assert json.loads((runs / "twin" / "final" / "airlock.json").read_text())["run"] == "twin"
+
+
+def test_an_edited_source_is_prepared_again_for_a_fresh_run(tmp_path, corpus_dir):
+    src = tmp_path / "src.txt"
+    src.write_text((corpus_dir / "mod_00.py").read_text() * 4)
+    base = {"data.source": src, "data.name": "ed", "train.max_steps": 2}
+    run_cli(["train", *tiny_args(corpus_dir, tmp_path, "first", **base)], cwd=tmp_path)
+    src.write_text("completely different text, no code at all. " * 200)
+    second = run_cli(["train", *tiny_args(corpus_dir, tmp_path, "second", **base)], cwd=tmp_path)
+    assert "changed since" in second.stdout
+    meta = json.loads((tmp_path / "prepared" / "ed" / "meta.json").read_text())
+    assert meta["vocab_size"] < 30  # the new text's alphabet, not the code's

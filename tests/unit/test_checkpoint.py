@@ -178,3 +178,15 @@ def test_locate_without_a_run_picks_the_most_recently_written_run(tmp_path, monk
     assert ckpt.locate(out_dir=str(tmp_path)) == newer
     os.utime(root / "older" / ckpt.LATEST, (3000, 3000))
     assert ckpt.locate(out_dir=str(tmp_path)) == older
+
+
+def test_a_tracker_value_of_the_wrong_kind_is_a_corrupt_checkpoint(tmp_path):
+    import yaml  # noqa: F401  (the checkpoint module parses config.yaml with it)
+
+    from trainer import runtime
+
+    model, opt = tiny()
+    state = {ckpt.STEP: 3, ckpt.RNG: runtime.rng_state(), ckpt.TRACKER: {"recent": 5, "tokens": 10}}
+    step_dir = ckpt.save_checkpoint(tmp_path, ckpt.step_name(3), model, opt, state, {"step": 3}, "run: {}\n")
+    with pytest.raises(UserError, match="tracker.recent"):
+        ckpt.resume_training(step_dir, model, opt, {"recent": [], "tokens": 0})

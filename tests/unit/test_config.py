@@ -156,3 +156,14 @@ def test_resume_rules():
     new = C.build(base=old.to_dict(), environ={}, overrides={"run.seed": 7, "run.threads": 3, "train.log_interval": 1})
     assert C.changed_frozen_keys(old, new) == ["run.seed"]
     assert C.changed_keys(old, new, C.INEXACT_ON_RESUME) == {"run.threads": (0, 3)}
+
+
+def test_for_resume_keeps_the_recorded_threads_and_names_what_costs_exactness():
+    saved = C.build(environ={}, overrides={"run.threads": 2})
+    planned = C.build(environ={}, overrides={"train.max_steps": 400})  # a sweep plans threads=0
+    cfg, inexact = C.for_resume(saved, planned)
+    assert cfg.run.threads == 2 and inexact == {"train.max_steps": (200, 400)}
+    cfg, inexact = C.for_resume(saved, C.build(environ={}, overrides={"run.threads": 1}))
+    assert inexact == {"run.threads": (2, 1)}
+    with pytest.raises(UserError, match="run.seed"):
+        C.for_resume(saved, C.build(environ={}, overrides={"run.seed": 5}))
