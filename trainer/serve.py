@@ -529,4 +529,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, name: str = "",
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app = create_app(model, name, device, max_num_seqs)
     print(f"serving {app.state.engine.name!r} on http://{host}:{port}/v1", flush=True)
-    uvicorn.run(app, host=host, port=int(port), log_level=log_level)
+    from trainer.signals import STOP
+
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT and then raises the signal again: here it
+    # only marks the stop, so `docker stop` ends the server with exit 0 instead of an error line
+    with STOP.polling("the server has shut down"):
+        uvicorn.run(app, host=host, port=int(port), log_level=log_level)
