@@ -155,6 +155,7 @@ class GRPOConfig:
     server_adapter_dir: str = ""  # the same dir as the server sees it ("" = same path)
     concurrency: int = 4  # openai backend: requests in flight
     is_cap: float = 3.0  # openai backend: truncated importance-sampling cap (TRL's default); 0 = off
+    request_prompts: int = 1  # prompts per server request (n each; local seeds alike); >1 correlates their groups
 
 
 @dataclass(frozen=True)
@@ -436,6 +437,7 @@ RANGES = {
     "grpo.epsilon": _min(0, open_=True), "grpo.epsilon_high": _min(0), "grpo.entropy_coef": _min(0),
     "grpo.ppo_epochs": _min(1), "grpo.minibatch_size": _min(1), "grpo.grad_clip": _min(0),
     "grpo.rollout_batch": _min(1), "grpo.concurrency": _min(1), "grpo.is_cap": _min(0),
+    "grpo.request_prompts": _min(1),
 }
 CHOICES = {
     "model.type": ("from_scratch", "gpt2"), "data.tokenizer": ("gpt2", "bpe", "char"),

@@ -1,4 +1,5 @@
-"""Shared tiny components: a char tokenizer, a 2-layer random GPT-2 and its HF folder."""
+"""Shared tiny components: a char tokenizer, the real GPT-2 tokenizer, a 2-layer random GPT-2
+and its HF folder, and a real uvicorn server for apps under test."""
 
 from __future__ import annotations
 
@@ -70,6 +71,14 @@ def save_hf_folder(path, model, tok: Tokenizer) -> None:
 @pytest.fixture(scope="session")
 def tok():
     return char_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def gpt2_tok() -> Tokenizer:
+    """GPT-2's byte-level BPE (50,257 tokens), from the files every install has."""
+    from trainer import tokenizer as tk
+
+    return tk.load_gpt2("vendor/tokenizers/gpt2")
 
 
 @pytest.fixture(scope="session")

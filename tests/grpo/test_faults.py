@@ -118,10 +118,11 @@ def bad_server(model_dir):
 
     @app.post("/v1/completions")
     def completions(req: CompletionRequest):
-        if req.prompt.startswith("a"):
+        first = engine.tokenizer.decode(req.prompt[0])  # token ids, one prompt per request (request_prompts=1)
+        if first.startswith("a"):
             return PlainTextResponse('{"choices": [')
         answer = engine.complete(req)
-        if req.prompt.startswith("b"):
+        if first.startswith("b"):
             answer["choices"] = answer["choices"][:1]
         return answer
 

@@ -1,7 +1,8 @@
 """`trainer grpo` end to end on CPU, small: a run writes iter checkpoints, per-iteration
-JSON and metrics rows; stopping after 2 iterations and resuming gives bit-identical
-weights and rows to an uninterrupted run; bad settings and a dead server stop with one
-line (the dead server after keeping the last checkpoint)."""
+JSON and metrics rows (the sampler-vs-trainer logprob_mismatch among them); stopping after
+2 iterations and resuming gives bit-identical weights and rows to an uninterrupted run;
+bad settings and a dead server stop with one line (the dead server after keeping the last
+checkpoint)."""
 
 import json
 
@@ -12,7 +13,7 @@ from trainer import config as configs
 from trainer.errors import UserError
 from trainer.grpo.loop import CLOCKS, FIELDS, grpo, grpo_command
 from trainer.grpo.rollout import RolloutError
-from tests.grpo.conftest import free_port
+from tests.grpo.conftest import RunningServer, free_port, save_hf_folder, tiny_model
 
 SMALL = {"model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 32,
          "model.dropout": 0.0, "grpo.iterations": 4, "grpo.prompts_per_iter": 4, "grpo.group_size": 4,
@@ -66,6 +67,17 @@ def test_run_outputs_and_bit_exact_resume(tmp_path):
     assert new["iteration"] == 1 and ckpt.latest_name(tmp_path / "checkpoints" / "new") == "iter_000001"
 
 
+def test_single_update_per_iteration(tmp_path):
+    """ppo_epochs 1 and one minibatch: pi_old is the update's own forward (no extra pass); with
+    truncated completions masked out and the KL on, every statistic is still finite."""
+    grpo(cfg_for(tmp_path, "single", **{"grpo.ppo_epochs": 1, "grpo.minibatch_size": 64, "grpo.iterations": 2,
+                                        "grpo.mask_truncated": True, "grpo.max_tokens": 3}))
+    m = tmp_path / "metrics" / "single"
+    check_columns(m)
+    first = json.loads((m / "train_iter_001.json").read_text())
+    assert first["truncated_ratio"] > 0 and first["clip_ratio"] == 0.0  # ratio exactly 1: nothing to clip
+
+
 def test_bad_settings_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="grpo.group_size=1"):
         cfg_for(tmp_path, "x", **{"grpo.group_size": 1})
@@ -73,6 +85,35 @@ def test_bad_settings_are_one_line_errors(tmp_path):
         cfg_for(tmp_path, "x", **{"grpo.env": "chess"})
     with pytest.raises(UserError, match="model.lora=true"):
         grpo(cfg_for(tmp_path, "x", **{"grpo.backend": "openai"}))
+
+
+def test_server_rollouts_measure_the_mismatch_and_are_importance_weighted(tmp_path, model_dir, tok):
+    """Against a server whose base weights are not the trainer's (a stand-in for an engine
+    whose numerics differ), the logged mismatch is large and the truncated importance weights
+    are on (spread around 1, none above the cap); against the trainer's own weights the
+    mismatch is float rounding and the weights 1; grpo.is_cap=0 turns the weights off."""
+    from trainer.serve import create_app
+
+    other = tmp_path / "other-base"
+    save_hf_folder(other, tiny_model(tok.get_vocab_size(), seed=7), tok)
+    lora = {"model.type": "gpt2", "model.path": str(model_dir), "data.tokenizer": "gpt2", "model.lora": True,
+            "model.lora_dropout": 0.0, "grpo.backend": "openai", "grpo.iterations": 1, "grpo.beta": 0.0,
+            "eval.interval": 0, "server.retries": 1}
+    seen = {}
+    for name, base, extra in (("same", model_dir, {}), ("other", other, {}), ("off", other, {"grpo.is_cap": 0})):
+        server = RunningServer(create_app(str(base), name="tiny"))
+        try:
+            grpo(cfg_for(tmp_path, name, **{**lora, "server.url": server.url, **extra}))
+        finally:
+            server.stop()
+        seen[name] = json.loads((tmp_path / "metrics" / name / "train_iter_001.json").read_text())
+    same, other, off = seen["same"], seen["other"], seen["off"]
+    assert same["logprob_mismatch"] < 1e-4
+    assert 1 - 1e-4 < same["is_weight_min"] <= same["is_weight_max"] < 1 + 1e-4
+    assert other["logprob_mismatch"] > 0.1
+    assert 0 < other["is_weight_min"] < 0.9 and 1.1 < other["is_weight_max"] <= 3.0  # none above the cap
+    assert "is_weight_mean" not in off and off["logprob_mismatch"] == other["logprob_mismatch"]
+    assert off["loss"] != other["loss"]
 
 
 def test_dead_server_stops_with_a_clear_line(tmp_path, model_dir):
@@ -85,8 +126,9 @@ def test_dead_server_stops_with_a_clear_line(tmp_path, model_dir):
     assert url in str(e.value) and "\n" not in str(e.value)
 
 
-REQUIRED = ("reward_mean", "reward_std", "zero_std_frac", "kl", "clip_ratio", "entropy", "len_mean", "len_min",
-            "len_max", "truncated_ratio", "tokens", "rollout_s", "train_s", "sync_s", "iter_s", "loss")
+REQUIRED = ("reward_mean", "reward_std", "zero_std_frac", "kl", "clip_ratio", "entropy", "logprob_mismatch",
+            "len_mean", "len_min", "len_max", "truncated_ratio", "tokens", "rollout_s", "train_s", "sync_s", "iter_s",
+            "loss")
 
 
 def check_columns(metrics_dir):
@@ -113,3 +155,5 @@ def check_columns(metrics_dir):
             assert row["eval_reward"] == ""
         saved = json.loads((metrics_dir / f"train_iter_{it:03d}.json").read_text())
         assert saved["tokens"] == int(row["tokens"]) and saved["reward_mean"] == float(row["reward_mean"])
+        # the local sampler and the trainer score the same weights: they differ by float rounding only
+        assert saved["logprob_mismatch"] == float(row["logprob_mismatch"]) < 1e-4

@@ -181,8 +181,6 @@ def test_locate_without_a_run_picks_the_most_recently_written_run(tmp_path, monk
 
 
 def test_a_tracker_value_of_the_wrong_kind_is_a_corrupt_checkpoint(tmp_path):
-    import yaml  # noqa: F401  (the checkpoint module parses config.yaml with it)
-
     from trainer import runtime
 
     model, opt = tiny()

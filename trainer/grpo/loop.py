@@ -3,10 +3,18 @@
 Iteration k (1-based) samples G completions for each of B training problems (ids of
 iteration k-1 in the "train" namespace) with the weights after k-1 updates ("version"
 k-1), scores them with the env's reward function, and runs `ppo_epochs` passes of
-minibatch AdamW steps on the objective in algorithm.py. Old log-probs are computed once,
-before the first update; the reference is the base model with the LoRA adapter disabled
-(or a frozen copy of the initial weights), and is skipped when beta == 0. Dropout is off
-throughout (eval mode), so old and new log-probs come from the same function.
+minibatch AdamW steps on the objective in algorithm.py. A prompt is tokenized once: those
+ids go to the sampler and into the training batch, followed by the completion's ids as
+sampled (rollout.py), so training sees exactly what was sampled. Old log-probs are computed
+once, before the first update (with a single update, by that update's own forward); the
+reference is the base model with the LoRA adapter disabled (or a frozen copy of the initial
+weights), and is skipped when beta == 0. Dropout is off throughout (eval mode), so old and
+new log-probs come from the same function.
+
+Each iteration logs `logprob_mismatch`, the mean |sampler log-prob - trainer log-prob| of
+the sampled tokens (the local sampler or the server against pi_old), in metrics.csv and
+train_iter_NNN.json; server rollouts are importance-weighted (grpo.is_cap, algorithm.py)
+and the JSON adds the weights' `is_weight_mean`, `is_weight_min` and `is_weight_max`.
 
 With backend=openai each version is written as a LoRA adapter to a shared directory and
 loaded into the server before it is sampled from; train_iter_NNN.json names the adapter
@@ -37,14 +45,15 @@ from trainer import tokenizer as tk
 from trainer.errors import UserError
 from trainer.signals import STOP, Stopped
 from trainer.grpo import envs
-from trainer.grpo.algorithm import group_advantages, grpo_loss, mask_truncated_completions, token_logprobs
+from trainer.grpo.algorithm import (Scores, group_advantages, grpo_loss, importance_weights, logprob_mismatch,
+                                    mask_truncated_completions, scoring_temperature, token_logprobs)
 from trainer.grpo.rollout import AdapterSync, LocalBackend, OpenAIBackend, RolloutError, SamplingParams
 
 log = logging.getLogger("trainer")
 
 FIELDS = ("iteration", "reward_mean", "reward_std", "zero_std_frac", "loss", "kl", "clip_ratio", "entropy",
-          "len_mean", "len_min", "len_max", "truncated_ratio", "tokens", "skipped_groups", "rollout_s", "train_s",
-          "sync_s", "eval_s", "iter_s", "eval_reward", "eval_pass_rate", "adapter")
+          "logprob_mismatch", "len_mean", "len_min", "len_max", "truncated_ratio", "tokens", "skipped_groups",
+          "rollout_s", "train_s", "sync_s", "eval_s", "iter_s", "eval_reward", "eval_pass_rate", "adapter")
 CLOCKS = ("rollout_s", "train_s", "sync_s", "eval_s", "iter_s")  # wall-clock seconds: differ between equal runs
 EVAL_SEED = 999_983  # eval sampling seed offset: the same held-out samples every evaluation
 
@@ -84,30 +93,36 @@ def _seed(run_seed: int, iteration: int, salt: int = 0) -> int:
     return (run_seed * 1_000_003 + iteration * 7919 + salt) % (2**31 - 1)
 
 
-def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int):
-    """-> ids (N, T), attention (N, T), completion mask (N, T-1) aligned with token_logprobs."""
+def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
+         logprobs: list[list[float]] | None = None):
+    """-> ids (N, T), attention (N, T), completion mask (N, T-1) aligned with token_logprobs, and
+    the sampler's log-probs (N, T-1) at the same positions (0 elsewhere; zeros without `logprobs`)."""
     width = max(len(p) + len(c) for p, c in zip(prompts, completions))
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     attn = torch.zeros_like(ids)
     comp = torch.zeros((len(prompts), width - 1))
+    sampler = torch.zeros((len(prompts), width - 1))
     for i, (p, c) in enumerate(zip(prompts, completions)):
         ids[i, : len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
         attn[i, : len(p) + len(c)] = 1
         comp[i, len(p) - 1: len(p) + len(c) - 1] = 1  # logprob of token j is at j-1
-    return ids, attn, comp
+        if logprobs is not None:
+            sampler[i, len(p) - 1: len(p) + len(c) - 1] = torch.tensor(logprobs[i], dtype=torch.float32)
+    return ids, attn, comp, sampler
 
 
-def _reference_logps(policy, ref, ids, attn):
+def _reference_logps(policy, ref, ids, attn, mask, temperature):
     if ref is not None:
-        return token_logprobs(ref, ids, attn)[0]
+        return token_logprobs(ref, ids, attn, mask, temperature).logps
     with policy.disable_adapter():  # LoRA: the base model is the reference
-        return token_logprobs(policy, ids, attn)[0]
+        return token_logprobs(policy, ids, attn, mask, temperature).logps
 
 
-def evaluate(backend, cfg, params, reward) -> dict:
+def evaluate(backend, cfg, params, reward, tok) -> dict:
     g, e = cfg.grpo, cfg.eval
     problems = envs.eval_problems(g.env, e.num_problems, **env_options(g))
-    groups = backend.generate([p.prompt for p in problems], e.replicates, _seed(cfg.run.seed, 0, EVAL_SEED), params)
+    prompts = [tok.encode(p.prompt).ids for p in problems]
+    groups = backend.generate(prompts, e.replicates, _seed(cfg.run.seed, 0, EVAL_SEED), params)
     per_problem, scores = [], []
     for p, grp in zip(problems, groups):
         if grp is None:
@@ -121,55 +136,97 @@ def evaluate(backend, cfg, params, reward) -> dict:
             "num_problems": len(per_problem), "replicates": e.replicates, "problems": per_problem}
 
 
-def train_epoch(policy, ref, optimizer, batch, cfg, iteration: int) -> dict:
+def train_epoch(policy, ref, optimizer, batch, cfg, iteration: int, server: bool = False) -> dict:
+    """ppo_epochs passes of minibatch updates on one iteration's rollouts. `server`: they came from
+    a server, so the truncated importance weights (grpo.is_cap) apply.
+
+    pi_old's log-probs (and, at temperature 1, the ones compared with the sampler's) come from
+    one no-grad pass before the first update. With a single update (ppo_epochs 1, one
+    minibatch) that pass would score the very weights the update scores, so the update's own
+    forward, detached, is pi_old (TRL does the same) and the extra pass is skipped."""
     g = cfg.grpo
-    ids, attn, comp, adv = batch["ids"], batch["attn"], batch["mask"], batch["adv"]
+    tau = scoring_temperature(g.temperature)
+    ids, attn, adv, sampler = batch["ids"], batch["attn"], batch["adv"], batch["sampler"]
+    sampled, mask = batch["sampled"], batch["mask"]  # (N, T-1): every sampled token / the loss's tokens
+    single = g.ppo_epochs == 1 and g.minibatch_size >= len(ids)
+    scored = sampled if single else mask  # the positions the update steps score
     with torch.no_grad():
-        old = token_logprobs(policy, ids, attn)[0]
-        ref_logps = _reference_logps(policy, ref, ids, attn) if g.beta else None
+        old = None if single else token_logprobs(policy, ids, attn, sampled, tau, with_entropy=True, with_raw=True)
+        ref_logps = _reference_logps(policy, ref, ids, attn, scored, tau) if g.beta else None
+    stats: dict[str, list] = {"loss": [], "kl": [], "clip_ratio": []}
     params = [p for p in policy.parameters() if p.requires_grad]
-    stats: dict[str, list] = {"loss": [], "kl": [], "clip_ratio": [], "entropy": []}
+    weights = None
     for epoch in range(g.ppo_epochs):
         order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(_seed(cfg.run.seed, iteration, epoch)))
         for at in range(0, len(ids), g.minibatch_size):
             mb = order[at: at + g.minibatch_size]
-            logps, entropy = token_logprobs(policy, ids[mb], attn[mb], with_entropy=True)
-            loss, s = grpo_loss(logps, old[mb], adv[mb], comp[mb], g.epsilon, g.epsilon_high or None, g.beta,
-                                None if ref_logps is None else ref_logps[mb], entropy, g.entropy_coef, g.loss_agg)
+            new = token_logprobs(policy, ids[mb], attn[mb], scored[mb], tau, with_entropy=single or g.entropy_coef > 0,
+                                 with_raw=single)
+            if single:
+                old = _in_batch_order(new, mb)
+            if server and g.is_cap and weights is None:
+                weights = importance_weights(old.raw, sampler, mask, g.is_cap)
+            loss, s = grpo_loss(new.logps, (old.logps * mask)[mb], adv[mb], mask[mb], g.epsilon,
+                                g.epsilon_high or None, g.beta, None if ref_logps is None else ref_logps[mb],
+                                new.entropy, g.entropy_coef, g.loss_agg, None if weights is None else weights[mb])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if g.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, g.grad_clip)
             optimizer.step()
             stats["loss"].append(float(loss.detach()))
-            for k, v in s.items():
-                stats[k].append(v)
-    return {k: (sum(v) / len(v) if v else None) for k, v in stats.items()}
+            for k in ("kl", "clip_ratio"):
+                if k in s:
+                    stats[k].append(s[k])
+    out = {k: (sum(v) / len(v) if v else None) for k, v in stats.items()}
+    n = sampled.sum().clamp(min=1)
+    # entropy of the policy that sampled (pi_old at the scoring temperature) over the sampled
+    # tokens, from the pass that records pi_old: the update steps need not compute it
+    out["entropy"] = float((old.entropy * sampled).sum() / n)
+    out["logprob_mismatch"] = logprob_mismatch(old.raw, sampler, sampled)
+    if weights is not None:  # over the loss's tokens, as TRL logs its importance_sampling_ratio
+        on = weights[mask.bool()]
+        out["is_weight_mean"] = float(on.mean()) if len(on) else None
+        out["is_weight_min"], out["is_weight_max"] = (float(on.min()), float(on.max())) if len(on) else (None, None)
+    return out
+
+
+def _in_batch_order(scores: Scores, rows: torch.Tensor) -> Scores:
+    """A minibatch's Scores (rows = batch indices, a permutation of all of them), detached and put
+    back in batch order."""
+    def back(x):
+        if x is None:
+            return None
+        out = torch.empty_like(x, requires_grad=False)
+        out[rows] = x.detach()
+        return out
+    return Scores(back(scores.logps), back(scores.entropy), back(scores.raw))
 
 
 def rollout_batch(backend, cfg, problems, params, reward, pad_id: int, tok, iteration: int):
     g = cfg.grpo
-    groups = backend.generate([p.prompt for p in problems], g.group_size, _seed(cfg.run.seed, iteration), params)
-    kept = [(p, grp) for p, grp in zip(problems, groups) if grp is not None]
+    prompt_ids = [tok.encode(p.prompt).ids for p in problems]  # once: the server gets these ids, training too
+    groups = backend.generate(prompt_ids, g.group_size, _seed(cfg.run.seed, iteration), params)
+    kept = [(p, ids, grp) for p, ids, grp in zip(problems, prompt_ids, groups) if grp is not None]
     skipped = len(problems) - len(kept)
     if not kept:
         raise RolloutError(f"iteration {iteration}: every group was skipped by the server; see the log for why")
-    rewards = torch.tensor([[reward(p, c.text) for c in grp] for p, grp in kept])
+    rewards = torch.tensor([[reward(p, c.text) for c in grp] for p, _, grp in kept])
     adv, zero = group_advantages(rewards, g.scale_rewards)
-    prompts = [tok.encode(p.prompt).ids for p, grp in kept for _ in grp]
-    comps = [c.token_ids for _, grp in kept for c in grp]
-    truncated = torch.tensor([c.finish_reason == "length" for _, grp in kept for c in grp])
-    ids, attn, mask = pack(prompts, comps, pad_id)
-    if g.mask_truncated:
-        mask = mask_truncated_completions(mask, truncated)
-    lengths = [len(c) for c in comps]
+    done = [c for _, _, grp in kept for c in grp]
+    prompts = [ids for _, ids, grp in kept for _ in grp]
+    ids, attn, sampled, sampler = pack(prompts, [c.token_ids for c in done], pad_id, [c.logprobs for c in done])
+    truncated = torch.tensor([c.finish_reason == "length" for c in done])
+    mask = mask_truncated_completions(sampled, truncated) if g.mask_truncated else sampled
+    lengths = [len(c.token_ids) for c in done]
     stats = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
              "zero_std_frac": zero / len(kept), "len_mean": sum(lengths) / len(lengths), "len_min": min(lengths),
              "len_max": max(lengths), "truncated_ratio": float(truncated.float().mean()), "tokens": sum(lengths),
              "skipped_groups": skipped}
     samples = [{"id": p.id, "prompt": p.prompt, "rewards": rewards[i].tolist(), "completions": [c.text for c in grp]}
-               for i, (p, grp) in enumerate(kept)]
-    return {"ids": ids, "attn": attn, "mask": mask, "adv": adv.reshape(-1)}, stats, samples
+               for i, (p, _, grp) in enumerate(kept)]
+    batch = {"ids": ids, "attn": attn, "sampled": sampled, "mask": mask, "adv": adv.reshape(-1), "sampler": sampler}
+    return batch, stats, samples
 
 
 def check_lengths(cfg, tok, positions: int) -> None:
@@ -248,12 +305,12 @@ def _grpo(cfg, resume_dir: Path | None) -> dict:
 
     if g.backend == "openai":
         backend = OpenAIBackend(cfg.server.url, "", tok, eos, cfg.server.timeout, cfg.server.retries,
-                                concurrency=g.concurrency)
+                                concurrency=g.concurrency, request_prompts=g.request_prompts)
         backend.wait_ready()
         adapter_dir = Path(g.adapter_dir or Path(cfg.run.out_dir) / "adapters" / cfg.run.name)
         sync = AdapterSync(backend, adapter_dir, prefix=cfg.run.name, server_dir=g.server_adapter_dir)
     else:
-        backend, sync = LocalBackend(policy, tok, eos, g.rollout_batch), None
+        backend, sync = LocalBackend(policy, tok, eos, g.rollout_batch, g.request_prompts), None
     params = SamplingParams(g.max_tokens, g.temperature, g.top_p, tuple(g.stop))
     tok_json = tok.to_str().encode()
     (metrics_dir / ckpt.CONFIG).write_text(cfg.to_yaml())
@@ -270,7 +327,7 @@ def _grpo(cfg, resume_dir: Path | None) -> dict:
     def run_eval(iteration: int) -> dict:
         t0 = time.perf_counter()
         sync_s = ensure_pushed(iteration)["sync_s"]
-        result = evaluate(backend, cfg, params, reward)
+        result = evaluate(backend, cfg, params, reward, tok)
         result.update(iteration=iteration, adapter=pushed["adapter"], eval_s=time.perf_counter() - t0, sync_s=sync_s)
         _write_json(metrics_dir / f"eval_iter_{iteration:03d}.json", result)
         tracker["evals"].append([iteration, result["mean_reward"]])
@@ -289,7 +346,7 @@ def _grpo(cfg, resume_dir: Path | None) -> dict:
                 problems = envs.train_problems(g.env, it - 1, g.prompts_per_iter, **env_options(g))
                 batch, stats, samples = rollout_batch(backend, cfg, problems, params, reward, eos, tok, it)
                 t2 = time.perf_counter()
-                stats.update(train_epoch(policy, ref, optimizer, batch, cfg, it))
+                stats.update(train_epoch(policy, ref, optimizer, batch, cfg, it, server=sync is not None))
                 t3 = time.perf_counter()
                 stats.update(iteration=it, rollout_s=t2 - t1, train_s=t3 - t2, sync_s=sync_s,
                              adapter=pushed["adapter"], adapter_sha256=pushed.get("sha256"))
