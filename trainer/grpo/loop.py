@@ -28,6 +28,7 @@ continues bit-exactly on CPU with the local backend.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -300,7 +301,8 @@ def _grpo(cfg, resume_dir: Path | None) -> dict:
                                   betas=(cfg.train.beta1, cfg.train.beta2), weight_decay=0.0)
     start, tracker = 0, {"best_eval": None, "evals": []}
     if resume_dir is not None:
-        start = ckpt.resume_training(resume_dir, policy, optimizer, tracker, map_location=device)
+        start = ckpt.resume_training(resume_dir, policy, optimizer, tracker, map_location=device,
+                                     run_dir=ckpt_dir)
         log.info(f"resumed {cfg.run.name} from {resume_dir} at iteration {start}")
 
     if g.backend == "openai":
@@ -407,8 +409,10 @@ def grpo_command(config: str | None = None, resume: str = "", **overrides) -> di
     probe = configs.build(yaml_path=config, overrides={k: v for k, v in overrides.items() if k == "run.out_dir"})
     where = (resume if not Path(resume).is_dir() else None, resume if Path(resume).is_dir() else None,
              probe.run.out_dir)
-    # locked before anything is read: a live writer of this run would prune what we read
-    with ckpt.lock_run(ckpt.run_folder(*where)):
+    source = ckpt.run_folder(*where)
+    # a run resumed where it lies is locked before anything is read (a live writer would prune
+    # what we read); a copy elsewhere is only read, and grpo() locks the run it writes
+    with ckpt.lock_run(source) if ckpt.writes_in_place(source) else contextlib.nullcontext():
         step_dir = ckpt.locate(*where)
         return _resume(step_dir, config, overrides)
 
@@ -421,8 +425,8 @@ def _resume(step_dir: Path, config: str | None, overrides: dict) -> dict:
                         f"`trainer resume --run {step_dir.parent.name}`, or start GRPO from it with model.path")
     saved = configs.from_dict(yaml.safe_load(ckpt.read_config(step_dir)), f"{step_dir / ckpt.CONFIG}")
     cfg = configs.build(base=saved.to_dict(), yaml_path=config, overrides=overrides)
-    changed = configs.changed_frozen_keys(saved, cfg)
-    if changed:
-        raise UserError(f"cannot change {', '.join(changed)} on resume; start a new run instead")
+    cfg, inexact = configs.for_resume(saved, cfg)
+    if inexact:
+        log.warning(configs.inexact_warning(inexact))
     cfg = cfg.replace(run=ckpt.run_config_for(step_dir, cfg.run))
     return grpo(cfg, resume_dir=step_dir)
