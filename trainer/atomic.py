@@ -14,6 +14,8 @@ import secrets
 import shutil
 from pathlib import Path
 
+from trainer.errors import UserError
+
 TMP_TAG = ".airlock-"
 
 
@@ -31,21 +33,26 @@ def _tmp_prefix(dst: Path) -> str:
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    """Replace `path` with `data`: temp file in the same folder, fsync, rename, fsync the folder."""
+    """Replace `path` with `data`: temp file in the same folder, fsync, rename, fsync the folder.
+    A full disk or a read-only folder is a UserError naming the file; the old file stays."""
     path = Path(path)
     tmp = path.parent / f"{_tmp_prefix(path)}{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask's mode, as open() gives
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask's mode, as open() gives
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        fsync_dir(path.parent)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e}); free disk space or check the folder's "
+                        "permissions") from None
 
 
 def write_json(path: Path, obj) -> None:

@@ -198,8 +198,8 @@ def _train(cfg, resume_dir: Path | None, ckpt_dir: Path, metrics_dir: Path) -> d
              f"{t.max_steps} steps x {t.batch_size * t.grad_accum} sequences; grad clip {clip}")
     run_info = provenance(cfg, meta, device, cfg.model)
     atomic.write_json(metrics_dir / "manifest.json", run_info)
-    (ckpt_dir / ckpt.CONFIG).write_text(cfg.to_yaml())
-    (metrics_dir / ckpt.CONFIG).write_text(cfg.to_yaml())
+    atomic.write_bytes(ckpt_dir / ckpt.CONFIG, cfg.to_yaml().encode())
+    atomic.write_bytes(metrics_dir / ckpt.CONFIG, cfg.to_yaml().encode())
 
     rows = metrics.Metrics(metrics_dir, resume_step=start_step)
     tokens_per_step = t.batch_size * t.grad_accum * block_size

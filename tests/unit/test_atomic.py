@@ -72,3 +72,12 @@ def test_write_json_is_whole_and_readable_by_others(tmp_path):
     atomic.write_json(path, {"a": 1})
     assert path.read_text() == '{\n  "a": 1\n}\n' and [p.name for p in tmp_path.iterdir()] == ["s.json"]
     assert path.stat().st_mode & 0o044  # the umask's mode, not mkstemp's 0600
+
+
+def test_a_write_that_cannot_happen_is_one_line_and_keeps_the_old_file(tmp_path):
+    from trainer.errors import UserError
+
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UserError, match="a_file/s.json"):
+        atomic.write_json(tmp_path / "a_file" / "s.json", {"a": 1})
+    assert (tmp_path / "a_file").read_text() == "x"

@@ -31,13 +31,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
 
 import torch
 
+from trainer import atomic
 from trainer import checkpoint as ckpt
 from trainer import config as configs
 from trainer import metrics, offline, runtime
@@ -251,12 +251,6 @@ def resume_hint(cfg) -> str:
     return cmd
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def grpo(cfg, resume_dir: Path | None = None) -> dict:
     """Run (or continue) GRPO. -> summary with the last iteration and eval rewards. The run is
     locked for the whole call: a second writer of the same run is refused."""
@@ -315,7 +309,7 @@ def _grpo(cfg, resume_dir: Path | None) -> dict:
         backend, sync = LocalBackend(policy, tok, eos, g.rollout_batch, g.request_prompts), None
     params = SamplingParams(g.max_tokens, g.temperature, g.top_p, tuple(g.stop))
     tok_json = tok.to_str().encode()
-    (metrics_dir / ckpt.CONFIG).write_text(cfg.to_yaml())
+    atomic.write_bytes(metrics_dir / ckpt.CONFIG, cfg.to_yaml().encode())
     rows = metrics.Metrics(metrics_dir, fields=FIELDS, resume_step=start, key="iteration")
     pushed = {"adapter": None, "version": None}
 
@@ -331,7 +325,7 @@ def _grpo(cfg, resume_dir: Path | None) -> dict:
         sync_s = ensure_pushed(iteration)["sync_s"]
         result = evaluate(backend, cfg, params, reward, tok)
         result.update(iteration=iteration, adapter=pushed["adapter"], eval_s=time.perf_counter() - t0, sync_s=sync_s)
-        _write_json(metrics_dir / f"eval_iter_{iteration:03d}.json", result)
+        atomic.write_json(metrics_dir / f"eval_iter_{iteration:03d}.json", result)
         tracker["evals"].append([iteration, result["mean_reward"]])
         log.info(f"eval iter {iteration}: mean reward {result['mean_reward']:.3f}, pass rate {result['pass_rate']:.3f}")
         return result
@@ -358,7 +352,7 @@ def _grpo(cfg, resume_dir: Path | None) -> dict:
                     stats.update(eval_reward=ev["mean_reward"], eval_pass_rate=ev["pass_rate"], eval_s=ev["eval_s"],
                                  sync_s=sync_s + ev["sync_s"])
                 stats["iter_s"] = time.perf_counter() - t0  # sync + rollout + train + eval
-                _write_json(metrics_dir / f"train_iter_{it:03d}.json", {**stats, "server_stats": dict(backend.stats),
+                atomic.write_json(metrics_dir / f"train_iter_{it:03d}.json", {**stats, "server_stats": dict(backend.stats),
                                                                         "groups": samples})
                 rows.log({k: stats.get(k) for k in FIELDS})
                 # the tracker (best eval) is updated before it is saved, so a resumed run knows the best so far
