@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except BrokenPipeError:  # the reader went away (`trainer --help | head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     except (Stopped, KeyboardInterrupt) as e:
         signum = getattr(e, "signum", 2)
         what = f"`trainer {argv[0]}`" if argv else "trainer"

@@ -428,8 +428,9 @@ def resume_command(run: str | None = None, checkpoint: str | None = None, extra_
       run: run name under volumes/checkpoints (or its path); default: the most recent run.
       checkpoint: a step directory to continue from (also $CHECKPOINT_PATH).
       extra_steps: train this many steps past the checkpoint (sets train.max_steps).
-      overrides: --section.key=value for length, intervals and logging; model.* and data.*
-        keys are fixed by the checkpoint.
+      overrides: --section.key=value for length, intervals and logging; model.*, data.* and
+        run.seed are fixed by the checkpoint; keys that change the numbers (threads, batch,
+        learning rate...) may change, with a warning that the run is no longer bit-exact.
     """
     probe = configs.build(overrides={k: v for k, v in overrides.items() if k.startswith("run.out_dir")})
     checkpoint = checkpoint or (None if run else os.environ.get("CHECKPOINT_PATH"))
