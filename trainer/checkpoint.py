@@ -690,8 +690,9 @@ def _resolve(run: str | None, checkpoint: str | None, out_dir: str) -> tuple[Pat
     explicit = checkpoint or (None if run else os.environ.get("CHECKPOINT_PATH"))
     if explicit:
         path = Path(explicit)
-        if not path.exists():
-            raise UserError(f"checkpoint {path} does not exist; give a step directory such as "
+        if not path.is_dir():
+            what = "is not a folder" if path.exists() else "does not exist"
+            raise UserError(f"checkpoint {path} {what}; give a step directory such as "
                             f"{out_dir}/checkpoints/<run>/step_000100")
         return path, (path / MANIFEST).exists() or path.name.rsplit("_", 1)[-1].isdigit()
     root = Path(out_dir) / "checkpoints"

@@ -401,9 +401,12 @@ class Range:
                 and (self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)))
 
     def __str__(self) -> str:
+        def show(v) -> str:
+            return f"{v:g}" if isinstance(v, float) else str(v)
+
         if self.hi is None:
-            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
-        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+            return f"{'>' if self.lo_open else '>='} {show(self.lo)}"
+        return f"in {'(' if self.lo_open else '['}{show(self.lo)}, {show(self.hi)}{')' if self.hi_open else ']'}"
 
 
 def _min(lo, open_: bool = False) -> Range:

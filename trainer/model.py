@@ -47,6 +47,18 @@ def build_model(model_cfg, vocab_size: int, eot_id: int, seed: int):
     return model, block_size
 
 
+def check_pretrained(path: str | Path) -> Path:
+    """A cheap look at a model folder, so a wrong model.path is refused before data is prepared."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"model.path={str(path)!r} holds no HF model (config.json missing); run `just vendor` "
+                        "(or `just vendor --fixture` for a tiny test model) or point model.path at a local folder")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
+        raise UserError(f"model.path={str(path)!r} has a config.json but no weights (*.safetensors); copy the "
+                        "model's weight files there or run `just vendor` again")
+    return path
+
+
 def load_pretrained(path: str | Path, dropout: float | None = None):
     """A local HF folder, never the Hub. A folder that is not a loadable model is one line."""
     from transformers import AutoModelForCausalLM
@@ -55,13 +67,7 @@ def load_pretrained(path: str | Path, dropout: float | None = None):
     from trainer.offline import NetworkBlocked
 
     hf_logging.disable_progress_bar()  # a "Loading weights" bar on stderr would bury a one-line error
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise UserError(f"model.path={str(path)!r} holds no HF model (config.json missing); run `just vendor` "
-                        "(or `just vendor --fixture` for a tiny test model) or point model.path at a local folder")
-    if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
-        raise UserError(f"model.path={str(path)!r} has a config.json but no weights (*.safetensors); copy the "
-                        "model's weight files there or run `just vendor` again")
+    path = check_pretrained(path)
     kwargs = {}
     if dropout is not None:
         kwargs = dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)

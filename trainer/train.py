@@ -156,6 +156,8 @@ def _train(cfg, resume_dir: Path | None, ckpt_dir: Path, metrics_dir: Path) -> d
         log.warning(f"run.threads={threads} but this host has {os.cpu_count()} CPUs: kept so that the run stays "
                     "bit-exact (slower); pass --run.threads=N to trade exactness for speed")
     device = runtime.pick_device(cfg.run.device)
+    if cfg.model.type == "gpt2":
+        models.check_pretrained(cfg.model.path)  # before minutes of data preparation, not after
 
     expect = expected_data(resume_dir, metrics_dir) if resume_dir is not None else None
     prepared = data.find_prepared(cfg.data, expect)
