@@ -5,6 +5,7 @@ a down server (one line naming the URL), malformed JSON and short answers (count
 skips), refuses a server that does not return token ids, and a pushed LoRA adapter is what
 the server samples with."""
 
+import contextlib
 import threading
 import time
 
@@ -58,6 +59,16 @@ def test_local_and_server_agree(server, model_dir, tok):
     assert float(((trainer - sampler) * sampled).abs().max()) < 1e-4
 
 
+@contextlib.contextmanager
+def backend_for(app, tok, **options):
+    """`app` served for real on loopback, and an OpenAIBackend pointed at it."""
+    s = RunningServer(app)
+    try:
+        yield OpenAIBackend(s.url, "m", tok, eos_id=0, **options)
+    finally:
+        s.stop()
+
+
 def test_requests_are_batched_concurrent_and_in_prompt_order(tok):
     """A server that answers each prompt with its own ids: 7 prompts, 2 per request, up to 3
     requests in flight; the later requests are answered first, the groups still come back
@@ -80,13 +91,9 @@ def test_requests_are_batched_concurrent_and_in_prompt_order(tok):
             live["now"] -= 1
         return {"model": body["model"], "choices": choices}
 
-    s = RunningServer(app)
     texts = ["a", "b", "c", "d", "a*", "b*", "c*"]
-    try:
-        backend = OpenAIBackend(s.url, "m", tok, eos_id=0, concurrency=3, request_prompts=2)
+    with backend_for(app, tok, concurrency=3, request_prompts=2) as backend:
         groups = backend.generate(ids(tok, texts), 2, 50, SamplingParams(max_tokens=2))
-    finally:
-        s.stop()
     assert [[c.text for c in g] for g in groups] == [[t, t] for t in texts]
     assert [c.token_ids for c in groups[4]] == [tok.encode("a*").ids] * 2
     assert sorted((p, seed) for p, seed, _ in seen) == sorted(
@@ -133,12 +140,8 @@ def test_malformed_and_short_answers_are_counted_skips(tok):
             return answer(tok, body, "bb", n=1)  # one choice where n were asked for
         return answer(tok, body)
 
-    s = RunningServer(app)
-    try:
-        backend = OpenAIBackend(s.url, "m", tok, eos_id=0, retries=1, backoff=0.01)
+    with backend_for(app, tok, retries=1, backoff=0.01) as backend:
         groups = backend.generate(ids(tok), 3, 0, PARAMS)
-    finally:
-        s.stop()
     assert groups[0] is None and groups[1] is None
     assert [c.text for c in groups[2]] == ["cc"] * 3 and groups[2][0].token_ids == tok.encode("cc").ids
     assert groups[2][0].logprobs == [-0.5] * 2
@@ -155,12 +158,8 @@ def test_a_short_group_in_a_batch_skips_that_group_only(tok):
         full["choices"] = [c for c in full["choices"] if c["index"] != body["n"] + 1]  # prompt 1 loses a choice
         return full
 
-    s = RunningServer(app)
-    try:
-        backend = OpenAIBackend(s.url, "m", tok, eos_id=0, retries=0, request_prompts=3)
+    with backend_for(app, tok, retries=0, request_prompts=3) as backend:
         groups = backend.generate(ids(tok), 2, 0, PARAMS)
-    finally:
-        s.stop()
     assert groups[1] is None and len(groups[0]) == len(groups[2]) == 2
     assert backend.stats == {**backend.stats, "requests": 1, "short_groups": 1, "skipped_groups": 1}
 
@@ -177,13 +176,9 @@ def test_a_server_without_token_ids_is_refused(tok):
              "logprobs": {"tokens": ["a", "b"], "token_logprobs": [-1.0, -1.0]}}
             for i in range(body["n"] * len(body["prompt"]))]}
 
-    s = RunningServer(app)
-    try:
-        with pytest.raises(RolloutError) as e:
-            OpenAIBackend(s.url, "m", tok, eos_id=0).generate(ids(tok), 2, 0, PARAMS)
-    finally:
-        s.stop()
-    assert s.url in str(e.value) and "token ids" in str(e.value) and "\n" not in str(e.value)
+    with backend_for(app, tok) as backend, pytest.raises(RolloutError) as e:
+        backend.generate(ids(tok), 2, 0, PARAMS)
+    assert backend.url in str(e.value) and "token ids" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_adapter_push_is_what_the_server_samples(server, model_dir, tok, tmp_path):
