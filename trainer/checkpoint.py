@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from trainer import atomic
 from trainer.atomic import fsync_dir
 from trainer.errors import UserError
 
@@ -614,12 +615,9 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def _replace_dir(src_dir: Path, dst: Path, link: bool) -> None:
-    """Copy (or link) src_dir to dst atomically: dst.tmp, fsync, then swap in. Call it under the
-    lock of dst's folder. A failed or interrupted copy removes its partial folder."""
-    tmp, old = dst.with_name(dst.name + ".tmp"), dst.with_name(dst.name + ".old")
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    """Copy (or link) src_dir to dst: built beside it and swapped in (trainer.atomic), so a
+    failed or interrupted copy removes its partial folder and never replaces a good one."""
+    with atomic.staging_dir(dst) as tmp:
         for f in sorted(src_dir.iterdir()):
             if link:
                 _link_or_copy(f, tmp / f.name)
@@ -627,16 +625,7 @@ def _replace_dir(src_dir: Path, dst: Path, link: bool) -> None:
                 shutil.copyfile(f, tmp / f.name)
                 with open(tmp / f.name, "rb+") as fh:
                     os.fsync(fh.fileno())
-        fsync_dir(tmp)
-        shutil.rmtree(old, ignore_errors=True)
-        if dst.exists():
-            os.replace(dst, old)
-        os.replace(tmp, dst)
-        fsync_dir(dst.parent)
-    except BaseException:
-        _undo(tmp, old, dst)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        atomic.replace_dir(tmp, dst)
 
 
 def update_best(run_dir: Path, step_dir: Path, metric: dict) -> None:
