@@ -278,9 +278,25 @@ def _recorded_sha256(path: Path) -> dict:
     return recorded if isinstance(recorded, dict) else {}
 
 
+_hashed: dict[tuple, str] = {}  # (path, size, mtime_ns, inode) -> sha256: the evaluator checks every checkpoint
+
+
 def fingerprint(path: Path, names=("train.bin", "val.bin", tk.TOKENIZER_FILE)) -> dict:
-    """sha256 of the files as they are now (not as meta.json says they were)."""
-    return {name: _sha256(Path(path) / name) if (Path(path) / name).is_file() else None for name in names}
+    """sha256 of the files as they are now (not as meta.json says they were). A file is hashed
+    again only when its size, mtime or inode changed (a re-prepare replaces the file)."""
+    out = {}
+    for name in names:
+        file = Path(path) / name
+        try:
+            st = file.stat()
+        except OSError:
+            out[name] = None
+            continue
+        key = (str(file.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+        if key not in _hashed:
+            _hashed[key] = _sha256(file)
+        out[name] = _hashed[key]
+    return out
 
 
 def source_stamp(source: str) -> dict:
