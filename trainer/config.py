@@ -131,7 +131,7 @@ class GRPOConfig:
     arith_ops: str = "+"  # arithmetic: operators drawn from (+, -, *)
     repeat_chars: str = "abcd"  # repeat: characters to ask for
     repeat_length: int = 6  # repeat: how many times to write it
-    backend: str = "local"  # local (sample with the policy) | openai (server.url; needs model.lora=true)
+    backend: str = "local"  # local (sample with the policy) | openai (a vLLM-compatible server at server.url)
     iterations: int = 20  # rollout -> train -> eval -> checkpoint cycles
     prompts_per_iter: int = 16  # problems per iteration (B)
     group_size: int = 8  # completions per problem (G >= 2)
@@ -151,8 +151,10 @@ class GRPOConfig:
     minibatch_size: int = 64  # completions per optimizer step
     grad_clip: float = 1.0  # max grad norm (0 = off)
     rollout_batch: int = 128  # local backend: rows sampled together
-    adapter_dir: str = ""  # openai backend: shared dir for adapters; "" = <out_dir>/adapters/<run>
-    server_adapter_dir: str = ""  # the same dir as the server sees it ("" = same path)
+    sync: str = "reload"  # openai backend: reload (the server reloads a full HF folder: vLLM) | lora (an adapter)
+    sync_dir: str = ""  # openai backend: shared dir for the policy versions; "" = <out_dir>/sync/<run>
+    server_sync_dir: str = ""  # the same dir as the server sees it ("" = same path)
+    sync_tolerance: float = 0.01  # openai backend: largest mean |server - trainer| probe log-prob after a sync
     concurrency: int = 4  # openai backend: requests in flight
     is_cap: float = 3.0  # openai backend: truncated importance-sampling cap (TRL's default); 0 = off
     request_prompts: int = 1  # prompts per server request (n each; local seeds alike); >1 correlates their groups
@@ -440,12 +442,13 @@ RANGES = {
     "grpo.epsilon": _min(0, open_=True), "grpo.epsilon_high": _min(0), "grpo.entropy_coef": _min(0),
     "grpo.ppo_epochs": _min(1), "grpo.minibatch_size": _min(1), "grpo.grad_clip": _min(0),
     "grpo.rollout_batch": _min(1), "grpo.concurrency": _min(1), "grpo.is_cap": _min(0),
-    "grpo.request_prompts": _min(1),
+    "grpo.request_prompts": _min(1), "grpo.sync_tolerance": _min(0),
 }
 CHOICES = {
     "model.type": ("from_scratch", "gpt2"), "data.tokenizer": ("gpt2", "bpe", "char"),
     "train.schedule": ("cosine", "constant"), "grpo.env": ("sat", "arithmetic", "repeat"),
-    "grpo.backend": ("local", "openai"), "grpo.scale_rewards": ("group", "batch", "none"),
+    "grpo.backend": ("local", "openai"), "grpo.sync": ("reload", "lora"),
+    "grpo.scale_rewards": ("group", "batch", "none"),
     "grpo.loss_agg": ("token_mean", "sequence_mean"),
 }
 HINTS = {  # why a range is what it is, where the bare range would puzzle
@@ -472,6 +475,9 @@ def validate(cfg: Config, only: tuple[str, ...] = ()) -> None:
         problems.append(f"model.type=gpt2 needs data.tokenizer=gpt2 (got {d.tokenizer!r})")
     if m.lora and m.type != "gpt2":
         problems.append("model.lora=true needs model.type=gpt2 (LoRA adapts pretrained weights)")
+    if g.backend == "openai" and g.sync == "lora" and not m.lora:
+        problems.append("grpo.sync=lora sends the policy as a LoRA adapter and needs model.lora=true; use "
+                        "grpo.sync=reload (full weights, any model) or set model.lora=true")
     if m.lora and not m.lora_targets:
         problems.append("model.lora_targets is empty; name the layers LoRA adapts, e.g. c_attn,c_proj,c_fc")
     if m.n_head >= 1 and m.n_embd % m.n_head:

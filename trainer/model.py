@@ -131,6 +131,51 @@ def count_parameters(model) -> tuple[int, int]:
     return total, sum(p.numel() for p in trainable_parameters(model))
 
 
+def merged_state_dict(model) -> dict[str, torch.Tensor]:
+    """The weights `model` computes with, under the plain transformers names: a LoRA model's
+    adapter is added to its base weights (peft's delta, Conv1D layout included) without
+    touching the model itself (merge + unmerge would round the base weights and break an
+    exact resume). A tied output head is written out as its own tensor: a loader that reloads
+    weights in place (vLLM's reload_weights) would otherwise keep the old head."""
+    base = model.get_base_model() if is_peft(model) else model
+    deltas = {}
+    if is_peft(model):
+        from peft.tuners.lora import LoraLayer
+
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer):
+                with torch.no_grad():
+                    deltas[name + ".weight"] = sum(module.get_delta_weight(a) for a in module.active_adapters
+                                                   if a in module.lora_A)
+    out = {}
+    for key, tensor in base.state_dict().items():
+        if ".lora_" in key:
+            continue
+        key = key.replace(".base_layer.", ".")
+        tensor = tensor.detach()
+        out[key] = tensor + deltas[key] if key in deltas else tensor
+    embeddings = base.get_input_embeddings().weight.detach()
+    head = base.get_output_embeddings()
+    if head is not None and "lm_head.weight" not in out and head.weight is base.get_input_embeddings().weight:
+        out["lm_head.weight"] = embeddings
+    # safetensors stores no shared tensors, and contiguous ones only
+    return {k: v.to("cpu", copy=True).contiguous() for k, v in out.items()}
+
+
+def write_weights(model, folder: Path, extra: dict | None = None) -> str:
+    """config.json + model.safetensors (merged_state_dict) + airlock.json in `folder`, which must
+    exist. -> the sha256 of model.safetensors. A folder transformers and vLLM load as a model."""
+    from safetensors.torch import save_file
+
+    base = model.get_base_model() if is_peft(model) else model
+    base.config.to_json_file(str(folder / "config.json"))
+    save_file(merged_state_dict(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    (folder / EXPORT_INFO).write_text(json.dumps({"format": "transformers", **(extra or {}),
+                                                  "model_sha256": digest}, indent=2) + "\n")
+    return digest
+
+
 EXPORT_INFO = "airlock.json"  # marks a folder as an Airlock export and names its run
 
 

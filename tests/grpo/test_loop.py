@@ -83,22 +83,23 @@ def test_bad_settings_are_one_line_errors(tmp_path):
         cfg_for(tmp_path, "x", **{"grpo.group_size": 1})
     with pytest.raises(UserError, match="grpo.env='chess'"):
         cfg_for(tmp_path, "x", **{"grpo.env": "chess"})
-    with pytest.raises(UserError, match="model.lora=true"):
-        grpo(cfg_for(tmp_path, "x", **{"grpo.backend": "openai"}))
+    with pytest.raises(UserError, match="grpo.sync=lora .* needs model.lora=true"):
+        cfg_for(tmp_path, "x", **{"grpo.backend": "openai", "grpo.sync": "lora"})
 
 
 def test_server_rollouts_measure_the_mismatch_and_are_importance_weighted(tmp_path, model_dir, tok):
     """Against a server whose base weights are not the trainer's (a stand-in for an engine
-    whose numerics differ), the logged mismatch is large and the truncated importance weights
-    are on (spread around 1, none above the cap); against the trainer's own weights the
-    mismatch is float rounding and the weights 1; grpo.is_cap=0 turns the weights off."""
+    whose numerics differ: adapters over another base, with the sync check's tolerance opened),
+    the logged mismatch is large and the truncated importance weights are on (spread around 1,
+    none above the cap); against the trainer's own weights the mismatch is float rounding and
+    the weights 1; grpo.is_cap=0 turns the weights off."""
     from trainer.serve import create_app
 
     other = tmp_path / "other-base"
     save_hf_folder(other, tiny_model(tok.get_vocab_size(), seed=7), tok)
     lora = {"model.type": "gpt2", "model.path": str(model_dir), "data.tokenizer": "gpt2", "model.lora": True,
             "model.lora_dropout": 0.0, "grpo.backend": "openai", "grpo.iterations": 1, "grpo.beta": 0.0,
-            "eval.interval": 0, "server.retries": 1}
+            "eval.interval": 0, "server.retries": 1, "grpo.sync": "lora", "grpo.sync_tolerance": 100}
     seen = {}
     for name, base, extra in (("same", model_dir, {}), ("other", other, {}), ("off", other, {"grpo.is_cap": 0})):
         server = RunningServer(create_app(str(base), name="tiny"))

@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM
 
 from trainer.grpo.algorithm import token_logprobs
 from trainer.grpo.loop import pack
-from trainer.grpo.rollout import AdapterSync, LocalBackend, OpenAIBackend, RolloutError, SamplingParams
+from trainer.grpo.rollout import LocalBackend, OpenAIBackend, RolloutError, SamplingParams
+from trainer.grpo.sync import AdapterSync
 from tests.grpo.conftest import RunningServer, free_port
 
 PARAMS = SamplingParams(max_tokens=8, temperature=1.0, top_p=1.0, stop=("\n",))
@@ -187,11 +188,12 @@ def test_adapter_push_is_what_the_server_samples(server, model_dir, tok, tmp_pat
     policy = get_peft_model(base, LoraConfig(r=4, lora_alpha=32, target_modules=["c_attn", "c_fc"],
                                              fan_in_fan_out=True, init_lora_weights=False))
     backend = OpenAIBackend(server.url, "tiny", tok, eos_id=0)
-    sync = AdapterSync(backend, tmp_path / "adapters", prefix="run", keep=1)
+    sync = AdapterSync(backend, tmp_path / "adapters", tok.encode("abc*2=").ids, prefix="run", keep=1)
     prompts = ids(tok)
     base_out = backend.generate(prompts, 4, 7, PARAMS)
     info = sync.push(policy, 1)
     assert info["adapter"] == "run-v0001" and backend.model == "run-v0001" and len(info["adapter_sha256"]) == 64
+    assert info["sync_probe_diff"] < 1e-5
     remote = backend.generate(prompts, 4, 7, PARAMS)
     local = LocalBackend(policy, tok, eos_id=0).generate(prompts, 4, 7, PARAMS)
     assert [[c.token_ids for c in g] for g in remote] == [[c.token_ids for c in g] for g in local]

@@ -16,10 +16,11 @@ the sampled tokens (the local sampler or the server against pi_old), in metrics.
 train_iter_NNN.json; server rollouts are importance-weighted (grpo.is_cap, algorithm.py)
 and the JSON adds the weights' `is_weight_mean`, `is_weight_min` and `is_weight_max`.
 
-With backend=openai each version is written as a LoRA adapter to a shared directory and
-loaded into the server before it is sampled from; train_iter_NNN.json names the adapter
-and its sha256 that produced the iteration's rollouts. A resumed run re-pushes the
-checkpoint's adapter before its first rollout, so the server never holds other weights.
+With backend=openai each version is put on the server before it is sampled from (sync.py:
+a full HF folder the server reloads, or a LoRA adapter) and checked there with a fixed
+probe; train_iter_NNN.json names the version and its sha256 that produced the iteration's
+rollouts, and `sync_s` is its cost. A resumed run re-pushes the checkpoint's policy before
+its first rollout, so the server never holds other weights.
 
 Sampling seeds, problem ids and minibatch orders are functions of (run.seed, iteration),
 and each iteration ends with a checkpoint (weights, AdamW state, RNG), so a resume
@@ -48,7 +49,8 @@ from trainer.signals import STOP, Stopped
 from trainer.grpo import envs
 from trainer.grpo.algorithm import (Scores, group_advantages, grpo_loss, importance_weights, logprob_mismatch,
                                     mask_truncated_completions, scoring_temperature, token_logprobs)
-from trainer.grpo.rollout import AdapterSync, LocalBackend, OpenAIBackend, RolloutError, SamplingParams
+from trainer.grpo.rollout import LocalBackend, OpenAIBackend, RolloutError, SamplingParams
+from trainer.grpo.sync import PROBE_TEXT, AdapterSync, ReloadSync
 
 log = logging.getLogger("trainer")
 
@@ -270,9 +272,6 @@ def _grpo(cfg, resume_dir: Path | None) -> dict:
     if resume_dir is None and ckpt.has_checkpoints(ckpt_dir):
         raise UserError(f"run {cfg.run.name!r} already has checkpoints in {ckpt_dir}; continue it with "
                         f"`{resume_hint(cfg)}` or pick a new run.name")
-    if g.backend == "openai" and not cfg.model.lora:
-        raise UserError("grpo.backend=openai needs model.lora=true: the server receives the policy as a LoRA "
-                        "adapter (set model.lora=true, or use grpo.backend=local)")
     metrics.setup_logging(metrics_dir / "train.log")
     if cfg.run.offline:
         # loopback stays allowed; the openai backend may also reach exactly the host of server.url
@@ -303,8 +302,10 @@ def _grpo(cfg, resume_dir: Path | None) -> dict:
         backend = OpenAIBackend(cfg.server.url, "", tok, eos, cfg.server.timeout, cfg.server.retries,
                                 concurrency=g.concurrency, request_prompts=g.request_prompts)
         backend.wait_ready()
-        adapter_dir = Path(g.adapter_dir or Path(cfg.run.out_dir) / "adapters" / cfg.run.name)
-        sync = AdapterSync(backend, adapter_dir, prefix=cfg.run.name, server_dir=g.server_adapter_dir)
+        way = ReloadSync if g.sync == "reload" else AdapterSync
+        sync = way(backend, Path(g.sync_dir or Path(cfg.run.out_dir) / "sync" / cfg.run.name),
+                   tok.encode(PROBE_TEXT).ids, prefix=cfg.run.name, server_dir=g.server_sync_dir,
+                   tolerance=g.sync_tolerance)
     else:
         backend, sync = LocalBackend(policy, tok, eos, g.rollout_batch, g.request_prompts), None
     params = SamplingParams(g.max_tokens, g.temperature, g.top_p, tuple(g.stop))
@@ -317,7 +318,10 @@ def _grpo(cfg, resume_dir: Path | None) -> dict:
         if sync is None or pushed["version"] == version:
             return {"sync_s": 0.0}
         info = sync.push(policy, version)
-        pushed.update(adapter=info["adapter"], version=version, sha256=info["adapter_sha256"])
+        pushed.update(adapter=info["adapter"], version=version, sha256=info["adapter_sha256"],
+                      probe=info["sync_probe_diff"])
+        log.info(f"synced version {version} to {cfg.server.url} in {info['sync_s']:.2f}s (probe mean |d logprob| "
+                 f"{info['sync_probe_diff']:.2e})")
         return info
 
     def run_eval(iteration: int) -> dict:
@@ -345,7 +349,8 @@ def _grpo(cfg, resume_dir: Path | None) -> dict:
                 stats.update(train_epoch(policy, ref, optimizer, batch, cfg, it, server=sync is not None))
                 t3 = time.perf_counter()
                 stats.update(iteration=it, rollout_s=t2 - t1, train_s=t3 - t2, sync_s=sync_s,
-                             adapter=pushed["adapter"], adapter_sha256=pushed.get("sha256"))
+                             adapter=pushed["adapter"], adapter_sha256=pushed.get("sha256"),
+                             sync_probe_diff=pushed.get("probe"))
                 ev = None
                 if (cfg.eval.interval and it % cfg.eval.interval == 0) or it == g.iterations:
                     ev = run_eval(it)

@@ -28,11 +28,8 @@ themselves (vLLM, `trainer serve`): `concurrency` requests in flight fill their 
   naming the URL when the server stays down. A malformed answer is retried and, if it
   persists, its request's groups are skipped; a group with fewer choices than n is skipped.
   Both are counted in `stats` and logged, never turned into rewards.
-- `AdapterSync`: writes the LoRA adapter of each iteration to a shared directory, loads
-  it into the server (vLLM's POST /v1/load_lora_adapter), checks that /v1/models lists
-  it, points the backend at it and unloads the previous one. Every completion response
-  must name the adapter that was asked for, so rollouts cannot silently come from stale
-  weights.
+Every completion response must name the model that was asked for; sync.py puts each
+policy version on the server and checks that the server computes what the trainer does.
 
 What is trained: the sampled ids, as sampled, never decoded and re-encoded (for GPT-2 BPE
 that is not the identity: sampled "a", "b" re-encodes to "ab"). The server is asked for
@@ -51,18 +48,14 @@ raw_logprobs), which the trainer compares with its own (algorithm.py).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import re
-import shutil
 import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Protocol
 
 from trainer.errors import UserError
@@ -188,6 +181,7 @@ class OpenAIBackend:
     def __init__(self, url: str, model: str, tokenizer, eos_id: int, timeout: float = 60.0, retries: int = 5,
                  backoff: float = 0.5, concurrency: int = 4, request_prompts: int = 1):
         self.url = url.rstrip("/")
+        self.root = self.url[:-3] if self.url.endswith("/v1") else self.url  # vLLM's /health, /collective_rpc
         self.model = model  # base model name or the current adapter's lora_name
         self.tokenizer, self.eos_id = tokenizer, eos_id
         self.timeout, self.retries, self.backoff, self.concurrency = timeout, retries, backoff, concurrency
@@ -202,9 +196,10 @@ class OpenAIBackend:
 
     # ------------------------------------------------------------ HTTP
 
-    def request(self, method: str, path: str, body: dict | None = None, parse: bool = True):
-        """One call with retries on connection errors, timeouts and 5xx; 4xx raise at once."""
-        url = self.url + path
+    def request(self, method: str, path: str, body: dict | None = None, parse: bool = True, root: bool = False):
+        """One call with retries on connection errors, timeouts and 5xx; 4xx raise at once.
+        `path` is under the API's /v1, or under the server's root with `root`."""
+        url = (self.root if root else self.url) + path
         data = json.dumps(body).encode() if body is not None else None
         last = ""
         for attempt in range(self.retries + 1):
@@ -303,6 +298,18 @@ class OpenAIBackend:
             answers = pool.map(lambda b: self._block(b[0], prompts[b[0]:b[1]], n, seed + b[0] * n, params), blocks)
             return [group for groups in answers for group in groups]  # map keeps the prompt order
 
+    def prompt_logprobs(self, ids: list[int]) -> list[float]:
+        """The served model's log-prob of each prompt token after the first (vLLM's prompt_logprobs)."""
+        answer = self.request("POST", "/completions", {"model": self.model, "prompt": list(ids), "max_tokens": 1,
+                                                       "temperature": 0.0, "prompt_logprobs": 0})
+        try:
+            rows = answer["choices"][0]["prompt_logprobs"][1:]
+            return [float(row[str(t)]["logprob"]) for row, t in zip(rows, ids[1:], strict=True)]
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise RolloutError(f"{self.url}/completions did not return the prompt's log-probs (asked with "
+                               "\"prompt_logprobs\": 0), which the weight-sync check needs; use vLLM or trainer "
+                               "serve") from None
+
     def served_models(self) -> dict[str, dict]:
         answer = self.request("GET", "/models")
         return {card.get("id"): card for card in answer.get("data", []) if isinstance(card, dict)}
@@ -324,56 +331,3 @@ def _message(detail: str) -> str:
         return json.loads(detail)["error"]["message"]
     except (ValueError, KeyError, TypeError):
         return detail
-
-
-@dataclass
-class AdapterSync:
-    """Pushes each iteration's LoRA adapter to the server through a shared directory.
-
-    `local_dir` is where this process writes; `server_dir` is the same directory as the
-    server sees it (they differ only when the two mount the volume at different paths).
-    """
-
-    backend: OpenAIBackend
-    local_dir: Path
-    prefix: str = "policy"
-    server_dir: str = ""
-    keep: int = 2  # adapter folders kept on disk
-    pushed: list[str] = field(default_factory=list)
-
-    def push(self, model, version: int) -> dict:
-        t0 = time.perf_counter()
-        name = f"{self.prefix}-v{version:04d}"
-        path = Path(self.local_dir) / name
-        tmp = path.with_name(name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)  # peft: the adapter only
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
-        digest = hashlib.sha256((path / "adapter_model.safetensors").read_bytes()).hexdigest()
-        lora_path = str(Path(self.server_dir) / name) if self.server_dir else str(path.resolve())
-        served = self.backend.served_models()
-        body = {"lora_name": name, "lora_path": lora_path}
-        if name in served:
-            body["load_inplace"] = True  # a resumed run re-pushes the version it stopped at
-        self.backend.request("POST", "/load_lora_adapter", body, parse=False)
-        self.verify(name, lora_path)
-        for old in [p for p in self.pushed if p != name]:
-            if old in self.backend.served_models():
-                self.backend.request("POST", "/unload_lora_adapter", {"lora_name": old}, parse=False)
-        self.pushed = [p for p in self.pushed if p != name] + [name]
-        # prune by listing the folder, so versions a previous (resumed) process wrote go too
-        mine = re.compile(re.escape(self.prefix) + r"-v(\d+)")
-        versions = sorted((p for p in Path(self.local_dir).iterdir() if mine.fullmatch(p.name)),
-                          key=lambda p: int(mine.fullmatch(p.name).group(1)))
-        for old in versions[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        self.backend.model = name
-        return {"adapter": name, "adapter_sha256": digest, "sync_s": time.perf_counter() - t0}
-
-    def verify(self, name: str, lora_path: str | None = None) -> None:
-        card = self.backend.served_models().get(name)
-        if card is None:
-            raise RolloutError(f"{self.backend.url}/models does not list adapter {name!r} after loading it")
-        if lora_path and card.get("root") not in (None, lora_path):
-            raise RolloutError(f"{self.backend.url} serves {name!r} from {card.get('root')!r}, not {lora_path!r}")
