@@ -154,7 +154,7 @@ class GRPOConfig:
     sync: str = "reload"  # openai backend: reload (the server reloads a full HF folder: vLLM) | lora (an adapter)
     sync_dir: str = ""  # openai backend: shared dir for the policy versions; "" = <out_dir>/sync/<run>
     server_sync_dir: str = ""  # the same dir as the server sees it ("" = same path)
-    sync_tolerance: float = 0.01  # openai backend: largest mean |server - trainer| probe log-prob after a sync
+    sync_tolerance: float = 0.001  # openai backend: largest mean |server - trainer| probe log-prob after a sync
     concurrency: int = 4  # openai backend: requests in flight
     is_cap: float = 3.0  # openai backend: truncated importance-sampling cap (TRL's default); 0 = off
     request_prompts: int = 1  # prompts per server request (n each; local seeds alike); >1 correlates their groups
