@@ -167,6 +167,8 @@ def test_completion_logprobs_equal_transformers(server):
     r = probe(server, folder="/models/gpt2")
     assert r["health"] == 200
     assert len(r["sampled"]) == 6
+    print(f"max |vLLM - transformers| logprob: prompt {close(r['prompt_logprobs'], r['ref_prompt']):.1e}, "
+          f"sampled {close(r['sampled_logprobs'], r['ref_sampled']):.1e}")
     assert close(r["prompt_logprobs"], r["ref_prompt"]) < TOL, r
     assert close(r["sampled_logprobs"], r["ref_sampled"]) < TOL, r
 
