@@ -41,6 +41,8 @@ from trainer import config as configs
 from trainer import data, metrics, runtime
 from trainer import model as models
 from trainer import train as loop
+from trainer.lm import lm_loss
+from trainer.runs import RunPaths
 
 CPU = torch.device("cpu")
 
@@ -125,7 +127,7 @@ def run_trainer(cfg) -> list[float]:
     """The real thing: trainer.train.train(cfg). -> per-step losses from its metrics.csv."""
     with contextlib.redirect_stdout(io.StringIO()):  # its log lines would break up the table
         loop.train(cfg)
-    _, metrics_dir = loop.run_dirs(cfg)
+    metrics_dir = RunPaths.of(cfg).metrics
     return [float(r["loss"]) for r in metrics.read_rows(metrics_dir / "metrics.csv")]
 
 
@@ -144,7 +146,7 @@ def run_bare(cfg, prepared: Path, meta: dict) -> list[float]:
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y = batches.get_batch("train", step)  # (B, T) ids
-        loss = loop.lm_loss(model, x, y)
+        loss = lm_loss(model, x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
@@ -221,7 +223,7 @@ def run_saves(cfg, prepared: Path, meta: dict, args, work: Path) -> dict:
     optimizer = loop.make_optimizer(model, cfg, CPU)
     batches = data.Batches.open(prepared, block_size, cfg.train.batch_size, cfg.run.seed)
     x, y = batches.get_batch("train", 1)
-    loop.lm_loss(model, x, y).backward()
+    lm_loss(model, x, y).backward()
     optimizer.step()  # so AdamW's moments exist and are saved
     tok_json = (prepared / "tokenizer.json").read_bytes()
     run_dir, plain_dir = work / "saves" / "checkpoints", work / "saves" / "plain"

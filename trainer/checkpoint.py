@@ -8,9 +8,12 @@ Only this module lists, reads or writes checkpoint directories. A checkpoint is 
                   trainer_state.json  config.yaml  tokenizer.json (when the loop saves one)
                   MANIFEST.json                 sha256 + size of every file above, written last
 
-state.pt keys: STEP, RNG, SAMPLER, SCHEDULER, TRACKER. DATA (sha256 of the prepared
-train.bin/val.bin/tokenizer.json trained on) and THREADS (torch intra-op threads) are what
-train.py records besides (in trainer_state.json); older checkpoints lack them.
+state.pt keys: STEP, RNG (rank 0's generators), RNG_RANKS (every rank's, in rank order, when
+torchrun ran several processes) and TRACKER (the loop's named state, e.g. train.TrainState).
+DATA (sha256 of the prepared train.bin/val.bin/tokenizer.json trained on), THREADS (torch
+intra-op threads) and WORLD (processes) are what train.py records besides (in
+trainer_state.json); older checkpoints lack them (older ones also carry the unused keys
+"sampler" and "scheduler", which are ignored).
 `_upgrade_state` is the one place older layouts are handled.
 
 Save order: files into step_N.tmp/, each fsynced -> MANIFEST -> fsync dir -> rename ->
@@ -66,8 +69,8 @@ BEST = "best"
 LOCK = ".lock"  # in the run folder: never a step dir, so never listed, copied or pruned
 FORMAT_VERSION = 1
 # keys inside state.pt
-STEP, RNG, SAMPLER, SCHEDULER, TRACKER = "step", "rng", "sampler", "scheduler", "tracker"
-DATA, THREADS = "data", "threads"  # sha256 of the prepared files; torch intra-op thread count
+STEP, RNG, RNG_RANKS, TRACKER = "step", "rng", "rng_ranks", "tracker"
+DATA, THREADS, WORLD = "data", "threads", "world_size"  # prepared files' sha256; intra-op threads; processes
 
 REQUIRED = (CONFIG, STATE, TRAINER_STATE, OPTIMIZER)  # plus MODEL, or ADAPTER + ADAPTER_CONFIG
 KNOWN = {MODEL, ADAPTER, ADAPTER_CONFIG, OPTIMIZER, STATE, TRAINER_STATE, CONFIG, TOKENIZER}
@@ -548,12 +551,15 @@ def load_checkpoint(step_dir: Path, model, optimizer=None, map_location="cpu", v
 
 
 def resume_training(step_dir: Path, model, optimizer, tracker: dict, map_location="cpu",
-                    run_dir: Path | None = None) -> int:
+                    run_dir: Path | None = None, rank: int = 0) -> int:
     """Load weights and optimizer in place, restore every RNG and update `tracker` from the
     checkpoint: what a loop needs to continue bit-exactly. -> the step (or iteration) saved.
-    `tracker` holds the loop's defaults: a saved value of another type is a corrupt checkpoint.
-    Newer steps are set aside only where the resumed run writes (`run_dir`, default the
-    checkpoint's own run): a copy elsewhere (a mirror, a read-only folder) is only read."""
+    `tracker` holds the loop's defaults: a saved value of another type is a corrupt checkpoint,
+    and keys it does not hold are dropped. Rank r of a torchrun group restores its own RNG
+    (RNG_RANKS[r]); a rank the checkpoint has none for keeps the generators it has (the caller
+    has seeded them and warned). Newer steps are set aside by rank 0 only, and only where the
+    resumed run writes (`run_dir`, default the checkpoint's own run): a copy elsewhere (a mirror,
+    a read-only folder) is only read."""
     from trainer import runtime
 
     step_dir = Path(step_dir)
@@ -565,11 +571,17 @@ def resume_training(step_dir: Path, model, optimizer, tracker: dict, map_locatio
         default = tracker.get(key)
         if key in tracker and default is not None and value is not None and not _same_kind(default, value):
             raise _corrupt(step_dir, f"{STATE} {TRACKER}.{key} is {value!r}, not a {type(default).__name__}")
+    per_rank = state.get(RNG_RANKS)
     try:
-        runtime.set_rng_state(state[RNG])
+        if rank == 0:
+            runtime.set_rng_state(state[RNG])
+        elif isinstance(per_rank, list) and rank < len(per_rank):
+            runtime.set_rng_state(per_rank[rank])
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
         raise _corrupt(step_dir, f"{STATE} has no usable {RNG} ({_reason(e)})") from None
-    tracker.update(saved)
+    tracker.update({k: v for k, v in saved.items() if k in tracker})
+    if rank != 0:
+        return state[STEP]
     if run_dir is None or os.path.realpath(run_dir) == os.path.realpath(step_dir.parent):
         set_aside_newer(step_dir.parent, state[STEP])
     return state[STEP]
@@ -586,25 +598,6 @@ def _same_kind(default, value) -> bool:
         return isinstance(value, list) and all(isinstance(v, (number, list)) and not isinstance(v, bool)
                                                for v in value)
     return isinstance(value, type(default))
-
-
-def writes_in_place(run_dir: Path) -> bool:
-    """Whether resuming `run_dir` writes into it: a run in the <out_dir>/checkpoints/<run>/
-    layout that this process may write (see run_config_for); else it is only read."""
-    run_dir = Path(run_dir)
-    return run_dir.parent.name == "checkpoints" and os.access(run_dir, os.W_OK)
-
-
-def run_config_for(step_dir: Path, run_cfg):
-    """The run section a resume writes to: the checkpoint's own run when it sits in the
-    <out_dir>/checkpoints/<run>/ layout and may be written; a copy elsewhere (a mirror, a
-    read-only mount) keeps the configured one."""
-    import dataclasses
-
-    run_dir = Path(step_dir).parent
-    if writes_in_place(run_dir):
-        return dataclasses.replace(run_cfg, name=run_dir.name, out_dir=str(run_dir.parent.parent))
-    return run_cfg
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -663,61 +656,6 @@ def storage_report(run_dir: Path) -> str:
     return f"{len(sizes)} checkpoint(s) kept, {sizes[0] / 1e6:.1f} MB each, {sum(sizes) / 1e6:.1f} MB in all"
 
 
-def _last_written(run_dir: Path) -> float:
-    """When a run last saved: the newest mtime of `latest` and its step dirs (seconds)."""
-    times = []
-    for path in [run_dir / LATEST, *step_dirs(run_dir)]:
-        try:
-            times.append(path.stat().st_mtime)
-        except OSError:
-            pass
-    return max(times, default=0.0)
-
-
-def _resolve(run: str | None, checkpoint: str | None, out_dir: str) -> tuple[Path, bool]:
-    """(what `locate` reads, whether it is one step dir rather than a run folder)."""
-    explicit = checkpoint or (None if run else os.environ.get("CHECKPOINT_PATH"))
-    if explicit:
-        path = Path(explicit)
-        if not path.is_dir():
-            what = "is not a folder" if path.exists() else "does not exist"
-            raise UserError(f"checkpoint {path} {what}; give a step directory such as "
-                            f"{out_dir}/checkpoints/<run>/step_000100")
-        return path, (path / MANIFEST).exists() or path.name.rsplit("_", 1)[-1].isdigit()
-    root = Path(out_dir) / "checkpoints"
-    if run:
-        run_dir = Path(run) if Path(run).is_dir() and not (root / run).is_dir() else root / run
-        if not run_dir.is_dir():
-            raise UserError(f"no run {run!r} in {root}; `ls {root}` lists the runs")
-        return run_dir, False
-    runs = [p for p in _listdir(root) if p.is_dir() and has_checkpoints(p)]
-    if not runs:
-        raise UserError(f"no checkpoint to resume in {root}; start with `trainer train --config ...` "
-                        "or pass --run NAME / CHECKPOINT_PATH=<step dir>")
-    return max(runs, key=_last_written), False
-
-
-def run_folder(run: str | None = None, checkpoint: str | None = None, out_dir: str = "volumes") -> Path:
-    """The run folder `locate` reads with the same arguments. A command that will write that
-    run locks it first (`lock_run`), so a live writer cannot prune what `locate` is reading."""
-    path, is_step = _resolve(run, checkpoint, out_dir)
-    return path.parent if is_step else path
-
-
-def locate(run: str | None = None, checkpoint: str | None = None, out_dir: str = "volumes") -> Path:
-    """The step dir to resume, sample or export from:
-    `checkpoint` (or $CHECKPOINT_PATH) names a step dir or run dir; `run` names a run under
-    out_dir/checkpoints (or a path to one); neither = the run written most recently (by its
-    `latest` or step dirs: a run killed before its first `latest` counts)."""
-    path, is_step = _resolve(run, checkpoint, out_dir)
-    if not is_step:
-        return find_valid(path)
-    problem = verify(path)
-    if problem:
-        raise _corrupt(path, problem)
-    return path
-
-
 def restore(step_dir: Path, device="cpu"):
     """A checkpoint as (model, tokenizer, config, state) for sampling, export and evaluation."""
     from tokenizers import Tokenizer
@@ -740,20 +678,6 @@ def restore(step_dir: Path, device="cpu"):
     model, _ = models.build_model(cfg.model, tok.get_vocab_size(), tok.token_to_id("<|endoftext|>"), cfg.run.seed)
     state = load_checkpoint(step_dir, model, map_location=device, verified=True)
     return model.to(device).eval(), tok, cfg, state
-
-
-def locate_and_restore(run: str | None = None, checkpoint: str | None = None, out_dir: str = "volumes",
-                       device="cpu"):
-    """-> (step_dir, (model, tokenizer, config, state)) for the checkpoint `locate` picks. A
-    reader does not lock the run, so a live writer may prune that checkpoint between the
-    listing and the reading: then the newest one is looked for again, not called corrupt."""
-    for attempt in range(4):
-        step_dir = locate(run, checkpoint, out_dir)
-        try:
-            return step_dir, restore(step_dir, device)
-        except UserError:
-            if os.path.lexists(step_dir) or attempt == 3:
-                raise
 
 
 # One run, one writer. flock belongs to the open file, so the kernel drops it when the holder

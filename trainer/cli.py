@@ -1,5 +1,5 @@
-"""The command table. Each command is a plain function elsewhere; its signature and
-docstring are its --help. Errors a person can fix exit 2 with one line (--debug shows
+"""The command table. Each command is a plain function in trainer/commands.py; its signature
+and docstring are its --help. Errors a person can fix exit 2 with one line (--debug shows
 the traceback)."""
 
 from __future__ import annotations
@@ -13,20 +13,10 @@ from trainer.errors import UserError
 from trainer.metrics import setup_logging
 
 
-# command -> "module:function"; only the chosen command's module is imported, so `trainer train`
+# command -> "module:function"; each command imports what it needs when it runs, so `trainer train`
 # does not pay for FastAPI (serve) or the GRPO stack at start-up
-COMMANDS = {
-    "prepare": "trainer.data:prepare_command",
-    "train": "trainer.train:train_command",
-    "resume": "trainer.train:resume_command",
-    "sample": "trainer.generate:sample_command",
-    "export": "trainer.model:export_command",
-    "evaluate": "trainer.evaluate:evaluate_command",
-    "doctor": "trainer.offline:doctor_command",
-    "grpo": "trainer.grpo.loop:grpo_command",
-    "sweep": "trainer.grpo.sweep:sweep_command",
-    "serve": "trainer.serve:serve",
-}
+COMMANDS = {name: f"trainer.commands:{name}_command" for name in
+            ("prepare", "train", "resume", "sample", "export", "evaluate", "doctor", "grpo", "sweep", "serve")}
 
 
 def _load(name: str):

@@ -431,11 +431,9 @@ class Batches:
     block_size: int
     batch_size: int
     seed: int
-    rank: int = 0
-    world: int = 1
 
     @classmethod
-    def open(cls, path: Path, block_size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    def open(cls, path: Path, block_size: int, batch_size: int, seed: int):
         meta = read_meta(path)
         dtype = np.dtype(meta["dtype"])
         for split in ("train", "val"):  # a cut or swapped file would otherwise be read as other tokens
@@ -450,32 +448,18 @@ class Batches:
             if len(arr) < block_size + 1:
                 raise UserError(f"{path}/{split}.bin has {len(arr)} tokens, fewer than model.block_size + 1 = "
                                 f"{block_size + 1}; use a larger corpus or a smaller model.block_size")
-        return cls(files["train"], files["val"], block_size, batch_size, seed, rank, world)
+        return cls(files["train"], files["val"], block_size, batch_size, seed)
 
     def get_batch(self, split: str, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> x, y: (B, T) int64 token ids, y shifted by one."""
+        """-> x, y: (B, T) int64 token ids, y shifted by one. `micro` is the global micro-batch
+        index of the step (under torchrun rank r's micro m is r * grad_accum + m), so the global
+        batch does not depend on how many processes share it."""
         data = self.train if split == "train" else self.val
         stream = 0 if split == "train" else 1
-        key = np.random.SeedSequence([self.seed, stream, step, micro, self.rank, self.world]).generate_state(2)
+        # (0, 1) completes the key that runs saved before torchrun support drew their batches with
+        key = np.random.SeedSequence([self.seed, stream, step, micro, 0, 1]).generate_state(2)
         g = torch.Generator().manual_seed(int(key[0]) << 32 | int(key[1]))
         starts = torch.randint(len(data) - self.block_size, (self.batch_size,), generator=g).numpy()
         window = np.asarray(data[starts[:, None] + np.arange(self.block_size + 1)], dtype=np.int64)
         xy = torch.from_numpy(window)
         return xy[:, :-1], xy[:, 1:]
-
-
-def prepare_command(config: str | None = None, **overrides) -> str:
-    """Tokenize a corpus into data/prepared/<name>/ (train.bin, val.bin, meta.json, tokenizer.json).
-
-    Args:
-      config: YAML file; its data section says what to prepare. Override with --data.source=PATH
-        (.txt/.md file or folder, .jsonl, .bin/.npy/.pt tokens, or python-stdlib),
-        --data.tokenizer=gpt2|bpe|char, --data.vocab_size=N, --data.text_field=NAME.
-    """
-    from trainer import config as configs
-    from trainer.offline import go_offline
-
-    cfg = configs.load(config, **overrides)
-    if cfg.run.offline:
-        go_offline()
-    return str(prepare(cfg.data))

@@ -27,18 +27,13 @@ from pathlib import Path
 import torch
 
 from trainer import checkpoint as ckpt
-from trainer import data, metrics, offline, runtime
+from trainer import data, metrics
 from trainer.errors import UserError
+from trainer.runs import RunPaths
 
 log = logging.getLogger("trainer")
 
 EVAL_FILE = "eval.jsonl"
-
-
-def metrics_dir_for(step_dir: Path) -> Path:
-    """checkpoints/<run>/step_N -> metrics/<run> (the layout run.out_dir holds)."""
-    run_dir = step_dir.parent
-    return run_dir.parent.parent / "metrics" / run_dir.name
 
 
 def _manifest_sha(step_dir: Path) -> str:
@@ -73,10 +68,10 @@ def evaluate_checkpoint(step_dir: Path, device: torch.device, force: bool = Fals
     checkpoint that cannot be read, or whose data cannot be found as it was trained, is
     skipped with a warning (the watch goes on), or with `strict` is the error."""
     from trainer.generate import sample_text
-    from trainer.train import check_same_data, estimate_loss, expected_data, sample_prompt
+    from trainer.lm import check_same_data, estimate_loss, expected_data, sample_prompt
 
     step_dir = Path(step_dir)
-    out = metrics_dir_for(step_dir)
+    out = RunPaths.of_step(step_dir).metrics
     try:
         manifest_sha = _manifest_sha(step_dir)
         if not force and (step_dir.name, manifest_sha) in done(out):
@@ -155,48 +150,3 @@ def watch_loop(root: Path, device: torch.device, interval: float, once: bool = F
             time.sleep(min(0.5, interval))
     log.info(f"evaluate: stopped after {n} new evaluation(s)")
     return n
-
-
-def evaluate_command(checkpoint: str | None = None, watch: str | None = None, run: str | None = None,
-                     out_dir: str = "volumes", interval: float = 10.0, once: bool = False, device: str = "auto",
-                     force: bool = False) -> None:
-    """Evaluate checkpoints: val loss, perplexity and a sample into metrics/<run>/eval.jsonl, and loss.png.
-
-    --checkpoint PATH   a step directory (or a run directory: its newest valid checkpoint), once
-    --run NAME          the newest valid checkpoint of run NAME under OUT_DIR/checkpoints, once
-    --watch DIR         every completed checkpoint under DIR (a run folder or the checkpoints root),
-                        then each new one as it appears, polling every INTERVAL seconds; --once
-                        scans a single time. Already-evaluated checkpoints are skipped (restart-safe).
-    With none of them: the newest checkpoint of the most recent run. --force re-evaluates.
-    """
-    if interval <= 0:
-        raise UserError(f"--interval={interval} must be more than 0 seconds")
-    offline.go_offline()  # the evaluator never needs a network
-    dev = runtime.pick_device(device)
-    if watch:
-        if not Path(watch).is_dir():
-            raise UserError(f"--watch {watch}: no such folder; give a run folder or {out_dir}/checkpoints")
-        watch_loop(Path(watch), dev, float(interval), once)
-        return
-    step_dir = ckpt.locate(run=run, checkpoint=checkpoint, out_dir=out_dir)
-    row = evaluate_checkpoint(step_dir, dev, force=force, strict=True)
-    if row is None and step_dir.exists():
-        log.info(f"evaluate: {step_dir} is already in {metrics_dir_for(step_dir) / EVAL_FILE} (--force to redo)")
-
-
-def main() -> None:
-    """`python -m trainer.evaluate ...`: the same as `trainer evaluate ...` once cli.py lists it."""
-    import sys
-
-    import fire
-
-    metrics.setup_logging()
-    try:
-        fire.Fire(evaluate_command, command=sys.argv[1:], name="evaluate", serialize=lambda result: None)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

@@ -80,52 +80,6 @@ def sample_text(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, te
     return tokenizer.decode(new[0].tolist(), skip_special_tokens=False)
 
 
-def sample_command(run: str | None = None, checkpoint: str | None = None, prompt: str | None = None,
-                   max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
-                   seed: int | None = None, num_samples: int = 1, out_dir: str = "volumes") -> str:
-    """Generate text from a checkpoint (only the new tokens are printed).
-
-    Args:
-      run: run name (newest valid checkpoint); default: the most recent run.
-      checkpoint: a step directory (also $CHECKPOINT_PATH).
-      prompt: text to continue; default "QUESTION: " for gpt2, the start token for from-scratch.
-      max_new_tokens, temperature, top_k, seed: default to the run's sample section.
-      num_samples: how many samples, each with seed+i.
-    """
-    import dataclasses
-
-    from trainer import checkpoint as ckpt
-    from trainer import config as configs
-    from trainer.errors import UserError
-    from trainer.offline import go_offline
-
-    given = {k: v for k, v in dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                   seed=seed).items() if v is not None}
-    # the limits of the sample.* config keys, checked before anything loads: --top_k=-5 is one line
-    configs.validate(configs.Config().replace(sample=dataclasses.replace(configs.SampleConfig(), **given)))
-    if num_samples < 1:
-        raise UserError(f"--num_samples={num_samples} must be at least 1")
-    go_offline()
-    step_dir, (model, tok, cfg, _) = ckpt.locate_and_restore(run, checkpoint, out_dir)
-    s = dataclasses.replace(cfg.sample, **given)
-    try:  # a value saved by an older Airlock may be out of today's range: say which, and how to override
-        configs.validate(configs.Config().replace(sample=s))
-    except UserError as e:
-        raise UserError(f"{e} (from {step_dir / ckpt.CONFIG}; pass it as an option, e.g. --top_k=50)") from None
-    if prompt is None:
-        prompt = s.prompt or ("QUESTION: " if cfg.model.type == "gpt2" else "")
-    ids = tok.encode(str(prompt)).ids if prompt else [tok.token_to_id("<|endoftext|>")]
-    if not ids:
-        raise UserError(f"--prompt={prompt!r} encodes to no tokens with this run's tokenizer; use text it knows")
-    texts = []
-    for i in range(int(num_samples)):
-        text = sample_text(model, tok, ids, s.max_new_tokens, s.temperature, s.top_k, s.seed + i,
-                           torch.device("cpu"))
-        print(f"--- sample {i + 1} from {step_dir} ---\n{prompt}{text}", flush=True)
-        texts.append(text)
-    return "\n".join(texts)
-
-
 @dataclass
 class Sample:
     tokens: list[int]  # generated ids, ending with the stop/eos id when finish_reason == "stop"

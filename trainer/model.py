@@ -229,25 +229,3 @@ def export(model, tokenizer, out: str | Path, merge: bool = False, extra: dict |
         raise UserError(f"cannot write the export to {out} ({e.strerror or e}); check that the folder above it "
                         "exists and is writable with space left, or pass another folder with --out") from None
     return out
-
-
-def export_command(run: str | None = None, checkpoint: str | None = None, out: str | None = None,
-                   merge: bool = False, out_dir: str = "volumes") -> str:
-    """Write a checkpoint as a Hugging Face folder (AutoModelForCausalLM / PeftModel load it).
-
-    Args:
-      run: run name (newest valid checkpoint); default: the most recent run.
-      checkpoint: a step directory (also $CHECKPOINT_PATH).
-      out: destination folder; default <run>/export_<step>.
-      merge: for LoRA runs, merge the adapter into the base weights (a plain transformers model).
-    """
-    from trainer import checkpoint as ckpt
-    from trainer.offline import go_offline
-
-    go_offline()
-    step_dir, (model, tok, cfg, state) = ckpt.locate_and_restore(run, checkpoint, out_dir)
-    dest = Path(out) if out else step_dir.parent / f"export_{step_dir.name}{'_merged' if merge else ''}"
-    export(model, tok, dest, merge=merge, extra={"run": cfg.run.name, "checkpoint": step_dir.name,
-                                                  "weights_sha256": weights_sha256(model)})
-    print(f"exported {step_dir} to {dest}" + (" (LoRA merged)" if merge and cfg.model.lora else ""))
-    return str(dest)

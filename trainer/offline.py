@@ -12,7 +12,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-import sys
 import traceback
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -179,90 +178,3 @@ def go_offline(allow_hosts=()) -> None:
     server.url) may be reached besides loopback."""
     set_offline_env()
     install_guard(allow=allow_hosts)
-
-
-def doctor(cfg) -> int:
-    """Report versions, device, offline mode and whether the config's tokenizer, weights and
-    data are present and load under the socket guard. -> number of problems."""
-    import platform
-
-    import numpy
-    import peft
-    import tokenizers
-    import torch
-    import transformers
-
-    from trainer import data, model as models, tokenizer as tk
-    from trainer.errors import UserError
-
-    problems = 0
-
-    def report(ok: bool, what: str, detail: str) -> None:
-        nonlocal problems
-        problems += not ok
-        print(f"  [{'ok' if ok else 'FAIL'}] {what}: {detail}")
-
-    print("versions:")
-    print(f"  python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"peft {peft.__version__}, tokenizers {tokenizers.__version__}, numpy {numpy.__version__}")
-    cuda = torch.cuda.is_available()
-    print(f"device: {'cuda: ' + torch.cuda.get_device_name(0) if cuda else 'cpu'} "
-          f"(run.device={cfg.run.device}, {torch.get_num_threads()} CPU threads)")
-    print("offline:")
-    set_offline_env()
-    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        report(os.environ.get(key) == "1", key, os.environ.get(key, "unset"))
-    install_guard()
-    report(guard_active(), "socket guard", "installed: non-loopback connections raise")
-    print("assets (loaded under the guard):")
-    tok = None
-    try:
-        path = data.find_prepared(cfg.data)  # train's own matching: a folder with other settings fails here
-        if (path / "meta.json").is_file():
-            meta = data.read_meta(path)
-            report(True, "data", f"{path}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, "
-                                 f"{meta['tokenizer']} vocab {meta['vocab_size']}")
-            tok = tk.load(path)
-            report(True, "tokenizer", f"{path / tk.TOKENIZER_FILE}: {tok.get_vocab_size()} tokens")
-        else:
-            found = cfg.data.source == data.STDLIB or os.path.exists(cfg.data.source)
-            report(found, "data", f"{path} not prepared yet: the first `trainer train` with this config prepares it "
-                                  f"from data.source={cfg.data.source!r}" + ("" if found else ", which does not exist")
-                                  + " (or run `trainer prepare` with this config now)")
-    except UserError as e:
-        report(False, "data", str(e))
-    except (OSError, ValueError) as e:
-        report(False, "data", f"{e} (run `trainer prepare` with this config)")
-    if tok is None and cfg.data.tokenizer == "gpt2":
-        try:
-            tok = tk.load_gpt2(cfg.data.tokenizer_path)
-            report(True, "tokenizer", f"gpt2 from local files: {tok.get_vocab_size()} tokens")
-        except (UserError, NetworkBlocked) as e2:
-            report(False, "tokenizer", str(e2))
-    if cfg.model.type == "gpt2":
-        try:
-            m = models.load_pretrained(cfg.model.path)
-            fixture = (os.path.exists(os.path.join(cfg.model.path, "FIXTURE.txt")))
-            report(True, "weights", f"{cfg.model.path}: {sum(p.numel() for p in m.parameters()):,} parameters"
-                                    + (" (FIXTURE: tiny random GPT-2 for tests, not the real weights)" if fixture else ""))
-        except (UserError, NetworkBlocked, OSError, ValueError) as e:
-            report(False, "weights", str(e))
-    else:
-        report(True, "weights", "from_scratch: initialised from run.seed, nothing to load")
-    print("ok: this config needs no network" if problems == 0 else f"{problems} problem(s) found")
-    sys.stdout.flush()
-    return problems
-
-
-def doctor_command(config: str | None = None, **overrides) -> None:
-    """Check that a config can run here with no network: versions, device, offline mode,
-    and the tokenizer, weights and data it needs, loaded under the socket guard.
-
-    Args:
-      config: YAML file to check (default: the built-in defaults).
-    """
-    from trainer import config as configs
-
-    problems = doctor(configs.load(config, **overrides))
-    if problems:
-        sys.exit(1)

@@ -58,9 +58,32 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def pin_threads(requested: int) -> int:
-    """Set torch's intra-op threads (0 = keep torch's default) -> the count in use. The count
-    changes float reductions, so a run records it and a resume restores it (bit-exactness)."""
-    threads = requested or torch.get_num_threads()
+def derived_seed(seed: int, *keys: int) -> int:
+    """A seed for stream `keys` of run seed `seed` (e.g. a rank's dropout), unrelated to seed + k."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may really use: its affinity mask, capped by a cgroup v2 CPU quota
+    (`docker run --cpus=1` sets one; OpenMP sees only the mask, so it would oversubscribe)."""
+    import math
+    import os
+
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return n
+
+
+def pin_threads(requested: int, local_processes: int = 1) -> int:
+    """Set torch's intra-op threads -> the count in use. 0 = torch's default, but never more than
+    this process's share of the CPUs it may use (`usable_cpus` divided among the processes of
+    this host). The count changes float reductions, so a run records it and a resume restores
+    it (bit-exactness)."""
+    threads = requested or max(1, min(torch.get_num_threads(), usable_cpus() // max(1, local_processes)))
     torch.set_num_threads(threads)
     return threads

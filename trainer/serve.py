@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import os
 import random
 import threading
 import time
@@ -597,28 +596,3 @@ def create_app(model: str, name: str = "", device: str = "cpu", max_num_seqs: in
         return {"success": True}  # nothing is cached between requests here
 
     return app
-
-
-def serve(model: str, host: str = "127.0.0.1", port: int = 8000, name: str = "", device: str = "cpu",
-          log_level: str = "warning", max_num_seqs: int = MAX_NUM_SEQS) -> None:
-    """Serve the HF model folder MODEL on http://HOST:PORT/v1 (OpenAI completions API, vLLM's LoRA endpoints).
-
-    Binds to loopback unless --host says otherwise. --name is the model id clients send
-    (default: the path as given). LoRA adapters are loaded at runtime with
-    POST /v1/load_lora_adapter {"lora_name": ..., "lora_path": ...}. --max_num_seqs caps
-    the completions (prompts x n) of one request and of one forward batch, which bounds
-    memory; concurrent requests with the same model and sampling parameters share batches.
-    """
-    import uvicorn
-
-    if not 0 < int(port) < 65536:
-        raise UserError(f"--port {port} must be between 1 and 65535")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app = create_app(model, name, device, max_num_seqs)
-    print(f"serving {app.state.engine.name!r} on http://{host}:{port}/v1", flush=True)
-    from trainer.signals import STOP
-
-    # uvicorn shuts down gracefully on SIGTERM/SIGINT and then raises the signal again: here it
-    # only marks the stop, so `docker stop` ends the server with exit 0 instead of an error line
-    with STOP.polling("the server has shut down"):
-        uvicorn.run(app, host=host, port=int(port), log_level=log_level)

@@ -1,9 +1,20 @@
-"""The pretrain / fine-tune loop: fresh runs and bit-exact resumes.
+"""The pretrain / fine-tune loop: fresh runs and bit-exact resumes, on one process or many.
 
 A step is: lr for this step -> grad_accum micro-batches (each a pure function of
-(seed, step, micro)) -> clip -> AdamW. Everything that decides the next step's numbers
-(weights, optimizer moments, every RNG, the step) is in the checkpoint, so a resumed run
-reproduces the uninterrupted one bit for bit on CPU.
+(seed, step, global micro-batch index)) -> clip -> AdamW. Everything that decides the next
+step's numbers (weights, optimizer moments, every RNG, the step) is in the checkpoint, so a
+resumed run reproduces the uninterrupted one bit for bit on CPU.
+
+Under torchrun (trainer/distributed.py) each of the `world` processes holds a replica wrapped
+in DistributedDataParallel and draws its own micro-batches: rank r's micro-batch m of a step
+is the global micro-batch r * grad_accum + m, so the global batch is world x batch_size x
+grad_accum sequences, and one process with grad_accum x world draws the same sequences.
+Rank 0 is the writer (lock, checkpoints, metrics, logs); every rank's RNG is gathered into
+its checkpoints and each rank restores its own. A stop signal is all-reduced with the step's
+loss, so every rank stops after the same step and rank 0 saves it.
+
+The loop is `setup` (everything before step 1), then per step `train_step`, `evaluate`,
+`Progress.log` and `save`, with the loop's own numbers in a `TrainState`.
 """
 
 from __future__ import annotations
@@ -18,27 +29,23 @@ import platform
 import socket
 import sys
 import time
-from collections import deque
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from trainer import checkpoint as ckpt
 from trainer import config as configs
-from trainer import atomic, data, metrics, offline, runtime
+from trainer import atomic, data, distributed, lm, metrics, offline, runtime
 from trainer import model as models
 from trainer import tokenizer as tk
 from trainer.errors import UserError
 from trainer.generate import sample_text
+from trainer.runs import RunPaths
 from trainer.signals import STOP, Stopped
 
 log = logging.getLogger("trainer")
 
-
-def run_dirs(cfg) -> tuple[Path, Path]:
-    root = Path(cfg.run.out_dir)
-    return root / "checkpoints" / cfg.run.name, root / "metrics" / cfg.run.name
+RECENT = 20  # train losses behind the "train loss" of a checkpoint and the end-of-run summary
 
 
 def lr_at(step: int, t) -> float:
@@ -58,24 +65,38 @@ def make_optimizer(model, cfg, device) -> torch.optim.Optimizer:
                              fused=fused)
 
 
-def lm_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; x, y (B, T) ids."""
-    logits = model(input_ids=x).logits  # (B, T, V)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+@dataclasses.dataclass
+class TrainState:
+    """The loop's own numbers besides weights, optimizer and RNG. Saved in state.pt under
+    checkpoint.TRACKER by name (the step under checkpoint.STEP) and read back by `resume`."""
 
+    step: int = 0
+    tokens: int = 0
+    first_loss: float | None = None
+    last_ckpt_loss: float | None = None
+    best_val: float | None = None
+    last_val: float | None = None
+    recent: list = dataclasses.field(default_factory=list)  # the last RECENT train losses
 
-@torch.no_grad()
-def estimate_loss(model, batches: data.Batches, iters: int, device) -> float:
-    """Mean val loss over the same `iters` batches every time, so evaluations compare."""
-    was_training = model.training
-    model.eval()
-    losses = []
-    for i in range(iters):
-        x, y = batches.get_batch("val", i)
-        with runtime.autocast(device):
-            losses.append(lm_loss(model, x.to(device), y.to(device)).item())
-    model.train(was_training)
-    return sum(losses) / len(losses)
+    def saved(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "step"}
+
+    @classmethod
+    def resume(cls, step_dir: Path, model, optimizer, device, run_dir: Path, rank: int) -> TrainState:
+        fields = cls().saved()
+        step = ckpt.resume_training(step_dir, model, optimizer, fields, map_location=device, run_dir=run_dir,
+                                    rank=rank)
+        return cls(step=step, **{**fields, "recent": list(fields["recent"])[-RECENT:]})
+
+    @property
+    def train_loss(self) -> float:
+        return sum(self.recent) / len(self.recent) if self.recent else float("nan")
+
+    def record(self, loss: float, tokens: int) -> None:
+        self.tokens += tokens
+        if self.first_loss is None:
+            self.first_loss = loss
+        self.recent = (self.recent + [loss])[-RECENT:]
 
 
 def _check_writable(path: Path, what: str) -> None:
@@ -89,7 +110,7 @@ def _check_writable(path: Path, what: str) -> None:
                         "or fix the mount's permissions") from None
 
 
-def provenance(cfg, meta: dict, device, model_cfg) -> dict:
+def provenance(cfg, meta: dict, device, model_cfg, world: int = 1) -> dict:
     import importlib.metadata as md
 
     versions = {}
@@ -101,7 +122,7 @@ def provenance(cfg, meta: dict, device, model_cfg) -> dict:
     out = {"config_hash": cfg.hash(), "data_sha256": meta.get("sha256", {}), "data_source": meta.get("source"),
            "tokenizer": meta.get("tokenizer"), "vocab_size": meta.get("vocab_size"), "versions": versions,
            "host": socket.gethostname(), "platform": platform.platform(), "device": str(device),
-           "seed": cfg.run.seed, "image_id": os.environ.get("AIRLOCK_IMAGE_ID"),
+           "world_size": world, "seed": cfg.run.seed, "image_id": os.environ.get("AIRLOCK_IMAGE_ID"),
            "git_commit": os.environ.get("AIRLOCK_GIT_COMMIT") or _git_commit()}
     if model_cfg.type == "gpt2":
         fixture = Path(model_cfg.path) / "FIXTURE.txt"
@@ -128,230 +149,324 @@ def _fmt_eta(seconds: float) -> str:
 
 def train(cfg, resume_dir: Path | None = None) -> dict:
     """Run (or continue) training. -> summary dict with the final step, losses and weights sha256.
-    The run is locked for the whole call: a second writer of the same run is refused."""
-    ckpt_dir, metrics_dir = run_dirs(cfg)
-    _check_writable(ckpt_dir, "checkpoint directory")
-    _check_writable(metrics_dir, "metrics directory")
+    The writer (rank 0) locks the run for the whole call: a second writer of the same run is
+    refused."""
+    paths = RunPaths.of(cfg)
+    r = distributed.ranks()
     try:
-        with ckpt.lock_run(ckpt_dir):
-            return _train(cfg, resume_dir, ckpt_dir, metrics_dir)
+        if not r.writer:
+            return _train(cfg, resume_dir, paths)
+        _check_writable(paths.checkpoints, "checkpoint directory")
+        _check_writable(paths.metrics, "metrics directory")
+        with ckpt.lock_run(paths.checkpoints):
+            return _train(cfg, resume_dir, paths)
     except Stopped as e:  # start-up is not a safe point to save at, and nothing needs saving yet
         log.info(f"stopped by {e} during start-up, before any step ran: nothing was saved or changed; "
                  "run the same command again to start")
         return {"run": cfg.run.name, "stopped": True, "step": None}
 
 
-def _train(cfg, resume_dir: Path | None, ckpt_dir: Path, metrics_dir: Path) -> dict:
-    if resume_dir is None and ckpt.has_checkpoints(ckpt_dir):
-        raise UserError(f"run {cfg.run.name!r} already has checkpoints in {ckpt_dir}; continue it with "
-                        f"`trainer resume --run {cfg.run.name}` or pick a new run.name")
-    metrics.setup_logging(metrics_dir / "train.log")
+@dataclasses.dataclass
+class Run:
+    """What `setup` prepares once: the config as run, the model (DDP-wrapped under torchrun:
+    `model`; the plain module: `module`), optimizer, batches and what a checkpoint carries."""
+
+    cfg: configs.Config
+    paths: RunPaths
+    ranks: distributed.Ranks
+    device: torch.device
+    model: torch.nn.Module
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    batches: data.Batches
+    tok: object
+    tok_json: bytes
+    meta: dict
+    prompt_ids: list
+    clip: float
+    params: list
+    tokens_per_step: int
+    info: dict
+
+
+def setup(cfg, resume_dir: Path | None, paths: RunPaths) -> tuple[Run, TrainState]:
+    """Everything before step 1: data (prepared when missing), model, optimizer, the resumed
+    state, and the run's manifest and config on disk (rank 0)."""
+    r = distributed.ranks()
+    if r.writer and resume_dir is None and ckpt.has_checkpoints(paths.checkpoints):
+        raise UserError(f"run {cfg.run.name!r} already has checkpoints in {paths.checkpoints}; continue it with "
+                        f"`trainer resume --run {cfg.run.name}` (or `trainer train --resume=auto`) or pick a new "
+                        "run.name")
+    if r.writer:
+        metrics.setup_logging(paths.metrics / "train.log")
+    else:
+        logging.getLogger("trainer").setLevel(logging.WARNING)  # one voice: rank 0's
+    device = distributed.device_for(runtime.pick_device(cfg.run.device))
+    distributed.init(device)  # before the guard: it lets through the rendezvous host only
     if cfg.run.offline:
-        offline.go_offline()
+        offline.go_offline(allow_hosts=[h for h in [distributed.master_host()] if h])
     # the thread count changes the float reductions, so it is part of the run: recorded in the
     # config (0 becomes the count actually used) and restored by a resume
-    threads = runtime.pin_threads(cfg.run.threads)
+    threads = runtime.pin_threads(cfg.run.threads, r.local_world)
     cfg = cfg.replace(run=dataclasses.replace(cfg.run, threads=threads))
     if threads > (os.cpu_count() or threads):
         log.warning(f"run.threads={threads} but this host has {os.cpu_count()} CPUs: kept so that the run stays "
                     "bit-exact (slower); pass --run.threads=N to trade exactness for speed")
-    device = runtime.pick_device(cfg.run.device)
     if cfg.model.type == "gpt2":
         models.check_pretrained(cfg.model.path)  # before minutes of data preparation, not after
 
-    expect = expected_data(resume_dir, metrics_dir) if resume_dir is not None else None
+    expect = lm.expected_data(resume_dir, paths.metrics) if resume_dir is not None else None
     prepared = data.find_prepared(cfg.data, expect)
-    if not (prepared / "meta.json").is_file():
-        log.info(f"prepared data {prepared} not found: preparing it now")
-        prepared = data.prepare(cfg.data, log=log.info)
-    elif resume_dir is None and data.source_changed(prepared, cfg.data):
-        log.info(f"data.source={cfg.data.source} changed since {prepared} was prepared: preparing it again")
-        prepared = data.prepare(cfg.data, log=log.info)
+    if r.writer:  # one process prepares; the others read what it wrote
+        if not (prepared / "meta.json").is_file():
+            log.info(f"prepared data {prepared} not found: preparing it now")
+            prepared = data.prepare(cfg.data, log=log.info)
+        elif resume_dir is None and data.source_changed(prepared, cfg.data):
+            log.info(f"data.source={cfg.data.source} changed since {prepared} was prepared: preparing it again")
+            prepared = data.prepare(cfg.data, log=log.info)
+    prepared = Path(distributed.broadcast(str(prepared)))
     meta = data.read_meta(prepared)
     if expect is not None:
-        check_same_data(expect, prepared, resume_dir, cfg.run.name)
+        lm.check_same_data(expect, prepared, resume_dir, cfg.run.name)
     tok = tk.load(prepared)
-    tok_json = (prepared / tk.TOKENIZER_FILE).read_bytes()
-    prompt_ids = sample_prompt(cfg, tok)  # an end-of-run sample that cannot run is refused before step 1
+    prompt_ids = lm.sample_prompt(cfg, tok)  # an end-of-run sample that cannot run is refused before step 1
 
     runtime.seed_everything(cfg.run.seed)
-    model, block_size = models.build_model(cfg.model, meta["vocab_size"], meta["eot_id"], cfg.run.seed)
+    module, block_size = models.build_model(cfg.model, meta["vocab_size"], meta["eot_id"], cfg.run.seed)
     if block_size != cfg.model.block_size:
         cfg = cfg.replace(model=dataclasses.replace(cfg.model, block_size=block_size))
-    model.to(device)
-    optimizer = make_optimizer(model, cfg, device)
-    batches = data.Batches.open(prepared, block_size, cfg.train.batch_size, cfg.run.seed)
-    clip = configs.grad_clip(cfg)
-
-    start_step, tracker = 0, {"first_loss": None, "last_ckpt_loss": None, "best_val": None, "tokens": 0,
-                              "recent": []}
+    if r.rank:  # dropout differs between ranks; rank 0 keeps the stream a single process has
+        runtime.seed_everything(runtime.derived_seed(cfg.run.seed, r.rank))
+    module.to(device)
+    optimizer = make_optimizer(module, cfg, device)
+    state = TrainState()
     if resume_dir is not None:
-        start_step = ckpt.resume_training(resume_dir, model, optimizer, tracker, map_location=device,
-                                          run_dir=ckpt_dir)
-        log.info(f"resumed {cfg.run.name} from {resume_dir} at step {start_step}")
+        saved_world = ckpt.read_trainer_state(resume_dir).get(ckpt.WORLD, 1)
+        if saved_world != r.world and r.writer:
+            log.warning(f"{resume_dir} was written by {saved_world} process(es) and resumes on {r.world}: each "
+                        "rank's batches and dropout stream differ, so the run goes on, but no longer bit-exactly")
+        state = TrainState.resume(resume_dir, module, optimizer, device, paths.checkpoints, r.rank)
+        log.info(f"resumed {cfg.run.name} from {resume_dir} at step {state.step}")
+    model = module
+    if r.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.run.compile:
         model = torch.compile(model)
     model.train()
 
     t = cfg.train
-    total, trainable = models.count_parameters(model)
+    clip = configs.grad_clip(cfg)
+    total, trainable = models.count_parameters(module)
     log.info(f"run {cfg.run.name}: {cfg.model.type}{' + LoRA' if cfg.model.lora else ''}, {total:,} parameters "
-             f"({trainable:,} trainable), vocab {meta['vocab_size']}, block {block_size}, device {device}; "
-             f"{t.max_steps} steps x {t.batch_size * t.grad_accum} sequences; grad clip {clip}")
-    run_info = provenance(cfg, meta, device, cfg.model)
-    atomic.write_json(metrics_dir / "manifest.json", run_info)
-    atomic.write_bytes(ckpt_dir / ckpt.CONFIG, cfg.to_yaml().encode())
-    atomic.write_bytes(metrics_dir / ckpt.CONFIG, cfg.to_yaml().encode())
+             f"({trainable:,} trainable), vocab {meta['vocab_size']}, block {block_size}, device {device}"
+             f"{f' x {r.world} processes' if r.world > 1 else ''}; {t.max_steps} steps x "
+             f"{r.world * t.batch_size * t.grad_accum} sequences; grad clip {clip}")
+    info = provenance(cfg, meta, device, cfg.model, r.world)
+    if r.writer:
+        atomic.write_json(paths.metrics / "manifest.json", info)
+        atomic.write_bytes(paths.checkpoints / ckpt.CONFIG, cfg.to_yaml().encode())
+        atomic.write_bytes(paths.metrics / ckpt.CONFIG, cfg.to_yaml().encode())
+    batches = data.Batches.open(prepared, block_size, t.batch_size, cfg.run.seed)
+    run = Run(cfg, paths, r, device, model, module, optimizer, batches, tok,
+              (prepared / tk.TOKENIZER_FILE).read_bytes(), meta, prompt_ids, clip,
+              models.trainable_parameters(module), r.world * t.batch_size * t.grad_accum * block_size, info)
+    return run, state
 
-    rows = metrics.Metrics(metrics_dir, resume_step=start_step)
-    tokens_per_step = t.batch_size * t.grad_accum * block_size
-    recent = deque(tracker["recent"], maxlen=20)
-    progress = None
-    if sys.stderr.isatty() and start_step < t.max_steps:
-        from tqdm import tqdm
 
-        progress = tqdm(total=t.max_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False)
+@dataclasses.dataclass
+class StepResult:
+    loss: float  # mean over the global batch
+    lr: float
+    grad_norm: float | None
+    stop: bool  # some rank was asked to stop: every rank stops after this step
 
-    saver = ckpt.AsyncSaver()
 
-    def save(step: int, reason: str, best: dict | None) -> None:
-        """Snapshot now; the write, fsyncs, `latest`, pruning, best/ and mirror run in the background."""
-        if not cfg.checkpoint.enabled:
+def train_step(run: Run, step: int) -> StepResult:
+    """One optimizer step on the global batch. The gradient is all-reduced by DDP in the last
+    micro-batch's backward (no_sync before it); the loss and the stop flag in one collective."""
+    t = run.cfg.train
+    lr = lr_at(step, t)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = 0.0
+    for micro in range(t.grad_accum):
+        x, y = run.batches.get_batch("train", step, run.ranks.rank * t.grad_accum + micro)
+        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        last = micro == t.grad_accum - 1
+        with run.model.no_sync() if run.ranks.world > 1 and not last else contextlib.nullcontext():
+            with runtime.autocast(run.device):
+                loss = lm.lm_loss(run.model, x, y) / t.grad_accum
+            loss.backward()
+        loss_sum += loss.item()
+    loss_sum, stop = distributed.reduce_step(loss_sum, bool(STOP), run.device)
+    if not math.isfinite(loss_sum):  # before the update: the weights on disk and in memory stay finite
+        raise UserError(f"loss is {loss_sum} at step {step}; lower train.lr, check the data, or check that "
+                        "the tokenizer's vocab matches the model (see README, Troubleshooting)")
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, run.clip).item() if run.clip > 0 else None
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss_sum, lr, grad_norm, stop)
+
+
+def evaluate(run: Run, state: TrainState, step: int) -> float | None:
+    """The val loss at eval_interval steps and the last one (every rank joins: it is all-reduced)."""
+    t = run.cfg.train
+    if not ((t.eval_interval and step % t.eval_interval == 0) or step == t.max_steps):
+        return None
+    val = lm.estimate_loss(run.module, run.batches, t.eval_iters, run.device)
+    state.last_val = val
+    return val
+
+
+class Progress:
+    """Rows in metrics.csv/jsonl, the console line with tok/s and ETA every log_interval, and a
+    tqdm bar on a terminal (rank 0 only)."""
+
+    def __init__(self, run: Run, start_step: int):
+        self.run, self.t = run, run.cfg.train
+        self.rows = metrics.Metrics(run.paths.metrics, resume_step=start_step) if run.ranks.writer else None
+        self.t0 = self.window_t = time.time()
+        self.window_steps = 0
+        self.bar = None
+        if run.ranks.writer and sys.stderr.isatty() and start_step < self.t.max_steps:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.t.max_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False)
+
+    def log(self, step: int, r: StepResult, val: float | None, tokens: int) -> None:
+        if self.rows is None:
             return
-        tracker["recent"] = list(recent)
-        now = sum(recent) / len(recent) if recent else float("nan")
-        state = {ckpt.STEP: step, ckpt.RNG: runtime.rng_state(),
-                 ckpt.SAMPLER: {"seed": cfg.run.seed, "next_step": step + 1},
-                 ckpt.SCHEDULER: {"step": step, "lr": lr_at(max(step, 1), t)}, ckpt.TRACKER: dict(tracker)}
-        trainer_state = {"step": step, "max_steps": t.max_steps, "reason": reason, "train_loss": now,
-                         "val_loss": tracker.get("last_val"), "best_val": tracker["best_val"],
-                         "tokens": tracker["tokens"], "run": cfg.run.name, "saved_at": time.time(),
-                         ckpt.DATA: {k: v for k, v in meta["sha256"].items()}, ckpt.THREADS: cfg.run.threads}
-        files = ckpt.serialize(model, optimizer, state, trainer_state, cfg.to_yaml(),
-                               extra_files={ckpt.TOKENIZER: tok_json})
-        first, last = tracker["first_loss"], tracker["last_ckpt_loss"]
-        change = f"net loss change {now - first:+.4f} since start" if first is not None else ""
-        if last is not None:
-            change += f", {now - last:+.4f} since last checkpoint"
-        saver.save(ckpt_dir, ckpt.step_name(step), files, keep_last=cfg.checkpoint.keep_last,
-                   mirror_dir=cfg.checkpoint.mirror_dir, best=best,
-                   on_done=lambda path: log.info(f"saved {path} ({reason}); {change}; {ckpt.storage_report(ckpt_dir)}"))
-        tracker["last_ckpt_loss"] = now
+        t, per_step = self.t, self.run.tokens_per_step
+        sequences = self.run.ranks.world * t.batch_size * t.grad_accum
+        self.window_steps += 1
+        elapsed = time.time() - self.window_t
+        rate = self.window_steps / elapsed if elapsed > 0 else 0.0
+        self.rows.log({"step": step, "loss": round(r.loss, 6), "val_loss": None if val is None else round(val, 6),
+                       "lr": r.lr, "grad_norm": None if r.grad_norm is None else round(r.grad_norm, 4),
+                       "tokens": tokens, "tok_per_s": round(rate * per_step, 1),
+                       "samples_per_s": round(rate * sequences, 2), "elapsed_s": round(time.time() - self.t0, 2)})
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{r.loss:.4f}")
+        if step % t.log_interval == 0 or step == t.max_steps or val is not None:
+            eta = (t.max_steps - step) / rate if rate else 0
+            vs = f"{val:.4f}" if val is not None else "-"
+            line = (f"step {step}/{t.max_steps} | loss {r.loss:.4f} | val {vs} | lr {r.lr:.2e} | "
+                    f"tok/s {rate * per_step:,.0f} | samples/s {rate * sequences:.1f} | ETA {_fmt_eta(eta)}")
+            if self.bar is not None:
+                with self.bar.external_write_mode():
+                    log.info(line)
+            else:
+                log.info(line)
+            self.window_t, self.window_steps = time.time(), 0
 
-    params = models.trainable_parameters(model)  # once, not per step
-    t0 = time.time()
-    window_t, window_steps = time.time(), 0
-    step = start_step
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.rows is not None:
+            self.rows.close()
+            self.rows = None
+
+
+def save(run: Run, state: TrainState, saver: ckpt.AsyncSaver, reason: str, best: dict | None) -> None:
+    """Snapshot now (every rank's RNG gathered to rank 0); rank 0's write, fsyncs, `latest`,
+    pruning, best/ and mirror run in the background."""
+    cfg, step = run.cfg, state.step
+    rngs = distributed.gather(runtime.rng_state())
+    if not cfg.checkpoint.enabled or not run.ranks.writer:
+        return
+    now = state.train_loss
+    saved = {ckpt.STEP: step, ckpt.RNG: rngs[0], ckpt.TRACKER: state.saved()}
+    if len(rngs) > 1:
+        saved[ckpt.RNG_RANKS] = rngs
+    trainer_state = {"step": step, "max_steps": cfg.train.max_steps, "reason": reason, "train_loss": now,
+                     "val_loss": state.last_val, "best_val": state.best_val, "tokens": state.tokens,
+                     "run": cfg.run.name, "saved_at": time.time(), ckpt.DATA: dict(run.meta["sha256"]),
+                     ckpt.THREADS: cfg.run.threads, ckpt.WORLD: run.ranks.world}
+    files = ckpt.serialize(run.module, run.optimizer, saved, trainer_state, cfg.to_yaml(),
+                           extra_files={ckpt.TOKENIZER: run.tok_json})
+    first, last = state.first_loss, state.last_ckpt_loss
+    change = f"net loss change {now - first:+.4f} since start" if first is not None else ""
+    if last is not None:
+        change += f", {now - last:+.4f} since last checkpoint"
+    ckpt_dir = run.paths.checkpoints
+    saver.save(ckpt_dir, ckpt.step_name(step), files, keep_last=cfg.checkpoint.keep_last,
+               mirror_dir=cfg.checkpoint.mirror_dir, best=best,
+               on_done=lambda path: log.info(f"saved {path} ({reason}); {change}; {ckpt.storage_report(ckpt_dir)}"))
+    state.last_ckpt_loss = now
+
+
+def _train(cfg, resume_dir: Path | None, paths: RunPaths) -> dict:
+    run, state = setup(cfg, resume_dir, paths)
+    cfg, t = run.cfg, run.cfg.train
+    progress = Progress(run, state.step)
+    saver = ckpt.AsyncSaver()
     # from here a signal only sets STOP: the step finishes, a checkpoint is saved, exit 0
     with STOP.polling("finishing this step and saving a checkpoint"):
         try:
-            while step < t.max_steps:
-                step += 1
-                lr = lr_at(step, t)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss_sum = 0.0
-                for micro in range(t.grad_accum):
-                    x, y = batches.get_batch("train", step, micro)
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    with runtime.autocast(device):
-                        loss = lm_loss(model, x, y) / t.grad_accum
-                    loss.backward()
-                    loss_sum += loss.item()
-                if not math.isfinite(loss_sum):  # before the update: the weights on disk and in memory stay finite
-                    raise UserError(f"loss is {loss_sum} at step {step}; lower train.lr, check the data, or check that "
-                                    "the tokenizer's vocab matches the model (see README, Troubleshooting)")
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item() if clip > 0 else None
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                tracker["tokens"] += tokens_per_step
-                if tracker["first_loss"] is None:
-                    tracker["first_loss"] = loss_sum
-                recent.append(loss_sum)
-
-                val = None
-                if (t.eval_interval and step % t.eval_interval == 0) or step == t.max_steps:
-                    val = estimate_loss(model, batches, t.eval_iters, device)
-                    tracker["last_val"] = val
-                window_steps += 1
-                elapsed = time.time() - window_t
-                rate = window_steps / elapsed if elapsed > 0 else 0.0
-                rows.log({"step": step, "loss": round(loss_sum, 6), "val_loss": None if val is None else round(val, 6),
-                          "lr": lr, "grad_norm": None if grad_norm is None else round(grad_norm, 4),
-                          "tokens": tracker["tokens"], "tok_per_s": round(rate * tokens_per_step, 1),
-                          "samples_per_s": round(rate * t.batch_size * t.grad_accum, 2),
-                          "elapsed_s": round(time.time() - t0, 2)})
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{loss_sum:.4f}")
-                if step % t.log_interval == 0 or step == t.max_steps or val is not None:
-                    eta = (t.max_steps - step) / rate if rate else 0
-                    vs = f"{val:.4f}" if val is not None else "-"
-                    line = (f"step {step}/{t.max_steps} | loss {loss_sum:.4f} | val {vs} | lr {lr:.2e} | "
-                            f"tok/s {rate * tokens_per_step:,.0f} | samples/s {rate * t.batch_size * t.grad_accum:.1f}"
-                            f" | ETA {_fmt_eta(eta)}")
-                    if progress is not None:
-                        with progress.external_write_mode():
-                            log.info(line)
-                    else:
-                        log.info(line)
-                    window_t, window_steps = time.time(), 0
-
-                best_improved = val is not None and (tracker["best_val"] is None or val < tracker["best_val"])
-                if best_improved:
-                    tracker["best_val"] = val
+            while state.step < t.max_steps:
+                step = state.step = state.step + 1
+                result = train_step(run, step)
+                state.record(result.loss, run.tokens_per_step)
+                val = evaluate(run, state, step)
+                progress.log(step, result, val, state.tokens)
+                if val is not None and (state.best_val is None or val < state.best_val):
+                    state.best_val = val
                 periodic = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
-                if STOP or periodic or step == t.max_steps:
-                    reason = (f"signal {STOP.name}" if STOP else "end" if step == t.max_steps else "interval")
+                if result.stop or periodic or step == t.max_steps:
+                    reason = (f"signal {STOP.name or 'SIGTERM'}" if result.stop else "end" if step == t.max_steps
+                              else "interval")
                     # best/ is the best of the saved checkpoints: those whose step was also evaluated
-                    is_best = cfg.checkpoint.best and val is not None and val == tracker["best_val"]
-                    save(step, reason, {"step": step, "val_loss": val} if is_best else None)
-                if STOP:
+                    is_best = cfg.checkpoint.best and val is not None and val == state.best_val
+                    save(run, state, saver, reason, {"step": step, "val_loss": val} if is_best else None)
+                if result.stop:
                     saver.close()
-                    rows.close()
-                    name = ckpt.latest_name(ckpt_dir)
-                    log.info(f"stopped at step {step}/{t.max_steps} by {STOP.name}; checkpoint "
-                             f"{ckpt_dir / name if name else '(checkpoints disabled)'}; "
+                    progress.close()
+                    distributed.barrier()  # every rank leaves once rank 0's checkpoint is complete
+                    name = ckpt.latest_name(paths.checkpoints) if run.ranks.writer else None
+                    log.info(f"stopped at step {step}/{t.max_steps} by {STOP.name or 'a signal to another rank'}; "
+                             f"checkpoint {paths.checkpoints / name if name else '(checkpoints disabled)'}; "
                              f"resume with: trainer resume --run {cfg.run.name}")
                     return {"step": step, "stopped": True, "run": cfg.run.name}
         finally:
             saver.close()  # a pending write finishes (or raises its error) before anything else
-            if progress is not None:
-                progress.close()
-
-        rows.close()
-        tracker["recent"] = list(recent)
-        unwrapped = getattr(model, "_orig_mod", model)
-        return finish(cfg, unwrapped, tok, ckpt_dir, metrics_dir, device, step, tracker, run_info, prompt_ids)
+            progress.close()
+        distributed.barrier()
+        if not run.ranks.writer:
+            return {"run": cfg.run.name, "step": state.step}
+        return finish(run, state)
 
 
-def finish(cfg, model, tok, ckpt_dir: Path, metrics_dir: Path, device, step: int, tracker: dict,
-           run_info: dict, prompt_ids: list[int]) -> dict:
-    """End of run: plot, sample, export final/, summary.json, the weights sha256. The checkpoint
-    of the last step is already saved: a signal here skips what is left, and `trainer resume`
-    does it later (see `run_complete`)."""
+def finish(run: Run, state: TrainState) -> dict:
+    """End of run (rank 0): plot, sample, export final/, summary.json, the weights sha256. The
+    checkpoint of the last step is already saved: a signal here skips what is left, and
+    `trainer resume` does it later (see `run_complete`)."""
+    cfg, model, step = run.cfg, run.module, state.step
+    ckpt_dir, metrics_dir = run.paths.checkpoints, run.paths.metrics
     with STOP.polling("skipping the rest of the end-of-run work (`trainer resume` completes it)"):
         sha = models.weights_sha256(model)
         metrics.plot_loss(metrics_dir)
         if cfg.train.sample_at_end and not STOP:
             s = cfg.sample
-            text = sample_text(model, tok, prompt_ids, s.max_new_tokens, s.temperature, s.top_k, s.seed, device)
+            text = sample_text(model, run.tok, run.prompt_ids, s.max_new_tokens, s.temperature, s.top_k, s.seed,
+                               run.device)
             atomic.write_bytes(metrics_dir / "samples.txt", (text + "\n").encode())
             log.info(f"sample ({cfg.sample.max_new_tokens} new tokens, temperature {cfg.sample.temperature}, "
                      f"top-k {cfg.sample.top_k}):\n{text}\n")
         if cfg.train.export_at_end and cfg.checkpoint.enabled and not STOP:
-            models.export(model, tok, ckpt_dir / "final", any_run=True,
+            models.export(model, run.tok, ckpt_dir / "final", any_run=True,
                           extra={"run": cfg.run.name, "step": step, "weights_sha256": sha,
-                                 "fixture": run_info.get("weights", {}).get("fixture", False)})
+                                 "fixture": run.info.get("weights", {}).get("fixture", False)})
         if STOP:
             log.info(f"stopped by {STOP.name} during the end-of-run work; the checkpoint of step {step} is saved; "
                      f"`trainer resume --run {cfg.run.name}` writes the sample, final/ and summary.json")
             return {"run": cfg.run.name, "step": step, "stopped": True}
-        summary = {"run": cfg.run.name, "step": step,
-                   "train_loss": tracker["recent"][-1] if tracker["recent"] else None,
-                   "val_loss": tracker.get("last_val"), "best_val": tracker["best_val"], "weights_sha256": sha}
+        summary = {"run": cfg.run.name, "step": step, "train_loss": state.recent[-1] if state.recent else None,
+                   "val_loss": state.last_val, "best_val": state.best_val, "weights_sha256": sha}
         atomic.write_json(metrics_dir / "summary.json", summary)  # last: its presence means the run is complete
-    log.info(f"done: {cfg.run.name} step {step}, val loss {tracker.get('last_val')}, "
+    log.info(f"done: {cfg.run.name} step {step}, val loss {state.last_val}, "
              f"metrics in {metrics_dir}, checkpoints in {ckpt_dir}")
     log.info(f"weights sha256: {sha}")
     return summary
@@ -360,111 +475,6 @@ def finish(cfg, model, tok, ckpt_dir: Path, metrics_dir: Path, device, step: int
 def run_complete(cfg, step: int) -> bool:
     """True when the end-of-run work for `step` is done: summary.json names it (written last)."""
     try:
-        return json.loads((run_dirs(cfg)[1] / "summary.json").read_text()).get("step") == step
+        return json.loads((RunPaths.of(cfg).metrics / "summary.json").read_text()).get("step") == step
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def expected_data(step_dir: Path, metrics_dir: Path) -> dict:
-    """{file: sha256} of the prepared data a checkpoint was trained on: its own record, or for
-    checkpoints older than that record, the run's provenance and the checkpoint's tokenizer copy."""
-    saved = ckpt.read_trainer_state(step_dir).get(ckpt.DATA)
-    if saved is None:
-        try:
-            saved = json.loads((Path(metrics_dir) / "manifest.json").read_text()).get("data_sha256") or {}
-        except (OSError, ValueError, AttributeError):
-            saved = {}
-        tokenizer = ckpt.recorded_sha256(step_dir, ckpt.TOKENIZER)
-        saved = {**saved, **({tk.TOKENIZER_FILE: tokenizer} if tokenizer else {})} if isinstance(saved, dict) else saved
-    if not isinstance(saved, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in saved.items()):
-        raise UserError(f"checkpoint {step_dir} is corrupt: {ckpt.TRAINER_STATE} {ckpt.DATA!r} is not a mapping of "
-                        "file names to sha256; resume from an older step with --checkpoint")
-    return saved
-
-
-def check_same_data(expect: dict, prepared: Path, step_dir: Path, run: str) -> None:
-    """A resume must read the tokens and tokenizer the checkpoint was trained on: the files as
-    they are now are hashed, not what meta.json says of them."""
-    if not expect:
-        log.warning(f"{step_dir} records no data fingerprint: cannot check that {prepared} is its data")
-        return
-    now = data.fingerprint(prepared, names=tuple(expect))
-    differ = [name for name in expect if now.get(name) != expect[name]]
-    if differ:
-        raise UserError(f"prepared data {prepared} is not what run {run} was trained on ({', '.join(differ)} "
-                        "differ from the checkpoint's sha256); re-prepare it from the run's original source and "
-                        "settings, or start a new run with `trainer train`")
-
-
-def sample_prompt(cfg, tok) -> list[int]:
-    """The seeds' end-of-run sample prompt as ids: `QUESTION: ` for gpt2, the start token for
-    from-scratch, or sample.prompt, which must encode to at least one token."""
-    s = cfg.sample
-    if s.prompt:
-        ids = tok.encode(s.prompt).ids
-        if not ids:
-            raise UserError(f"sample.prompt={s.prompt!r} encodes to no tokens with this tokenizer "
-                            f"({cfg.data.tokenizer}); use text the corpus contains")
-        return ids
-    if cfg.model.type == "gpt2":
-        return tok.encode("QUESTION: ").ids
-    return [tk.eot_id(tok)]
-
-
-def train_command(config: str | None = None, **overrides) -> dict:
-    """Train a model from scratch or fine-tune one.
-
-    Args:
-      config: YAML file (configs/*.yaml). Any key can be overridden as --section.key=value,
-        e.g. --train.max_steps=50 --model.lora=true, or via TRAINER_SECTION_KEY variables.
-        Short forms: --steps, --seed, --lr, --batch_size, --block_size, --name.
-    """
-    return train(configs.load(config, **overrides))
-
-
-def resume_command(run: str | None = None, checkpoint: str | None = None, extra_steps: int = 0,
-                   **overrides) -> dict:
-    """Continue a run from its newest valid checkpoint, bit-exactly.
-
-    Args:
-      run: run name under volumes/checkpoints (or its path); default: the most recent run.
-      checkpoint: a step directory to continue from (also $CHECKPOINT_PATH).
-      extra_steps: train this many steps past the checkpoint (sets train.max_steps).
-      overrides: --section.key=value for length, intervals and logging; model.*, data.* and
-        run.seed are fixed by the checkpoint; keys that change the numbers (threads, batch,
-        learning rate...) may change, with a warning that the run is no longer bit-exact.
-    """
-    probe = configs.build(overrides={k: v for k, v in overrides.items() if k.startswith("run.out_dir")})
-    checkpoint = checkpoint or (None if run else os.environ.get("CHECKPOINT_PATH"))
-    source = ckpt.run_folder(run, checkpoint, probe.run.out_dir)
-    # a run resumed where it lies is locked before anything is read (a live writer would prune
-    # what we read); a copy elsewhere (a mirror, a read-only folder) is only read, and train()
-    # locks the run it writes
-    with ckpt.lock_run(source) if ckpt.writes_in_place(source) else contextlib.nullcontext():
-        step_dir = ckpt.locate(run or (None if checkpoint else str(source)), checkpoint, probe.run.out_dir)
-        return _resume(step_dir, extra_steps, overrides)
-
-
-def _resume(step_dir: Path, extra_steps: int, overrides: dict) -> dict:
-    import yaml
-
-    if step_dir.name.startswith("iter_"):
-        raise UserError(f"{step_dir} is a GRPO iteration; continue that run with "
-                        f"`trainer grpo --resume {step_dir.parent.name}`")
-    saved = configs.from_dict(yaml.safe_load(ckpt.read_config(step_dir)), f"{step_dir / ckpt.CONFIG}")
-    cfg = configs.build(base=saved.to_dict(), overrides=overrides)
-    cfg = cfg.replace(run=ckpt.run_config_for(step_dir, cfg.run))
-    step = ckpt.read_trainer_state(step_dir)["step"]
-    if extra_steps < 0:
-        raise UserError(f"--extra_steps={extra_steps} must not be negative")
-    if extra_steps:
-        cfg = cfg.replace(train=dataclasses.replace(cfg.train, max_steps=step + extra_steps))
-    cfg, inexact = configs.for_resume(saved, cfg)
-    if inexact:
-        log.warning(configs.inexact_warning(inexact))
-    if step >= cfg.train.max_steps and run_complete(cfg, step):
-        raise UserError(f"run {cfg.run.name} already reached step {step} of train.max_steps={cfg.train.max_steps}; "
-                        "pass --train.max_steps=N (larger) or --extra_steps=N to train further")
-    if step >= cfg.train.max_steps:
-        log.info(f"run {cfg.run.name} reached step {step} but its end-of-run work is missing: completing it")
-    return train(cfg, resume_dir=step_dir)

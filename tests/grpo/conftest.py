@@ -3,6 +3,8 @@ and its HF folder, and a real uvicorn server for apps under test."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models
@@ -61,6 +63,95 @@ def pretrain_repeat_base(tok: Tokenizer, steps: int = 200, seed: int = 0, chars:
         loss.backward()
         opt.step()
     return model.eval()
+
+
+def pretrain_lm(model: GPT2LMHeadModel, rows, steps: int, lr: float, vocab: list[int] | None = None) -> GPT2LMHeadModel:
+    """`steps` of next-token AdamW training of a GPT-2 with tied embeddings; `rows()` gives one
+    batch of equal-length id lists.
+
+    `vocab` (every id the rows use) makes a large vocabulary cheap without changing the result:
+    every other token's embedding row is first set to one shared vector. Those tokens are never
+    inputs, so under the full softmax they keep equal logits, probabilities and gradients, and
+    the full softmax equals one over `vocab` plus that shared row counted once per token it
+    stands for (log of the count added to its logit). Training runs on that small softmax (the
+    shared row's gradient divided by the count: what each row gets) and the shared row is
+    copied back to every such token at the end. GPT-2's 50,257-way output layer, ~95% of a
+    step's time, shrinks to len(vocab) + 1 rows. Checked against the full softmax: after 5
+    steps the logits agree to 2e-5 (float rounding, which AdamW amplifies only on parameters
+    whose gradient is ~0, such as attention key biases)."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    wte = model.get_input_embeddings().weight
+    if vocab is not None:
+        assert model.get_output_embeddings().weight is wte, "needs tied input and output embeddings"
+        keep = sorted(set(vocab))
+        rest = torch.ones(len(wte), dtype=torch.bool)
+        rest[keep] = False
+        shared = int(rest.nonzero()[0])
+        count = int(rest.sum())
+        with torch.no_grad():
+            wte[rest] = wte[shared].clone()
+        rows_used = torch.tensor(keep + [shared])
+        compact = torch.full((len(wte),), -1, dtype=torch.long)
+        compact[keep] = torch.arange(len(keep))
+        offset = torch.zeros(len(keep) + 1)
+        offset[-1] = math.log(count)
+    for _ in range(steps):
+        ids = torch.tensor(rows())
+        if vocab is None:
+            loss = model(input_ids=ids, labels=ids).loss
+        else:
+            hidden = model.transformer(input_ids=ids).last_hidden_state[:, :-1]
+            logits = hidden @ wte[rows_used].T + offset
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                     compact[ids[:, 1:]].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        if vocab is not None:
+            wte.grad[shared] /= count
+        opt.step()
+    if vocab is not None:
+        with torch.no_grad():
+            wte[rest] = wte[shared].clone()
+    return model.eval()
+
+
+def gpt2_vllm_model(seed: int = 0, n_positions: int = 64) -> GPT2LMHeadModel:
+    """A tiny GPT-2 with the real 50,257-token vocabulary that vLLM-CPU serves: 2 layers, width
+    128, 2 heads (vLLM's CPU attention needs head_dim 64), <|endoftext|> = 50256."""
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=50257, n_positions=n_positions, n_layer=2, n_head=2, n_embd=128,
+                     bos_token_id=50256, eos_token_id=50256, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def pretrain_repeat_gpt2_base(tok: Tokenizer, steps: int = 60, seed: int = 0, chars: str = "abcd",
+                              batch: int = 32, width: int = 24) -> GPT2LMHeadModel:
+    """gpt2_vllm_model after `steps` of next-token training on `repeat`-format lines whose answers
+    are unrelated to the prompt, as pretrain_repeat_base, in GPT-2's BPE. Each line is encoded
+    as GRPO sees it: the prompt "c*L=" on its own, then the answer and "\\n" (the ids a policy
+    samples after the prompt), so the base learns the format in the tokens it will be asked
+    for. Rows of `width` ids start at a line. Trained on the compact softmax of pretrain_lm."""
+    import random
+
+    rng = random.Random(seed)
+
+    def runs(n: int) -> str:
+        out = ""
+        while len(out) < n:
+            out += rng.choice(chars) * rng.randint(1, 6)
+        return out[:n]
+
+    def row() -> list[int]:
+        ids: list[int] = []
+        while len(ids) < width:
+            ids += tok.encode(f"{rng.choice(chars)}*{rng.randint(1, 9)}=").ids
+            ids += tok.encode(runs(rng.randint(1, 9)) + "\n").ids
+        return ids[:width]
+
+    batches = [[row() for _ in range(batch)] for _ in range(steps)]
+    vocab = sorted({i for b in batches for r in b for i in r})
+    return pretrain_lm(gpt2_vllm_model(seed), iter(batches).__next__, steps, lr=3e-3, vocab=vocab)
 
 
 def save_hf_folder(path, model, tok: Tokenizer) -> None:

@@ -23,7 +23,8 @@ from trainer import checkpoint as ckpt
 from trainer import cli
 from trainer import config as configs
 from trainer.grpo import envs
-from trainer.grpo.loop import grpo, grpo_command
+from trainer.commands import grpo_command
+from trainer.grpo.loop import grpo
 from tests.grpo.conftest import RunningServer
 
 BASE = {"model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 32, "model.dropout": 0.0,

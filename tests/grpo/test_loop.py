@@ -11,7 +11,8 @@ import pytest
 from trainer import checkpoint as ckpt
 from trainer import config as configs
 from trainer.errors import UserError
-from trainer.grpo.loop import CLOCKS, FIELDS, grpo, grpo_command
+from trainer.commands import grpo_command
+from trainer.grpo.loop import CLOCKS, FIELDS, grpo
 from trainer.grpo.rollout import RolloutError
 from tests.grpo.conftest import RunningServer, free_port, save_hf_folder, tiny_model
 

@@ -15,6 +15,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from trainer import checkpoint as ckpt
+from trainer import runs
 from trainer.errors import UserError
 
 
@@ -175,9 +176,9 @@ def test_locate_without_a_run_picks_the_most_recently_written_run(tmp_path, monk
     (root / "empty").mkdir()
     for path, when in ((older, 1000), (root / "older" / ckpt.LATEST, 1000), (newer, 2000)):
         os.utime(path, (when, when))
-    assert ckpt.locate(out_dir=str(tmp_path)) == newer
+    assert runs.locate(out_dir=str(tmp_path)) == newer
     os.utime(root / "older" / ckpt.LATEST, (3000, 3000))
-    assert ckpt.locate(out_dir=str(tmp_path)) == older
+    assert runs.locate(out_dir=str(tmp_path)) == older
 
 
 def test_a_tracker_value_of_the_wrong_kind_is_a_corrupt_checkpoint(tmp_path):

@@ -17,6 +17,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from trainer import checkpoint as ckpt
+from trainer import runs
 from trainer.errors import UserError
 
 CONFIG = "run:\n  seed: 1\nmodel:\n  type: from_scratch\n"
@@ -133,7 +134,7 @@ def test_damaged_file_with_matching_manifest_is_corrupt(tmp_path, damage, caplog
     with caplog.at_level("WARNING", logger="trainer"):
         assert ckpt.find_valid(run_dir) == good
     assert "falling back to step_000001" in caplog.text
-    assert str(bad) in one_line_user_error(lambda: ckpt.locate(checkpoint=str(bad)))
+    assert str(bad) in one_line_user_error(lambda: runs.locate(checkpoint=str(bad)))
     assert "corrupt" in one_line_user_error(lambda: ckpt.load_checkpoint(bad, tiny(lora)[0]))
     assert "corrupt" in one_line_user_error(lambda: ckpt.restore(bad))
     assert ckpt.verify(good) is None  # a clean checkpoint beside it still verifies
@@ -161,7 +162,7 @@ def test_damaged_latest_falls_back_to_the_step_dirs(tmp_path, latest, caplog):
     assert ckpt.latest_name(tmp_path) is None
     with caplog.at_level("WARNING", logger="trainer"):
         assert ckpt.find_valid(tmp_path) == newest
-        assert ckpt.locate(checkpoint=str(tmp_path)) == newest
+        assert runs.locate(checkpoint=str(tmp_path)) == newest
     assert "`latest`" in caplog.text
     for step_dir in (tmp_path / "step_000001", newest):
         shutil.rmtree(step_dir)

@@ -18,6 +18,7 @@ import pytest
 
 from tests.unit.test_checkpoint import save, tiny
 from trainer import checkpoint as ckpt
+from trainer import runs
 from trainer.errors import UserError
 
 HOLD = """
@@ -99,9 +100,9 @@ def test_run_folder_names_what_locate_reads(tmp_path, monkeypatch):
     model, opt = tiny()
     root = tmp_path / "checkpoints"
     step = save(root / "a", 1, model, opt)
-    assert ckpt.run_folder(checkpoint=str(step), out_dir=str(tmp_path)) == root / "a"
-    assert ckpt.run_folder(checkpoint=str(root / "a"), out_dir=str(tmp_path)) == root / "a"
-    assert ckpt.run_folder(run="a", out_dir=str(tmp_path)) == root / "a"
-    assert ckpt.run_folder(out_dir=str(tmp_path)) == root / "a"
-    with ckpt.lock_run(ckpt.run_folder(run="a", out_dir=str(tmp_path))):
-        assert ckpt.locate(run="a", out_dir=str(tmp_path)) == step
+    assert runs.run_folder(checkpoint=str(step), out_dir=str(tmp_path)) == root / "a"
+    assert runs.run_folder(checkpoint=str(root / "a"), out_dir=str(tmp_path)) == root / "a"
+    assert runs.run_folder(run="a", out_dir=str(tmp_path)) == root / "a"
+    assert runs.run_folder(out_dir=str(tmp_path)) == root / "a"
+    with ckpt.lock_run(runs.run_folder(run="a", out_dir=str(tmp_path))):
+        assert runs.locate(run="a", out_dir=str(tmp_path)) == step

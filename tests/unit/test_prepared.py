@@ -16,7 +16,7 @@ import pytest
 
 from trainer import config as C
 from trainer import data as D
-from trainer import offline
+from trainer import commands
 from trainer.errors import UserError
 
 QUIET = {"log": lambda *_: None}
@@ -61,7 +61,7 @@ def test_data_name_with_another_source_is_refused(tmp_path, two_sources):
     before = digest(folder)
     other = cfg(tmp_path, b, **{"data.name": "mine"})
     for call in (D.find_prepared, D.prepared_path, lambda c: D.prepare(c, **QUIET),
-                 lambda c: D.prepare_command(**{f"data.{k}": v for k, v in vars(c).items()})):
+                 lambda c: commands.prepare_command(**{f"data.{k}": v for k, v in vars(c).items()})):
         with pytest.raises(UserError) as err:
             call(other)
         line = str(err.value)
@@ -115,7 +115,7 @@ def test_folder_without_settings_is_not_reused_but_prepare_redoes_it(tmp_path, c
     (folder / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="older Airlock.*trainer prepare"):
         D.find_prepared(c)
-    D.prepare_command(**{"data.prepared_dir": c.prepared_dir, "data.source": c.source, "data.name": "old",
+    commands.prepare_command(**{"data.prepared_dir": c.prepared_dir, "data.source": c.source, "data.name": "old",
                          "data.tokenizer": "char"})
     assert D.find_prepared(c) == folder and "settings" in D.read_meta(folder)
 
@@ -186,9 +186,9 @@ def test_cut_prepared_file_is_one_line(tmp_path, corpus_dir):
 def test_doctor_compares_the_folder_with_the_config(tmp_path, corpus_dir, capsys):
     D.prepare(cfg(tmp_path, corpus_dir, **{"data.name": "n", "data.tokenizer": "bpe", "data.vocab_size": 300}),
               **QUIET)
-    assert offline.doctor(config(tmp_path, corpus_dir, **{"data.name": "n", "data.tokenizer": "gpt2"})) >= 1
+    assert commands.doctor(config(tmp_path, corpus_dir, **{"data.name": "n", "data.tokenizer": "gpt2"})) >= 1
     out = capsys.readouterr().out
     assert "[ok] data" not in out and "[FAIL] data" in out and "data.tokenizer='bpe' there but 'gpt2'" in out
-    assert offline.doctor(config(tmp_path, corpus_dir, **{"data.name": "fresh"})) == 0
+    assert commands.doctor(config(tmp_path, corpus_dir, **{"data.name": "fresh"})) == 0
     out = capsys.readouterr().out
     assert "[ok] data" in out and "not prepared yet" in out and "trainer train" in out

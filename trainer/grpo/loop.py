@@ -29,7 +29,6 @@ continues bit-exactly on CPU with the local backend.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import logging
@@ -45,6 +44,7 @@ from trainer import metrics, offline, runtime
 from trainer import model as models
 from trainer import tokenizer as tk
 from trainer.errors import UserError
+from trainer.runs import RunPaths
 from trainer.signals import STOP, Stopped
 from trainer.grpo import envs
 from trainer.grpo.algorithm import (Scores, group_advantages, grpo_loss, importance_weights, logprob_mismatch,
@@ -68,11 +68,6 @@ def server_host(url: str) -> str:
     if not host or urlsplit(url).scheme not in ("http", "https"):
         raise UserError(f"server.url={url!r} is not an http(s) URL; use e.g. http://server:8000/v1")
     return host
-
-
-def run_dirs(cfg) -> tuple[Path, Path]:
-    root = Path(cfg.run.out_dir)
-    return root / "checkpoints" / cfg.run.name, root / "metrics" / cfg.run.name
 
 
 def env_options(g) -> dict:
@@ -256,7 +251,7 @@ def resume_hint(cfg) -> str:
 def grpo(cfg, resume_dir: Path | None = None) -> dict:
     """Run (or continue) GRPO. -> summary with the last iteration and eval rewards. The run is
     locked for the whole call: a second writer of the same run is refused."""
-    ckpt_dir = run_dirs(cfg)[0]
+    ckpt_dir = RunPaths.of(cfg).checkpoints
     try:
         with ckpt.lock_run(ckpt_dir):
             return _grpo(cfg, resume_dir)
@@ -268,7 +263,8 @@ def grpo(cfg, resume_dir: Path | None = None) -> dict:
 
 def _grpo(cfg, resume_dir: Path | None) -> dict:
     g = cfg.grpo
-    ckpt_dir, metrics_dir = run_dirs(cfg)
+    paths = RunPaths.of(cfg)
+    ckpt_dir, metrics_dir = paths.checkpoints, paths.metrics
     if resume_dir is None and ckpt.has_checkpoints(ckpt_dir):
         raise UserError(f"run {cfg.run.name!r} already has checkpoints in {ckpt_dir}; continue it with "
                         f"`{resume_hint(cfg)}` or pick a new run.name")
@@ -303,7 +299,7 @@ def _grpo(cfg, resume_dir: Path | None) -> dict:
                                 concurrency=g.concurrency, request_prompts=g.request_prompts)
         backend.wait_ready()
         way = ReloadSync if g.sync == "reload" else AdapterSync
-        sync = way(backend, Path(g.sync_dir or Path(cfg.run.out_dir) / "sync" / cfg.run.name),
+        sync = way(backend, Path(g.sync_dir or paths.sync),
                    tok.encode(PROBE_TEXT).ids, prefix=cfg.run.name, server_dir=g.server_sync_dir,
                    tolerance=g.sync_tolerance)
     else:
@@ -334,6 +330,7 @@ def _grpo(cfg, resume_dir: Path | None) -> dict:
         log.info(f"eval iter {iteration}: mean reward {result['mean_reward']:.3f}, pass rate {result['pass_rate']:.3f}")
         return result
 
+    saver = ckpt.AsyncSaver()  # the write of iteration k overlaps the rollouts of k + 1
     with STOP.polling("finishing this iteration and saving a checkpoint"):
         try:
             if start == 0:
@@ -365,67 +362,26 @@ def _grpo(cfg, resume_dir: Path | None) -> dict:
                 if best:
                     tracker["best_eval"] = ev["mean_reward"]
                 state = {ckpt.STEP: it, ckpt.RNG: runtime.rng_state(), ckpt.TRACKER: tracker}
-                path = ckpt.save_checkpoint(ckpt_dir, ckpt.step_name(it, "iter"), policy, optimizer, state,
-                                            {"iteration": it, "reward_mean": stats["reward_mean"],
-                                             "eval_reward": stats.get("eval_reward"), "adapter": pushed["adapter"]},
-                                            cfg.to_yaml(), cfg.checkpoint.keep_last, cfg.checkpoint.mirror_dir,
-                                            extra_files={ckpt.TOKENIZER: tok_json},
-                                            best={"iteration": it, "eval_reward": ev["mean_reward"]} if best else None)
+                files = ckpt.serialize(policy, optimizer, state,
+                                       {"iteration": it, "reward_mean": stats["reward_mean"],
+                                        "eval_reward": stats.get("eval_reward"), "adapter": pushed["adapter"]},
+                                       cfg.to_yaml(), extra_files={ckpt.TOKENIZER: tok_json})
+                saver.save(ckpt_dir, ckpt.step_name(it, "iter"), files, keep_last=cfg.checkpoint.keep_last,
+                           mirror_dir=cfg.checkpoint.mirror_dir,
+                           best={"iteration": it, "eval_reward": ev["mean_reward"]} if best else None)
                 log.info(f"iter {it}/{g.iterations}: reward {stats['reward_mean']:.3f} (zero-std groups "
                          f"{stats['zero_std_frac']:.2f}), loss {stats['loss']:.4f}, len {stats['len_mean']:.1f}, "
                          f"rollout {stats['rollout_s']:.2f}s train {stats['train_s']:.2f}s sync {sync_s:.2f}s")
                 if STOP:
-                    log.info(f"stopped by signal after iteration {it}; saved {path}; continue with "
+                    log.info(f"stopped by signal after iteration {it}; saved {saver.wait()}; continue with "
                              f"`{resume_hint(cfg)}`")
                     break
         except RolloutError as e:
+            saver.close()  # the iteration before is on disk before the message names it
             name = ckpt.latest_name(ckpt_dir)
             raise RolloutError(f"{e}; last checkpoint: {name or 'none'} (continue with "
                                f"`{resume_hint(cfg)}`)") from None
         finally:
+            saver.close()
             rows.close()
     return {"iteration": it, "evals": tracker["evals"], "weights_sha256": models.weights_sha256(policy)}
-
-
-def grpo_command(config: str | None = None, resume: str = "", **overrides) -> dict:
-    """Train a policy with GRPO on a reward environment (configs/grpo_*.yaml).
-
-    Args:
-      config: YAML file. Override any key as --grpo.lr=1e-5 --grpo.backend=openai ...
-      resume: a run name (or run/iteration directory) to continue from its newest valid
-        iteration. The run's saved config is the base; --config and overrides on top may
-        change lengths and intervals (e.g. grpo.iterations), not model.* or data.*.
-        `auto` continues run.name when it has checkpoints and starts it otherwise (for
-        compose, where the same command must start, restart and finish a run).
-    """
-    if resume == "auto":
-        cfg = configs.load(config, **overrides)
-        resume = cfg.run.name if ckpt.has_checkpoints(run_dirs(cfg)[0]) else ""
-        if not resume:
-            return grpo(cfg)
-    if not resume:
-        return grpo(configs.load(config, **overrides))
-    probe = configs.build(yaml_path=config, overrides={k: v for k, v in overrides.items() if k == "run.out_dir"})
-    where = (resume if not Path(resume).is_dir() else None, resume if Path(resume).is_dir() else None,
-             probe.run.out_dir)
-    source = ckpt.run_folder(*where)
-    # a run resumed where it lies is locked before anything is read (a live writer would prune
-    # what we read); a copy elsewhere is only read, and grpo() locks the run it writes
-    with ckpt.lock_run(source) if ckpt.writes_in_place(source) else contextlib.nullcontext():
-        step_dir = ckpt.locate(*where)
-        return _resume(step_dir, config, overrides)
-
-
-def _resume(step_dir: Path, config: str | None, overrides: dict) -> dict:
-    import yaml
-
-    if not step_dir.name.startswith("iter_"):
-        raise UserError(f"{step_dir} is a pretraining checkpoint, not a GRPO iteration; continue it with "
-                        f"`trainer resume --run {step_dir.parent.name}`, or start GRPO from it with model.path")
-    saved = configs.from_dict(yaml.safe_load(ckpt.read_config(step_dir)), f"{step_dir / ckpt.CONFIG}")
-    cfg = configs.build(base=saved.to_dict(), yaml_path=config, overrides=overrides)
-    cfg, inexact = configs.for_resume(saved, cfg)
-    if inexact:
-        log.warning(configs.inexact_warning(inexact))
-    cfg = cfg.replace(run=ckpt.run_config_for(step_dir, cfg.run))
-    return grpo(cfg, resume_dir=step_dir)

@@ -31,6 +31,8 @@ import yaml
 
 from trainer import checkpoint as ckpt
 from trainer import config as configs
+from trainer import runs as runs_
+from trainer.runs import RunPaths
 from trainer.signals import STOP
 from trainer.errors import UserError
 
@@ -102,9 +104,7 @@ def plan(config: str | None, grid: list[tuple[str, list]], overrides: dict) -> t
 
 def run_state(cfg) -> tuple[int, Path | None]:
     """(iterations done, newest valid iteration dir) of a run; (0, None) before its first."""
-    from trainer.grpo.loop import run_dirs
-
-    ckpt_dir, _ = run_dirs(cfg)
+    ckpt_dir = RunPaths.of(cfg).checkpoints
     if not ckpt.has_checkpoints(ckpt_dir):
         return 0, None
     step_dir = ckpt.find_valid(ckpt_dir)
@@ -117,14 +117,12 @@ def _eval(metrics_dir: Path, iteration: int) -> dict:
 
 
 def summary_rows(runs: list[dict]) -> list[dict]:
-    from trainer.grpo.loop import run_dirs
-
     rows = []
     for r in runs:
         cfg = r["cfg"]
         done, _ = run_state(cfg)
         total = cfg.grpo.iterations
-        _, metrics_dir = run_dirs(cfg)
+        metrics_dir = RunPaths.of(cfg).metrics
         start, final = _eval(metrics_dir, 0), (_eval(metrics_dir, total) if done >= total else {})
         status = "done" if done >= total else ("pending" if done == 0 else "partial")
         rows.append({"run": r["name"], **r["values"], "status": status, "iterations": f"{done}/{total}",
@@ -157,22 +155,13 @@ def write_summary(out_dir: Path, rows: list[dict]) -> tuple[Path, Path]:
     return paths
 
 
-def sweep_command(config: str | None = None, grid: str = "", **overrides) -> list[dict]:
-    """Run GRPO once per combination of a grid of config values; write a summary table.
-
-    Args:
-      config: YAML file every run starts from (configs/grpo_*.yaml).
-      grid: 'grpo.lr=[5e-6,1e-5,2e-5] grpo.beta=[0.02,0.05,0.1]': key=[values] items,
-        separated by spaces. Runs are named <run.name or config stem>-lr5e-06-beta0.02 ...;
-        the summary is <out_dir>/metrics/<base>-sweep/summary.{csv,md}. Running the same
-        command again skips finished runs and resumes a partial one.
-      Other --section.key=value flags apply to every run.
-    """
-    from trainer.grpo.loop import grpo, run_dirs
+def run(config: str | None, grid: str, overrides: dict) -> tuple[list[dict], tuple[Path, Path]]:
+    """Run (or continue) every combination of `grid`; -> (summary rows, (summary.csv, summary.md))."""
+    from trainer.grpo.loop import grpo
 
     parsed = parse_grid(grid)
     sweep_name, runs = plan(config, parsed, overrides)
-    out_dir = Path(runs[0]["cfg"].run.out_dir) / "metrics" / sweep_name
+    out_dir = RunPaths(Path(runs[0]["cfg"].run.out_dir), sweep_name).metrics
     # a signal between runs stops the sweep; during a run, grpo() finishes its iteration and saves
     with STOP.polling("finishing this run's iteration and saving a checkpoint"):
         for i, r in enumerate(runs, 1):
@@ -184,14 +173,12 @@ def sweep_command(config: str | None = None, grid: str = "", **overrides) -> lis
             if STOP:
                 break
             if step_dir is not None:
-                saved = configs.from_dict(yaml.safe_load(ckpt.read_config(step_dir)), str(step_dir / ckpt.CONFIG))
+                saved = runs_.saved_config(step_dir)
                 changed = configs.changed_frozen_keys(saved, cfg)
                 if changed:
                     raise UserError(f"run {r['name']} was started with other {', '.join(changed)}; "
-                                    f"remove {run_dirs(cfg)[0]} or pick another run.name")
-                cfg, inexact = configs.for_resume(saved, cfg)  # e.g. the thread count it was started with
-                if inexact:
-                    log.warning(configs.inexact_warning(inexact))
+                                    f"remove {RunPaths.of(cfg).checkpoints} or pick another run.name")
+                cfg = runs_.resumed(saved, cfg, step_dir)  # e.g. the thread count it was started with
             print(f"[{i}/{len(runs)}] {r['name']}: " + (f"resuming from iteration {done}" if done else "starting"),
                   flush=True)
             result = grpo(cfg, resume_dir=step_dir)
@@ -199,12 +186,4 @@ def sweep_command(config: str | None = None, grid: str = "", **overrides) -> lis
             if result["iteration"] < cfg.grpo.iterations:  # the run saw SIGTERM/SIGINT and saved
                 break
     rows = summary_rows(runs)
-    csv_path, md_path = write_summary(out_dir, rows)
-    print(md_path.read_text(), end="", flush=True)
-    left = [r["run"] for r in rows if r["status"] != "done"]
-    if left:
-        cmd = f"trainer sweep {'--config ' + config + ' ' if config else ''}--grid '{grid}'"
-        cmd += "".join(f" --{k}={v}" for k, v in overrides.items())
-        print(f"sweep stopped with {len(left)} run(s) not finished; continue with `{cmd}`", flush=True)
-    print(f"summary: {csv_path} and {md_path}", flush=True)
-    return rows
+    return rows, write_summary(out_dir, rows)

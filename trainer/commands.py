@@ -1,0 +1,388 @@
+"""The commands: the only code that turns a command line's arguments into library calls.
+
+cli.py maps each command name to one function here; its signature and docstring are the
+command's --help. Library modules (everything else under trainer/) never import this module.
+Each command imports what it needs when it runs, so `trainer train` does not pay for FastAPI
+(serve) or the GRPO stack at start-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+
+from trainer.errors import UserError
+
+log = logging.getLogger("trainer")
+
+
+def prepare_command(config: str | None = None, **overrides) -> str:
+    """Tokenize a corpus into data/prepared/<name>/ (train.bin, val.bin, meta.json, tokenizer.json).
+
+    Args:
+      config: YAML file; its data section says what to prepare. Override with --data.source=PATH
+        (.txt/.md file or folder, .jsonl, .bin/.npy/.pt tokens, or python-stdlib),
+        --data.tokenizer=gpt2|bpe|char, --data.vocab_size=N, --data.text_field=NAME.
+    """
+    from trainer import config as configs
+    from trainer import data
+    from trainer.offline import go_offline
+
+    cfg = configs.load(config, **overrides)
+    if cfg.run.offline:
+        go_offline()
+    return str(data.prepare(cfg.data))
+
+
+# ---------------------------------------------------------------- train, resume
+
+def train_command(config: str | None = None, resume: str = "", **overrides) -> dict:
+    """Train a model from scratch or fine-tune one.
+
+    Args:
+      config: YAML file (configs/*.yaml). Any key can be overridden as --section.key=value,
+        e.g. --train.max_steps=50 --model.lora=true, or via TRAINER_SECTION_KEY variables.
+        Short forms: --steps, --seed, --lr, --batch_size, --block_size, --name.
+      resume: `auto` continues run.name from its newest valid checkpoint when it has one and
+        starts it otherwise, so one command starts, restarts and finishes a run (torchrun's
+        restarts, a resubmitted batch job). Under torchrun a restarted worker group always
+        continues this way.
+    """
+    from trainer import checkpoint as ckpt
+    from trainer import config as configs
+    from trainer import runs, train
+    from trainer.distributed import restarted
+
+    if resume not in ("", "auto"):
+        raise UserError(f"--resume={resume!r}: use --resume=auto, or `trainer resume --run NAME` for a named run")
+    cfg = configs.load(config, **overrides)
+    if (resume == "auto" or restarted()) and ckpt.has_checkpoints(runs.RunPaths.of(cfg).checkpoints):
+        with runs.resume_point(cfg.run.name, None, cfg.run.out_dir) as step_dir:
+            return _resume_train(step_dir, 0, config, overrides)
+    return train.train(cfg)
+
+
+def resume_command(run: str | None = None, checkpoint: str | None = None, extra_steps: int = 0,
+                   **overrides) -> dict:
+    """Continue a run from its newest valid checkpoint, bit-exactly.
+
+    Args:
+      run: run name under volumes/checkpoints (or its path); default: the most recent run.
+      checkpoint: a step directory to continue from (also $CHECKPOINT_PATH).
+      extra_steps: train this many steps past the checkpoint (sets train.max_steps).
+      overrides: --section.key=value for length, intervals and logging; model.*, data.* and
+        run.seed are fixed by the checkpoint; keys that change the numbers (threads, batch,
+        learning rate...) may change, with a warning that the run is no longer bit-exact.
+    """
+    from trainer import config as configs
+    from trainer import runs
+
+    probe = configs.build(overrides={k: v for k, v in overrides.items() if k.startswith("run.out_dir")})
+    checkpoint = checkpoint or (None if run else os.environ.get("CHECKPOINT_PATH"))
+    with runs.resume_point(run, checkpoint, probe.run.out_dir) as step_dir:
+        return _resume_train(step_dir, extra_steps, None, overrides)
+
+
+def _resume_train(step_dir: Path, extra_steps: int, config: str | None, overrides: dict) -> dict:
+    from trainer import checkpoint as ckpt
+    from trainer import config as configs
+    from trainer import runs, train
+
+    if step_dir.name.startswith("iter_"):
+        raise UserError(f"{step_dir} is a GRPO iteration; continue that run with "
+                        f"`trainer grpo --resume {step_dir.parent.name}`")
+    saved = runs.saved_config(step_dir)
+    cfg = configs.build(base=saved.to_dict(), yaml_path=config, overrides=overrides)
+    step = ckpt.read_trainer_state(step_dir)["step"]
+    if extra_steps < 0:
+        raise UserError(f"--extra_steps={extra_steps} must not be negative")
+    if extra_steps:
+        cfg = cfg.replace(train=dataclasses.replace(cfg.train, max_steps=step + extra_steps))
+    cfg = runs.resumed(saved, cfg, step_dir)
+    if step >= cfg.train.max_steps and train.run_complete(cfg, step):
+        raise UserError(f"run {cfg.run.name} already reached step {step} of train.max_steps={cfg.train.max_steps}; "
+                        "pass --train.max_steps=N (larger) or --extra_steps=N to train further")
+    if step >= cfg.train.max_steps:
+        log.info(f"run {cfg.run.name} reached step {step} but its end-of-run work is missing: completing it")
+    return train.train(cfg, resume_dir=step_dir)
+
+
+# ---------------------------------------------------------------- checkpoints: sample, export, evaluate
+
+def sample_command(run: str | None = None, checkpoint: str | None = None, prompt: str | None = None,
+                   max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
+                   seed: int | None = None, num_samples: int = 1, out_dir: str = "volumes") -> str:
+    """Generate text from a checkpoint (only the new tokens are printed).
+
+    Args:
+      run: run name (newest valid checkpoint); default: the most recent run.
+      checkpoint: a step directory (also $CHECKPOINT_PATH).
+      prompt: text to continue; default "QUESTION: " for gpt2, the start token for from-scratch.
+      max_new_tokens, temperature, top_k, seed: default to the run's sample section.
+      num_samples: how many samples, each with seed+i.
+    """
+    import torch
+
+    from trainer import checkpoint as ckpt
+    from trainer import config as configs
+    from trainer import runs
+    from trainer.generate import sample_text
+    from trainer.offline import go_offline
+
+    given = {k: v for k, v in dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                   seed=seed).items() if v is not None}
+    # the limits of the sample.* config keys, checked before anything loads: --top_k=-5 is one line
+    configs.validate(configs.Config().replace(sample=dataclasses.replace(configs.SampleConfig(), **given)))
+    if num_samples < 1:
+        raise UserError(f"--num_samples={num_samples} must be at least 1")
+    go_offline()
+    step_dir, (model, tok, cfg, _) = runs.locate_and_restore(run, checkpoint, out_dir)
+    s = dataclasses.replace(cfg.sample, **given)
+    try:  # a value saved by an older Airlock may be out of today's range: say which, and how to override
+        configs.validate(configs.Config().replace(sample=s))
+    except UserError as e:
+        raise UserError(f"{e} (from {step_dir / ckpt.CONFIG}; pass it as an option, e.g. --top_k=50)") from None
+    if prompt is None:
+        prompt = s.prompt or ("QUESTION: " if cfg.model.type == "gpt2" else "")
+    ids = tok.encode(str(prompt)).ids if prompt else [tok.token_to_id("<|endoftext|>")]
+    if not ids:
+        raise UserError(f"--prompt={prompt!r} encodes to no tokens with this run's tokenizer; use text it knows")
+    texts = []
+    for i in range(int(num_samples)):
+        text = sample_text(model, tok, ids, s.max_new_tokens, s.temperature, s.top_k, s.seed + i,
+                           torch.device("cpu"))
+        print(f"--- sample {i + 1} from {step_dir} ---\n{prompt}{text}", flush=True)
+        texts.append(text)
+    return "\n".join(texts)
+
+
+def export_command(run: str | None = None, checkpoint: str | None = None, out: str | None = None,
+                   merge: bool = False, out_dir: str = "volumes") -> str:
+    """Write a checkpoint as a Hugging Face folder (AutoModelForCausalLM / PeftModel load it).
+
+    Args:
+      run: run name (newest valid checkpoint); default: the most recent run.
+      checkpoint: a step directory (also $CHECKPOINT_PATH).
+      out: destination folder; default <run>/export_<step>.
+      merge: for LoRA runs, merge the adapter into the base weights (a plain transformers model).
+    """
+    from trainer import model as models
+    from trainer import runs
+    from trainer.offline import go_offline
+
+    go_offline()
+    step_dir, (model, tok, cfg, state) = runs.locate_and_restore(run, checkpoint, out_dir)
+    dest = Path(out) if out else step_dir.parent / f"export_{step_dir.name}{'_merged' if merge else ''}"
+    models.export(model, tok, dest, merge=merge, extra={"run": cfg.run.name, "checkpoint": step_dir.name,
+                                                         "weights_sha256": models.weights_sha256(model)})
+    print(f"exported {step_dir} to {dest}" + (" (LoRA merged)" if merge and cfg.model.lora else ""))
+    return str(dest)
+
+
+def evaluate_command(checkpoint: str | None = None, watch: str | None = None, run: str | None = None,
+                     out_dir: str = "volumes", interval: float = 10.0, once: bool = False, device: str = "auto",
+                     force: bool = False) -> None:
+    """Evaluate checkpoints: val loss, perplexity and a sample into metrics/<run>/eval.jsonl, and loss.png.
+
+    --checkpoint PATH   a step directory (or a run directory: its newest valid checkpoint), once
+    --run NAME          the newest valid checkpoint of run NAME under OUT_DIR/checkpoints, once
+    --watch DIR         every completed checkpoint under DIR (a run folder or the checkpoints root),
+                        then each new one as it appears, polling every INTERVAL seconds; --once
+                        scans a single time. Already-evaluated checkpoints are skipped (restart-safe).
+    With none of them: the newest checkpoint of the most recent run. --force re-evaluates.
+    """
+    from trainer import evaluate, offline, runs, runtime
+
+    if interval <= 0:
+        raise UserError(f"--interval={interval} must be more than 0 seconds")
+    offline.go_offline()  # the evaluator never needs a network
+    dev = runtime.pick_device(device)
+    if watch:
+        if not Path(watch).is_dir():
+            raise UserError(f"--watch {watch}: no such folder; give a run folder or {out_dir}/checkpoints")
+        evaluate.watch_loop(Path(watch), dev, float(interval), once)
+        return
+    step_dir = runs.locate(run=run, checkpoint=checkpoint, out_dir=out_dir)
+    row = evaluate.evaluate_checkpoint(step_dir, dev, force=force, strict=True)
+    if row is None and step_dir.exists():
+        log.info(f"evaluate: {step_dir} is already in "
+                 f"{runs.RunPaths.of_step(step_dir).metrics / evaluate.EVAL_FILE} (--force to redo)")
+
+
+# ---------------------------------------------------------------- doctor
+
+def doctor(cfg) -> int:
+    """Report versions, device, offline mode and whether the config's tokenizer, weights and
+    data are present and load under the socket guard. -> number of problems."""
+    import platform
+
+    import numpy
+    import peft
+    import tokenizers
+    import torch
+    import transformers
+
+    from trainer import data, model as models, tokenizer as tk
+    from trainer.offline import NetworkBlocked, guard_active, install_guard, set_offline_env
+
+    problems = 0
+
+    def report(ok: bool, what: str, detail: str) -> None:
+        nonlocal problems
+        problems += not ok
+        print(f"  [{'ok' if ok else 'FAIL'}] {what}: {detail}")
+
+    print("versions:")
+    print(f"  python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"peft {peft.__version__}, tokenizers {tokenizers.__version__}, numpy {numpy.__version__}")
+    cuda = torch.cuda.is_available()
+    print(f"device: {'cuda: ' + torch.cuda.get_device_name(0) if cuda else 'cpu'} "
+          f"(run.device={cfg.run.device}, {torch.get_num_threads()} CPU threads)")
+    print("offline:")
+    set_offline_env()
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        report(os.environ.get(key) == "1", key, os.environ.get(key, "unset"))
+    install_guard()
+    report(guard_active(), "socket guard", "installed: non-loopback connections raise")
+    print("assets (loaded under the guard):")
+    tok = None
+    try:
+        path = data.find_prepared(cfg.data)  # train's own matching: a folder with other settings fails here
+        if (path / "meta.json").is_file():
+            meta = data.read_meta(path)
+            report(True, "data", f"{path}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, "
+                                 f"{meta['tokenizer']} vocab {meta['vocab_size']}")
+            tok = tk.load(path)
+            report(True, "tokenizer", f"{path / tk.TOKENIZER_FILE}: {tok.get_vocab_size()} tokens")
+        else:
+            found = cfg.data.source == data.STDLIB or os.path.exists(cfg.data.source)
+            report(found, "data", f"{path} not prepared yet: the first `trainer train` with this config prepares it "
+                                  f"from data.source={cfg.data.source!r}" + ("" if found else ", which does not exist")
+                                  + " (or run `trainer prepare` with this config now)")
+    except UserError as e:
+        report(False, "data", str(e))
+    except (OSError, ValueError) as e:
+        report(False, "data", f"{e} (run `trainer prepare` with this config)")
+    if tok is None and cfg.data.tokenizer == "gpt2":
+        try:
+            tok = tk.load_gpt2(cfg.data.tokenizer_path)
+            report(True, "tokenizer", f"gpt2 from local files: {tok.get_vocab_size()} tokens")
+        except (UserError, NetworkBlocked) as e2:
+            report(False, "tokenizer", str(e2))
+    if cfg.model.type == "gpt2":
+        try:
+            m = models.load_pretrained(cfg.model.path)
+            fixture = (os.path.exists(os.path.join(cfg.model.path, "FIXTURE.txt")))
+            report(True, "weights", f"{cfg.model.path}: {sum(p.numel() for p in m.parameters()):,} parameters"
+                                    + (" (FIXTURE: tiny random GPT-2 for tests, not the real weights)" if fixture else ""))
+        except (UserError, NetworkBlocked, OSError, ValueError) as e:
+            report(False, "weights", str(e))
+    else:
+        report(True, "weights", "from_scratch: initialised from run.seed, nothing to load")
+    print("ok: this config needs no network" if problems == 0 else f"{problems} problem(s) found")
+    sys.stdout.flush()
+    return problems
+
+
+def doctor_command(config: str | None = None, **overrides) -> None:
+    """Check that a config can run here with no network: versions, device, offline mode,
+    and the tokenizer, weights and data it needs, loaded under the socket guard.
+
+    Args:
+      config: YAML file to check (default: the built-in defaults).
+    """
+    from trainer import config as configs
+
+    problems = doctor(configs.load(config, **overrides))
+    if problems:
+        sys.exit(1)
+
+
+# ---------------------------------------------------------------- GRPO: grpo, sweep, serve
+
+def grpo_command(config: str | None = None, resume: str = "", **overrides) -> dict:
+    """Train a policy with GRPO on a reward environment (configs/grpo_*.yaml).
+
+    Args:
+      config: YAML file. Override any key as --grpo.lr=1e-5 --grpo.backend=openai ...
+      resume: a run name (or run/iteration directory) to continue from its newest valid
+        iteration. The run's saved config is the base; --config and overrides on top may
+        change lengths and intervals (e.g. grpo.iterations), not model.* or data.*.
+        `auto` continues run.name when it has checkpoints and starts it otherwise (for
+        compose, where the same command must start, restart and finish a run).
+    """
+    from trainer import checkpoint as ckpt
+    from trainer import config as configs
+    from trainer import runs
+    from trainer.grpo.loop import grpo
+
+    if resume == "auto":
+        cfg = configs.load(config, **overrides)
+        resume = cfg.run.name if ckpt.has_checkpoints(runs.RunPaths.of(cfg).checkpoints) else ""
+        if not resume:
+            return grpo(cfg)
+    if not resume:
+        return grpo(configs.load(config, **overrides))
+    probe = configs.build(yaml_path=config, overrides={k: v for k, v in overrides.items() if k == "run.out_dir"})
+    is_dir = Path(resume).is_dir()
+    with runs.resume_point(None if is_dir else resume, resume if is_dir else None, probe.run.out_dir) as step_dir:
+        if not step_dir.name.startswith("iter_"):
+            raise UserError(f"{step_dir} is a pretraining checkpoint, not a GRPO iteration; continue it with "
+                            f"`trainer resume --run {step_dir.parent.name}`, or start GRPO from it with model.path")
+        saved = runs.saved_config(step_dir)
+        cfg = runs.resumed(saved, configs.build(base=saved.to_dict(), yaml_path=config, overrides=overrides),
+                           step_dir)
+        return grpo(cfg, resume_dir=step_dir)
+
+
+def sweep_command(config: str | None = None, grid: str = "", **overrides) -> list[dict]:
+    """Run GRPO once per combination of a grid of config values; write a summary table.
+
+    Args:
+      config: YAML file every run starts from (configs/grpo_*.yaml).
+      grid: 'grpo.lr=[5e-6,1e-5,2e-5] grpo.beta=[0.02,0.05,0.1]': key=[values] items,
+        separated by spaces. Runs are named <run.name or config stem>-lr5e-06-beta0.02 ...;
+        the summary is <out_dir>/metrics/<base>-sweep/summary.{csv,md}. Running the same
+        command again skips finished runs and resumes a partial one.
+      Other --section.key=value flags apply to every run.
+    """
+    from trainer.grpo import sweep
+
+    rows, paths = sweep.run(config, grid, overrides)
+    print(paths[1].read_text(), end="", flush=True)
+    left = [r["run"] for r in rows if r["status"] != "done"]
+    if left:
+        cmd = f"trainer sweep {'--config ' + config + ' ' if config else ''}--grid '{grid}'"
+        cmd += "".join(f" --{k}={v}" for k, v in overrides.items())
+        print(f"sweep stopped with {len(left)} run(s) not finished; continue with `{cmd}`", flush=True)
+    print(f"summary: {paths[0]} and {paths[1]}", flush=True)
+    return rows
+
+
+def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, name: str = "", device: str = "cpu",
+                  log_level: str = "warning", max_num_seqs: int = 256) -> None:
+    """Serve the HF model folder MODEL on http://HOST:PORT/v1 (OpenAI completions API, vLLM's LoRA endpoints).
+
+    Binds to loopback unless --host says otherwise. --name is the model id clients send
+    (default: the path as given). LoRA adapters are loaded at runtime with
+    POST /v1/load_lora_adapter {"lora_name": ..., "lora_path": ...}. --max_num_seqs caps
+    the completions (prompts x n) of one request and of one forward batch, which bounds
+    memory; concurrent requests with the same model and sampling parameters share batches.
+    """
+    import uvicorn
+
+    from trainer.serve import create_app
+    from trainer.signals import STOP
+
+    if not 0 < int(port) < 65536:
+        raise UserError(f"--port {port} must be between 1 and 65535")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app = create_app(model, name, device, max_num_seqs)
+    print(f"serving {app.state.engine.name!r} on http://{host}:{port}/v1", flush=True)
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT and then raises the signal again: here it
+    # only marks the stop, so `docker stop` ends the server with exit 0 instead of an error line
+    with STOP.polling("the server has shut down"):
+        uvicorn.run(app, host=host, port=int(port), log_level=log_level)

@@ -1,0 +1,185 @@
+"""The run layout and who may write a run.
+
+    <out_dir>/checkpoints/<run>/   step_N/ or iter_N/ (trainer/checkpoint.py), latest, best/, final/, .lock
+    <out_dir>/metrics/<run>/       metrics.csv/jsonl, train.log, manifest.json, ... (trainer/metrics.py)
+    <out_dir>/sync/<run>/          GRPO policy versions for the generation server (trainer/grpo/sync.py)
+
+`RunPaths` is the only code that spells this layout. `locate` picks the checkpoint a command
+reads (a step dir, a run's newest valid one, or the most recent run's), and `lock_run` makes one
+process the writer of a run: flock on <run>/.lock, which the kernel drops when the holder dies,
+so a kill -9 never leaves a run locked. `resume_point` is the one resume recipe: lock a run that
+is resumed where it lies, then locate the step to continue from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+from trainer import checkpoint as ckpt
+from trainer import distributed
+from trainer.checkpoint import (LATEST, MANIFEST, _corrupt, _listdir, find_valid, has_checkpoints, lock_run,
+                                step_dirs, verify)
+from trainer.errors import UserError
+
+log = logging.getLogger("trainer")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPaths:
+    """Where run `name` under `out_dir` keeps its checkpoints, metrics and sync versions."""
+
+    out_dir: Path
+    name: str
+
+    @classmethod
+    def of(cls, cfg) -> RunPaths:
+        return cls(Path(cfg.run.out_dir), cfg.run.name)
+
+    @classmethod
+    def of_step(cls, step_dir: Path) -> RunPaths:
+        """The run a step dir in the <out_dir>/checkpoints/<run>/ layout belongs to."""
+        run_dir = Path(step_dir).parent
+        return cls(run_dir.parent.parent, run_dir.name)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out_dir / "checkpoints" / self.name
+
+    @property
+    def metrics(self) -> Path:
+        return self.out_dir / "metrics" / self.name
+
+    @property
+    def sync(self) -> Path:
+        return self.out_dir / "sync" / self.name
+
+    @staticmethod
+    def checkpoints_root(out_dir) -> Path:
+        return Path(out_dir) / "checkpoints"
+
+
+def writes_in_place(run_dir: Path) -> bool:
+    """Whether resuming `run_dir` writes into it: a run in the <out_dir>/checkpoints/<run>/
+    layout that this process may write (see run_config_for); else it is only read."""
+    run_dir = Path(run_dir)
+    return run_dir.parent.name == RunPaths.checkpoints_root(".").name and os.access(run_dir, os.W_OK)
+
+
+def run_config_for(step_dir: Path, run_cfg):
+    """The run section a resume writes to: the checkpoint's own run when it sits in the
+    <out_dir>/checkpoints/<run>/ layout and may be written; a copy elsewhere (a mirror, a
+    read-only mount) keeps the configured one."""
+    import dataclasses
+
+    run_dir = Path(step_dir).parent
+    if writes_in_place(run_dir):
+        return dataclasses.replace(run_cfg, name=run_dir.name, out_dir=str(run_dir.parent.parent))
+    return run_cfg
+
+
+def _last_written(run_dir: Path) -> float:
+    """When a run last saved: the newest mtime of `latest` and its step dirs (seconds)."""
+    times = []
+    for path in [run_dir / LATEST, *step_dirs(run_dir)]:
+        try:
+            times.append(path.stat().st_mtime)
+        except OSError:
+            pass
+    return max(times, default=0.0)
+
+
+def _resolve(run: str | None, checkpoint: str | None, out_dir: str) -> tuple[Path, bool]:
+    """(what `locate` reads, whether it is one step dir rather than a run folder)."""
+    explicit = checkpoint or (None if run else os.environ.get("CHECKPOINT_PATH"))
+    if explicit:
+        path = Path(explicit)
+        if not path.is_dir():
+            what = "is not a folder" if path.exists() else "does not exist"
+            raise UserError(f"checkpoint {path} {what}; give a step directory such as "
+                            f"{out_dir}/checkpoints/<run>/step_000100")
+        return path, (path / MANIFEST).exists() or path.name.rsplit("_", 1)[-1].isdigit()
+    root = RunPaths.checkpoints_root(out_dir)
+    if run:
+        run_dir = Path(run) if Path(run).is_dir() and not (root / run).is_dir() else root / run
+        if not run_dir.is_dir():
+            raise UserError(f"no run {run!r} in {root}; `ls {root}` lists the runs")
+        return run_dir, False
+    runs = [p for p in _listdir(root) if p.is_dir() and has_checkpoints(p)]
+    if not runs:
+        raise UserError(f"no checkpoint to resume in {root}; start with `trainer train --config ...` "
+                        "or pass --run NAME / CHECKPOINT_PATH=<step dir>")
+    return max(runs, key=_last_written), False
+
+
+def run_folder(run: str | None = None, checkpoint: str | None = None, out_dir: str = "volumes") -> Path:
+    """The run folder `locate` reads with the same arguments. A command that will write that
+    run locks it first (`lock_run`), so a live writer cannot prune what `locate` is reading."""
+    path, is_step = _resolve(run, checkpoint, out_dir)
+    return path.parent if is_step else path
+
+
+def locate(run: str | None = None, checkpoint: str | None = None, out_dir: str = "volumes") -> Path:
+    """The step dir to resume, sample or export from:
+    `checkpoint` (or $CHECKPOINT_PATH) names a step dir or run dir; `run` names a run under
+    out_dir/checkpoints (or a path to one); neither = the run written most recently (by its
+    `latest` or step dirs: a run killed before its first `latest` counts)."""
+    path, is_step = _resolve(run, checkpoint, out_dir)
+    if not is_step:
+        return find_valid(path)
+    problem = verify(path)
+    if problem:
+        raise _corrupt(path, problem)
+    return path
+
+
+
+@contextlib.contextmanager
+def resume_point(run: str | None, checkpoint: str | None, out_dir: str):
+    """-> the step dir to continue from, as a context. A run resumed where it lies is locked
+    before anything is read (a live writer would prune what is read) and stays locked for the
+    block; a copy elsewhere (a mirror, a read-only folder) is only read, and the loop locks the
+    run it writes."""
+    source = run_folder(run, checkpoint, out_dir)
+    # under torchrun only rank 0 writes, so only rank 0 locks
+    with lock_run(source) if writes_in_place(source) and distributed.is_writer() else contextlib.nullcontext():
+        yield locate(run or (None if checkpoint else str(source)), checkpoint, out_dir)
+
+
+def locate_and_restore(run: str | None = None, checkpoint: str | None = None, out_dir: str = "volumes",
+                       device="cpu"):
+    """-> (step_dir, (model, tokenizer, config, state)) for the checkpoint `locate` picks. A
+    reader does not lock the run, so a live writer may prune that checkpoint between the
+    listing and the reading: then the newest one is looked for again, not called corrupt."""
+    for attempt in range(4):
+        step_dir = locate(run, checkpoint, out_dir)
+        try:
+            return step_dir, ckpt.restore(step_dir, device)
+        except UserError:
+            if os.path.lexists(step_dir) or attempt == 3:
+                raise
+
+
+def saved_config(step_dir: Path):
+    """The config a checkpoint was written with (config.yaml), read back as untrusted input."""
+    import yaml
+
+    from trainer import config as configs
+
+    return configs.from_dict(yaml.safe_load(ckpt.read_config(step_dir)), f"{Path(step_dir) / ckpt.CONFIG}")
+
+
+def resumed(saved, cfg, step_dir: Path):
+    """`cfg` (the saved config with this command's changes) as the resume of `step_dir` runs it:
+    written to the checkpoint's own run when it lies in the run layout, a changed frozen key
+    refused, and a warning for each change that costs bit-exactness."""
+    from trainer import config as configs
+
+    cfg = cfg.replace(run=run_config_for(step_dir, cfg.run))
+    cfg, inexact = configs.for_resume(saved, cfg)
+    if inexact:
+        log.warning(configs.inexact_warning(inexact))
+    return cfg
