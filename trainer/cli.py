@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         if debug:
             raise
-        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") in ("", "0"):  # under torchrun rank 0 says it, not every rank
+            print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
     except BrokenPipeError:  # the reader went away (`trainer --help | head`): nothing left to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

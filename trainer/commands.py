@@ -39,7 +39,7 @@ def prepare_command(config: str | None = None, **overrides) -> str:
 
 # ---------------------------------------------------------------- train, resume
 
-def train_command(config: str | None = None, resume: str = "", **overrides) -> dict:
+def train_command(config: str | None = None, resume: str = "", nproc: int = 1, **overrides) -> dict:
     """Train a model from scratch or fine-tune one.
 
     Args:
@@ -50,22 +50,43 @@ def train_command(config: str | None = None, resume: str = "", **overrides) -> d
         starts it otherwise, so one command starts, restarts and finishes a run (torchrun's
         restarts, a resubmitted batch job). Under torchrun a restarted worker group always
         continues this way.
+      nproc: train on this many processes of this host (data-parallel, through torchrun's
+        launcher; a worker that dies restarts the group from `latest`, up to 3 times). For
+        several hosts run `torchrun --nnodes ... -m trainer train ...` (README, Scale out).
     """
     from trainer import checkpoint as ckpt
     from trainer import config as configs
-    from trainer import runs, train
-    from trainer.distributed import restarted
+    from trainer import distributed, runs, train
 
     if resume not in ("", "auto"):
         raise UserError(f"--resume={resume!r}: use --resume=auto, or `trainer resume --run NAME` for a named run")
-    cfg = configs.load(config, **overrides)
-    if (resume == "auto" or restarted()) and ckpt.has_checkpoints(runs.RunPaths.of(cfg).checkpoints):
+    if nproc < 1:
+        raise UserError(f"--nproc={nproc} must be at least 1")
+    cfg = configs.load(config, **overrides)  # bad input is one line here, before any worker starts
+    if nproc > 1 and distributed.ranks().world == 1:
+        if resume != "auto" and ckpt.has_checkpoints(runs.RunPaths.of(cfg).checkpoints):
+            raise UserError(f"run {cfg.run.name!r} already has checkpoints; continue it with `trainer train --nproc "
+                            f"{nproc} --resume=auto ...` or `trainer resume`, or pick a new run.name")
+        # every worker, and every restart, trains the run named now
+        argv = ["train", *(["--config", config] if config else []), "--resume=auto", f"--run.name={cfg.run.name}",
+                *(f"--{k}={_flag_value(v)}" for k, v in overrides.items() if k not in ("run.name", "name"))]
+        sys.exit(distributed.launch(nproc, argv))
+    if (resume == "auto" or distributed.restarted()) and ckpt.has_checkpoints(runs.RunPaths.of(cfg).checkpoints):
         with runs.resume_point(cfg.run.name, None, cfg.run.out_dir) as step_dir:
             return _resume_train(step_dir, 0, config, overrides)
     return train.train(cfg)
 
 
-def resume_command(run: str | None = None, checkpoint: str | None = None, extra_steps: int = 0,
+def _flag_value(value) -> str:
+    """A parsed option value as the command line writes it (lists as YAML flow lists)."""
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def resume_command(run: str | None = None, checkpoint: str | None = None, extra_steps: int = 0, nproc: int = 1,
                    **overrides) -> dict:
     """Continue a run from its newest valid checkpoint, bit-exactly.
 
@@ -76,12 +97,25 @@ def resume_command(run: str | None = None, checkpoint: str | None = None, extra_
       overrides: --section.key=value for length, intervals and logging; model.*, data.* and
         run.seed are fixed by the checkpoint; keys that change the numbers (threads, batch,
         learning rate...) may change, with a warning that the run is no longer bit-exact.
+      nproc: continue on this many processes of this host (as `trainer train --nproc`); a run
+        saved by N processes resumes bit-exactly on N.
     """
+    from trainer import checkpoint as ckpt
     from trainer import config as configs
-    from trainer import runs
+    from trainer import distributed, runs
 
     probe = configs.build(overrides={k: v for k, v in overrides.items() if k.startswith("run.out_dir")})
     checkpoint = checkpoint or (None if run else os.environ.get("CHECKPOINT_PATH"))
+    if nproc < 1:
+        raise UserError(f"--nproc={nproc} must be at least 1")
+    if nproc > 1 and distributed.ranks().world == 1:
+        # the workers (and a restarted group) continue this run from its newest checkpoint, to a fixed length
+        step_dir = runs.locate(run, checkpoint, probe.run.out_dir)
+        if extra_steps:
+            overrides = {**overrides, "train.max_steps": ckpt.read_trainer_state(step_dir)["step"] + extra_steps}
+        where = ["--checkpoint", checkpoint] if checkpoint else ["--run", str(runs.run_folder(run, None, probe.run.out_dir))]
+        argv = ["resume", *where, *(f"--{k}={_flag_value(v)}" for k, v in overrides.items())]
+        sys.exit(distributed.launch(nproc, argv))
     with runs.resume_point(run, checkpoint, probe.run.out_dir) as step_dir:
         return _resume_train(step_dir, extra_steps, None, overrides)
 

@@ -333,6 +333,12 @@ def load(config: str | None = None, **overrides) -> Config:
         model += "-lora" if cfg.model.lora else ""
         source = Path(cfg.data.source.rstrip("/")).stem or "data"
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        if int(os.environ.get("WORLD_SIZE") or 1) > 1:  # torchrun: every rank (and restart) must name one run
+            launch = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+            if launch in ("", "none"):
+                raise UserError("under torchrun without a --rdzv-id, set --run.name=NAME so that every process "
+                                "(and a restarted or resubmitted job) writes the same run")
+            stamp = launch
         cfg = cfg.replace(run=dataclasses.replace(cfg.run, name=f"{stem}-{model}-{source}-{stamp}"))
     return cfg
 

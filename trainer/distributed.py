@@ -60,7 +60,7 @@ def is_writer() -> bool:
 
 
 def restarted() -> bool:
-    """Whether torchrun restarted this worker group after a failure (--max-restarts)."""
+    """Whether torchrun restarted this worker group after a failure (its --max-restarts)."""
     return _env_int("TORCHELASTIC_RESTART_COUNT", 0) > 0
 
 
@@ -123,6 +123,25 @@ def broadcast(obj):
     return box[0]
 
 
+def from_writer(fn):
+    """fn() on rank 0, its result on every rank. A UserError there is raised on every rank, so
+    the group stops together with rank 0's one line instead of peers failing on a dead socket."""
+    if not active():
+        return fn()
+    box = None
+    if is_writer():
+        try:
+            box = ("ok", fn())
+        except UserError as e:
+            box = ("error", str(e))
+            broadcast(box)
+            raise
+    kind, value = broadcast(box)
+    if kind == "error":
+        raise UserError(value)
+    return value
+
+
 def barrier() -> None:
     if active():
         dist.barrier()
@@ -140,10 +159,11 @@ def master_host() -> str | None:
 
 def launch(nproc: int, argv: list[str], max_restarts: int = 3) -> int:
     """`trainer train --nproc N ...`: run `trainer <argv>` as N workers on this host through
-    torchrun's own launcher (elastic_launch, --standalone rendezvous), restarting the group up
-    to `max_restarts` times when a worker dies; a restarted group resumes from `latest`.
-    -> the exit code: 0, a failed worker's code (2 for bad input: rank 0 has said why in one
-    line), or 0 after SIGTERM/SIGINT once the workers have saved and stopped."""
+    torchrun's own launcher (elastic_launch, a c10d rendezvous on localhost). When a worker dies
+    the group is started again, up to `max_restarts` times, and resumes from `latest` (argv
+    carries --resume=auto); bad input (exit 2) is not retried. -> the exit code: 0; 2 for bad
+    input (rank 0 has said why in one line); 1 when the restarts are spent; 0 after
+    SIGTERM/SIGINT, once the workers have saved the same step and stopped."""
     import uuid
 
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
@@ -151,17 +171,36 @@ def launch(nproc: int, argv: list[str], max_restarts: int = 3) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    if nproc < 1:
-        raise UserError(f"--nproc={nproc} must be at least 1")
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)  # its per-worker chatter
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex[:12],
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=max_restarts,
-                          monitor_interval=0.2, start_method="spawn", logs_specs=DefaultLogsSpecs())
-    try:
-        elastic_launch(config, sys.executable)("-m", "trainer", *argv)
-    except ChildFailedError as e:
-        codes = [f.exitcode for f in e.failures.values()]
-        return next((c for c in codes if c == 2), codes[0] if codes else 1)
-    except SignalException:  # the workers got the signal too, saved at the same step and stopped
-        return 0
-    return 0
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its per-worker reports
+    for attempt in range(max_restarts + 1):
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex[:12],
+                              rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                              monitor_interval=0.2, start_method="spawn", logs_specs=DefaultLogsSpecs())
+        try:
+            elastic_launch(config, sys.executable)("-m", "trainer", *argv)
+            return 0
+        except SignalException:  # the workers got the signal too, saved at the same step and stopped
+            return 0
+        except ChildFailedError as e:
+            codes = {rank: f.exitcode for rank, f in e.failures.items()}
+            if 2 in codes.values():  # bad input: rank 0 has said what and how to fix it
+                return 2
+            what = ", ".join(f"rank {rank} {_how(code)}" for rank, code in sorted(codes.items()))
+            if attempt < max_restarts:
+                log.warning(f"{what}: starting the {nproc} workers again from the last checkpoint "
+                            f"(restart {attempt + 1} of {max_restarts})")
+                continue
+            print(f"error: {what}; {max_restarts} restart(s) spent. The last complete checkpoint is `latest`: fix "
+                  "the cause and run the same command with --resume=auto to continue", file=sys.stderr, flush=True)
+    return 1
+
+
+def _how(code: int) -> str:
+    import signal
+
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with {code}"

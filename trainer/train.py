@@ -193,7 +193,7 @@ def setup(cfg, resume_dir: Path | None, paths: RunPaths) -> tuple[Run, TrainStat
     """Everything before step 1: data (prepared when missing), model, optimizer, the resumed
     state, and the run's manifest and config on disk (rank 0)."""
     r = distributed.ranks()
-    if r.writer and resume_dir is None and ckpt.has_checkpoints(paths.checkpoints):
+    if resume_dir is None and ckpt.has_checkpoints(paths.checkpoints):
         raise UserError(f"run {cfg.run.name!r} already has checkpoints in {paths.checkpoints}; continue it with "
                         f"`trainer resume --run {cfg.run.name}` (or `trainer train --resume=auto`) or pick a new "
                         "run.name")
@@ -216,15 +216,7 @@ def setup(cfg, resume_dir: Path | None, paths: RunPaths) -> tuple[Run, TrainStat
         models.check_pretrained(cfg.model.path)  # before minutes of data preparation, not after
 
     expect = lm.expected_data(resume_dir, paths.metrics) if resume_dir is not None else None
-    prepared = data.find_prepared(cfg.data, expect)
-    if r.writer:  # one process prepares; the others read what it wrote
-        if not (prepared / "meta.json").is_file():
-            log.info(f"prepared data {prepared} not found: preparing it now")
-            prepared = data.prepare(cfg.data, log=log.info)
-        elif resume_dir is None and data.source_changed(prepared, cfg.data):
-            log.info(f"data.source={cfg.data.source} changed since {prepared} was prepared: preparing it again")
-            prepared = data.prepare(cfg.data, log=log.info)
-    prepared = Path(distributed.broadcast(str(prepared)))
+    prepared = Path(distributed.from_writer(lambda: str(_prepared(cfg, expect, resume_dir))))  # one process prepares
     meta = data.read_meta(prepared)
     if expect is not None:
         lm.check_same_data(expect, prepared, resume_dir, cfg.run.name)
@@ -272,6 +264,18 @@ def setup(cfg, resume_dir: Path | None, paths: RunPaths) -> tuple[Run, TrainStat
               (prepared / tk.TOKENIZER_FILE).read_bytes(), meta, prompt_ids, clip,
               models.trainable_parameters(module), r.world * t.batch_size * t.grad_accum * block_size, info)
     return run, state
+
+
+def _prepared(cfg, expect: dict | None, resume_dir: Path | None) -> Path:
+    """The prepared data folder of the run, prepared now when missing or its source changed."""
+    prepared = data.find_prepared(cfg.data, expect)
+    if not (prepared / "meta.json").is_file():
+        log.info(f"prepared data {prepared} not found: preparing it now")
+        prepared = data.prepare(cfg.data, log=log.info)
+    elif resume_dir is None and data.source_changed(prepared, cfg.data):
+        log.info(f"data.source={cfg.data.source} changed since {prepared} was prepared: preparing it again")
+        prepared = data.prepare(cfg.data, log=log.info)
+    return prepared
 
 
 @dataclasses.dataclass
@@ -428,7 +432,8 @@ def _train(cfg, resume_dir: Path | None, paths: RunPaths) -> dict:
                     name = ckpt.latest_name(paths.checkpoints) if run.ranks.writer else None
                     log.info(f"stopped at step {step}/{t.max_steps} by {STOP.name or 'a signal to another rank'}; "
                              f"checkpoint {paths.checkpoints / name if name else '(checkpoints disabled)'}; "
-                             f"resume with: trainer resume --run {cfg.run.name}")
+                             f"resume with: trainer resume --run {cfg.run.name}"
+                             f"{f' --nproc {run.ranks.world}' if run.ranks.world > 1 else ''}")
                     return {"step": step, "stopped": True, "run": cfg.run.name}
         finally:
             saver.close()  # a pending write finishes (or raises its error) before anything else
