@@ -5,6 +5,7 @@
 #     just variant=cuda train                     the CUDA image and a GPU
 #     just server=serve up                        `trainer serve` instead of vLLM (see server-check)
 #     just run=NAME resume                        a given run; extra arguments go to `trainer`
+#     just nproc=4 train                          data-parallel on 4 processes (torchrun) in the container
 #     just train --train.max_steps=50             (overrides, as `trainer train` takes them)
 
 set shell := ["bash", "-euo", "pipefail", "-c"]
@@ -13,6 +14,7 @@ variant := env("AIRLOCK_VARIANT", "cpu")           # cpu | cuda
 server := env("AIRLOCK_SERVER", "vllm")            # generation server of up/grpo: vllm | serve (trainer serve)
 config := env("AIRLOCK_CONFIG", "configs/default.yaml")
 run := env("AIRLOCK_RUN", "")                      # run name for resume/sample/evaluate ("" = newest)
+nproc := env("AIRLOCK_NPROC", "1")                  # train/resume: data-parallel processes in the container
 image := "airlock:" + variant
 server_image := "airlock-vllm:" + variant
 service := if variant == "cuda" { "trainer-cuda" } else { "trainer" }
@@ -91,11 +93,11 @@ server-check:
 
 # train `config` in the offline container (builds what is missing first); extra args go to trainer
 train *args: _ready
-    docker compose run --rm {{service}} train --config {{config}} {{args}}
+    docker compose run --rm {{service}} train --config {{config}} --nproc {{nproc}} {{args}}
 
 # continue the newest valid checkpoint of `run` (default: the most recent run)
 resume *args: _ready
-    docker compose run --rm {{service}} resume {{run_flag}} {{args}}
+    docker compose run --rm {{service}} resume {{run_flag}} --nproc {{nproc}} {{args}}
 
 # LoRA fine-tuning of the vendored GPT-2 (configs/gpt2_lora.yaml)
 finetune *args: _ready

@@ -625,9 +625,7 @@ def update_best(run_dir: Path, step_dir: Path, metric: dict) -> None:
     """best/ = a hard-linked copy of step_dir plus best.json naming the step and metric."""
     run_dir = Path(run_dir)
     _replace_dir(step_dir, run_dir / BEST, link=True)
-    tmp = run_dir / "best.json.tmp"
-    _write(tmp, (json.dumps({"checkpoint": Path(step_dir).name, **metric}, indent=2) + "\n").encode())
-    os.replace(tmp, run_dir / "best.json")
+    atomic.write_json(run_dir / "best.json", {"checkpoint": Path(step_dir).name, **metric})
 
 
 def mirror(step_dir: Path, mirror_run_dir: Path, keep_last: int = 0) -> None:

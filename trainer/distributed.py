@@ -172,6 +172,8 @@ def launch(nproc: int, argv: list[str], max_restarts: int = 3) -> int:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its per-worker reports
+    # one host: the workers meet on loopback, which is all a `network_mode: none` container has
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     for attempt in range(max_restarts + 1):
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex[:12],
                               rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,

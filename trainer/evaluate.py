@@ -28,6 +28,7 @@ import torch
 
 from trainer import checkpoint as ckpt
 from trainer import data, metrics
+from trainer import model as models
 from trainer.errors import UserError
 from trainer.runs import RunPaths
 
@@ -82,7 +83,7 @@ def evaluate_checkpoint(step_dir: Path, device: torch.device, force: bool = Fals
         prepared = data.find_prepared(cfg.data, expect)
         check_same_data(expect, prepared, step_dir, step_dir.parent.name)
         prompt = sample_prompt(cfg, tok)
-        positions = getattr(getattr(model, "config", None), "n_positions", None) or cfg.model.block_size
+        positions = models.positions(model)
         batches = data.Batches.open(prepared, min(cfg.model.block_size, positions), cfg.train.batch_size,
                                     cfg.run.seed)
     except Exception as e:  # pruned or damaged under the watcher: any library may raise; the watch goes on

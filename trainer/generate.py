@@ -12,10 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-
-def _positions(model) -> int:
-    config = model.config
-    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024)
+from trainer import model as models
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -43,7 +40,7 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
     """
     was_training = model.training
     model.eval()
-    positions = _positions(model)
+    positions = models.positions(model)
     idx = prompt
     out = []
     past = None

@@ -14,8 +14,10 @@ from trainer.errors import UserError
 
 log = logging.getLogger("trainer")
 
-def _positions(model) -> int:
-    return getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
+def positions(model) -> int:
+    """How many positions the model embeds: n_positions (GPT-2), or max_position_embeddings."""
+    config = model.config
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024)
 
 
 def build_model(model_cfg, vocab_size: int, eot_id: int, seed: int):
@@ -38,10 +40,10 @@ def build_model(model_cfg, vocab_size: int, eot_id: int, seed: int):
             raise UserError(f"vocab mismatch: the tokenizer has {vocab_size} tokens but the model at "
                             f"{model_cfg.path} has {model_vocab}; prepare the data with the model's tokenizer "
                             "(data.tokenizer=gpt2)")
-        positions = _positions(model)
-        if block_size > positions:
-            log.warning(f"model.block_size={block_size} is more than the model's {positions} positions; using {positions}")
-            block_size = positions
+        embedded = positions(model)
+        if block_size > embedded:
+            log.warning(f"model.block_size={block_size} is more than the model's {embedded} positions; using {embedded}")
+            block_size = embedded
     if model_cfg.lora:
         model = add_lora(model, model_cfg)
     return model, block_size

@@ -57,6 +57,7 @@ from typing import Literal, NamedTuple, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
+from trainer import model as models
 from trainer.errors import UserError
 
 MAX_NUM_SEQS = 256  # default cap on rows (prompts x n) per request and per forward batch
@@ -180,7 +181,7 @@ class Engine:
         config = self.model.config
         self.eos_id = config.eos_token_id
         self.pad_id = config.pad_token_id if config.pad_token_id is not None else (self.eos_id or 0)
-        self.max_len = getattr(config, "n_positions", None) or config.max_position_embeddings
+        self.max_len = models.positions(self.model)
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         self.max_num_seqs = int(max_num_seqs)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tokenizers.implementations import ByteLevelBPETokenizer
@@ -96,11 +96,6 @@ def load(path: str | Path) -> Tokenizer:
 
 def eot_id(tok: Tokenizer) -> int:
     return tok.token_to_id(EOT)
-
-
-def encode_batch(tok: Tokenizer, texts: list[str]) -> Iterator[list[int]]:
-    for enc in tok.encode_batch(texts):
-        yield enc.ids
 
 
 def to_hf(tok: Tokenizer):

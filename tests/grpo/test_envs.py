@@ -76,7 +76,7 @@ def test_repeat_reward_dense_and_random_policy_low_but_nonzero():
 def test_bad_names_are_user_errors():
     with pytest.raises(UserError, match="grpo.env='nope'"):
         envs.make_problem("nope", "train", 0)
-    with pytest.raises(UserError, match="grpo.env_options.n_varz"):
+    with pytest.raises(UserError, match="'n_varz' is not an option of env 'sat'"):
         envs.make_problem("sat", "train", 0, n_varz=3)
     with pytest.raises(UserError, match="grpo.reward"):
         envs.get_reward("sat", "nope")

@@ -49,7 +49,7 @@ class Problem:
 
 def _sat(rng: random.Random, n_vars: int = 6, n_clauses: int = 8, k: int = 3) -> tuple[str, dict]:
     if not 1 <= k <= n_vars:
-        raise UserError(f"grpo.env_options.k={k} must be between 1 and n_vars={n_vars}")
+        raise UserError(f"grpo.sat_k={k} must be between 1 and grpo.sat_vars={n_vars}")
     planted = [rng.random() < 0.5 for _ in range(n_vars)]
     clauses = []
     while len(clauses) < n_clauses:
@@ -86,7 +86,7 @@ def make_problem(env: str, split: str, id: int, **options) -> Problem:
     allowed = list(inspect.signature(GENERATORS[env]).parameters)[1:]
     for key in options:
         if key not in allowed:
-            raise UserError(f"grpo.env_options.{key} is not an option of env {env!r}; valid: {', '.join(allowed)}")
+            raise UserError(f"{key!r} is not an option of env {env!r}; its options: {', '.join(allowed)}")
     rng = random.Random(f"{env}:{split}:{id}")  # str seeds are stable across processes
     prompt, answer = GENERATORS[env](rng, **options)
     return Problem(env, split, id, prompt, answer)

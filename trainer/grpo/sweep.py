@@ -29,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from trainer import atomic
 from trainer import checkpoint as ckpt
 from trainer import config as configs
 from trainer import runs as runs_
@@ -149,9 +150,7 @@ def write_summary(out_dir: Path, rows: list[dict]) -> tuple[Path, Path]:
     md += ["| " + " | ".join(_cell(row[k]) for k in fields) + " |" for row in rows]
     paths = out_dir / "summary.csv", out_dir / "summary.md"
     for path, text in zip(paths, (buf.getvalue(), "\n".join(md) + "\n")):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        atomic.write_bytes(path, text.encode())
     return paths
 
 
