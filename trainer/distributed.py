@@ -176,7 +176,7 @@ def launch(nproc: int, argv: list[str], max_restarts: int = 3) -> int:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     for attempt in range(max_restarts + 1):
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex[:12],
-                              rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                              rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", local_addr="127.0.0.1", max_restarts=0,
                               monitor_interval=0.2, start_method="spawn", logs_specs=DefaultLogsSpecs())
         try:
             elastic_launch(config, sys.executable)("-m", "trainer", *argv)

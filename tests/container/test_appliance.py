@@ -155,6 +155,27 @@ def test_stop_saves_within_grace_then_resume(docker_client, image, volumes):
     assert not owned_by_me(volumes["checkpoints"], volumes["metrics"])
 
 
+def test_two_processes_in_one_offline_container_stop_together_and_resume(docker_client, image, volumes):
+    """`just nproc=2 train`: torchrun's workers meet on loopback, the only network of a
+    network_mode none container; `docker stop` stops both ranks after the same step (one
+    checkpoint, exit 0) and `resume --nproc 2` finishes with every step logged once."""
+    run, total = "ddp", 400
+    c = start(docker_client, volumes, "train", *SMOKE, "--name", run, "--nproc=2", f"--train.max_steps={total}",
+              "--checkpoint.interval=0", "--train.eval_interval=0")
+    wait_for(lambda: len(steps(volumes, run)) >= 10, c, what="10 steps")
+    c.stop(timeout=GRACE)
+    code, logs = finish(c)
+    assert code == 0, f"SIGTERM should save and exit 0, got {code}:\n{logs[-2000:]}"
+    assert "x 2 processes" in logs and logs.count("stopped at step") == 1, logs[-2000:]
+    saved = latest(volumes, run)
+    assert saved is not None and steps(volumes, run) == list(range(1, int(saved.split("_")[1]) + 1)), logs[-2000:]
+
+    code, logs = finish(start(docker_client, volumes, "resume", "--run", run, "--nproc=2"))
+    assert code == 0, logs[-2000:]
+    assert steps(volumes, run) == list(range(1, total + 1)), "metrics.csv must hold each step once"
+    assert verify_manifests(volumes["checkpoints"] / run)
+
+
 def test_kill_then_resume_from_last_periodic_checkpoint(docker_client, image, volumes):
     run, total, every = "killed", 400, 10  # long enough that the kill lands mid-run on a fast machine
     c = start(docker_client, volumes, "train", *SMOKE, "--name", run, f"--train.max_steps={total}",
