@@ -87,14 +87,16 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def reduce_step(loss: float, stop: bool, device: torch.device) -> tuple[float, bool]:
-    """One collective per step: (the mean of every rank's loss, whether any rank was asked to
-    stop). Every rank then stops at the same step, even when the signal reached them apart."""
+def reduce_step(loss: torch.Tensor, stop: bool) -> tuple[float, bool]:
+    """One collective and one host sync per step: (the mean of every rank's loss, a float64
+    scalar tensor; whether any rank was asked to stop). Every rank then stops at the same
+    step, even when the signal reached them apart."""
     if not active():
-        return loss, stop
-    t = torch.tensor([loss, float(stop)], dtype=torch.float64, device=device)
+        return loss.item(), stop
+    t = torch.stack([loss, torch.tensor(float(stop), dtype=loss.dtype, device=loss.device)])
     dist.all_reduce(t)
-    return t[0].item() / dist.get_world_size(), t[1].item() > 0
+    loss_mean, any_stop = t.tolist()
+    return loss_mean / dist.get_world_size(), any_stop > 0
 
 
 def all_sum(values: list[float], device: torch.device) -> list[float]:

@@ -20,6 +20,14 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def configure(device: torch.device) -> None:
+    """CUDA: TF32 matmuls and convolutions (float32 work on tensor cores; bf16 autocast covers
+    most of the model). CPU: nothing changes, so CPU runs stay bit-exact."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def autocast(device: torch.device):
     """bf16 autocast on CUDA; plain fp32 on CPU (bf16 on CPU is slower there and breaks bit-exactness)."""
     if device.type == "cuda":

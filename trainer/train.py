@@ -202,6 +202,7 @@ def setup(cfg, resume_dir: Path | None, paths: RunPaths) -> tuple[Run, TrainStat
     else:
         logging.getLogger("trainer").setLevel(logging.WARNING)  # one voice: rank 0's
     device = distributed.device_for(runtime.pick_device(cfg.run.device))
+    runtime.configure(device)
     distributed.init(device)  # before the guard: it lets through the rendezvous host only
     if cfg.run.offline:
         offline.go_offline(allow_hosts=[h for h in [distributed.master_host()] if h])
@@ -293,17 +294,22 @@ def train_step(run: Run, step: int) -> StepResult:
     lr = lr_at(step, t)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    loss_sum = 0.0
+    # the loss stays on the device until the step's one collective: no host sync per micro-batch
+    # (float64, added in micro-batch order: the same number as adding the Python floats)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    cuda = run.device.type == "cuda"
     for micro in range(t.grad_accum):
         x, y = run.batches.get_batch("train", step, run.ranks.rank * t.grad_accum + micro)
+        if cuda:  # page-locked, so the copy overlaps the previous micro-batch's kernels
+            x, y = x.pin_memory(), y.pin_memory()
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
         last = micro == t.grad_accum - 1
         with run.model.no_sync() if run.ranks.world > 1 and not last else contextlib.nullcontext():
             with runtime.autocast(run.device):
                 loss = lm.lm_loss(run.model, x, y) / t.grad_accum
             loss.backward()
-        loss_sum += loss.item()
-    loss_sum, stop = distributed.reduce_step(loss_sum, bool(STOP), run.device)
+        loss_sum += loss.detach().double()
+    loss_sum, stop = distributed.reduce_step(loss_sum, bool(STOP))
     if not math.isfinite(loss_sum):  # before the update: the weights on disk and in memory stay finite
         raise UserError(f"loss is {loss_sum} at step {step}; lower train.lr, check the data, or check that "
                         "the tokenizer's vocab matches the model (see README, Troubleshooting)")

@@ -69,50 +69,42 @@ def pretrain_lm(model: GPT2LMHeadModel, rows, steps: int, lr: float, vocab: list
     """`steps` of next-token AdamW training of a GPT-2 with tied embeddings; `rows()` gives one
     batch of equal-length id lists.
 
-    `vocab` (every id the rows use) makes a large vocabulary cheap without changing the result:
-    every other token's embedding row is first set to one shared vector. Those tokens are never
-    inputs, so under the full softmax they keep equal logits, probabilities and gradients, and
-    the full softmax equals one over `vocab` plus that shared row counted once per token it
-    stands for (log of the count added to its logit). Training runs on that small softmax (the
-    shared row's gradient divided by the count: what each row gets) and the shared row is
-    copied back to every such token at the end. GPT-2's 50,257-way output layer, ~95% of a
-    step's time, shrinks to len(vocab) + 1 rows. Checked against the full softmax: after 5
-    steps the logits agree to 2e-5 (float rounding, which AdamW amplifies only on parameters
-    whose gradient is ~0, such as attention key biases)."""
+    `vocab` (every id the rows use) makes a large vocabulary cheap: the embedding rows of all
+    other tokens are set to zero and frozen there. Such a token is never an input and its
+    logit is h . 0 = 0 whatever the context, so the full softmax's normaliser is the sum over
+    `vocab` plus `count` x e^0, and the loss is computed exactly from len(vocab) rows plus one
+    constant logit log(count). GPT-2's 50,257-way output layer, ~95% of a full step's time,
+    is skipped. What differs from a plain full-softmax run is only that those rows stay zero
+    (they would otherwise get small, all-equal gradients). Zero, not a shared trained vector:
+    with one trained vector standing for 50k tokens, the quickest way to push all of them down
+    is to point every hidden state away from it, and the base came out ignoring its context."""
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     wte = model.get_input_embeddings().weight
     if vocab is not None:
         assert model.get_output_embeddings().weight is wte, "needs tied input and output embeddings"
-        keep = sorted(set(vocab))
-        rest = torch.ones(len(wte), dtype=torch.bool)
-        rest[keep] = False
-        shared = int(rest.nonzero()[0])
-        count = int(rest.sum())
+        keep = torch.tensor(sorted(set(vocab)))
+        count = len(wte) - len(keep)
         with torch.no_grad():
-            wte[rest] = wte[shared].clone()
-        rows_used = torch.tensor(keep + [shared])
+            rest = torch.ones(len(wte), dtype=torch.bool)
+            rest[keep] = False
+            wte[rest] = 0.0
         compact = torch.full((len(wte),), -1, dtype=torch.long)
         compact[keep] = torch.arange(len(keep))
-        offset = torch.zeros(len(keep) + 1)
-        offset[-1] = math.log(count)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)  # zero grad, zero decay: rows stay 0
     for _ in range(steps):
         ids = torch.tensor(rows())
         if vocab is None:
             loss = model(input_ids=ids, labels=ids).loss
         else:
             hidden = model.transformer(input_ids=ids).last_hidden_state[:, :-1]
-            logits = hidden @ wte[rows_used].T + offset
+            logits = hidden @ wte[keep].T
+            rest_logit = torch.full((*logits.shape[:-1], 1), math.log(count))
+            logits = torch.cat([logits, rest_logit], -1)
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                      compact[ids[:, 1:]].reshape(-1))
         opt.zero_grad()
         loss.backward()
-        if vocab is not None:
-            wte.grad[shared] /= count
         opt.step()
-    if vocab is not None:
-        with torch.no_grad():
-            wte[rest] = wte[shared].clone()
     return model.eval()
 
 
@@ -125,13 +117,19 @@ def gpt2_vllm_model(seed: int = 0, n_positions: int = 64) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(cfg).eval()
 
 
-def pretrain_repeat_gpt2_base(tok: Tokenizer, steps: int = 60, seed: int = 0, chars: str = "abcd",
-                              batch: int = 32, width: int = 24) -> GPT2LMHeadModel:
-    """gpt2_vllm_model after `steps` of next-token training on `repeat`-format lines whose answers
-    are unrelated to the prompt, as pretrain_repeat_base, in GPT-2's BPE. Each line is encoded
-    as GRPO sees it: the prompt "c*L=" on its own, then the answer and "\\n" (the ids a policy
-    samples after the prompt), so the base learns the format in the tokens it will be asked
-    for. Rows of `width` ids start at a line. Trained on the compact softmax of pretrain_lm."""
+def pretrain_repeat_gpt2_base(tok: Tokenizer, steps: int = 200, seed: int = 0, chars: str = "abcd",
+                              batch: int = 32, width: int = 32) -> GPT2LMHeadModel:
+    """gpt2_vllm_model after `steps` of next-token training on the lines of pretrain_repeat_base
+    ("c*L=" and answers unrelated to the prompt), in GPT-2's vocabulary: the prompt as GRPO
+    encodes it ("c", "*", "6", "=": one token each), the answer and "\n" one character per
+    token. That is not how GPT-2's BPE writes "ccc" (one token, "ccc"), and it is on purpose:
+    with tied embeddings, writing the prompt's own token again is what a tiny model can learn
+    in a few GRPO iterations (as the char-vocabulary tests do), while mapping "c" to "cc" or
+    "ccc" is not (measured: no rise in 12 iterations from a base trained on BPE-merged
+    answers). The policy samples such non-canonical ids and GRPO trains on exactly those, so
+    a decode -> encode anywhere would change what is trained. Rows of `width` ids start at a
+    line; trained on pretrain_lm's compact softmax (~20 s on 2 busy cores). The base knows
+    the alphabet, the format and that characters come in runs, not which character to write."""
     import random
 
     rng = random.Random(seed)
@@ -142,16 +140,44 @@ def pretrain_repeat_gpt2_base(tok: Tokenizer, steps: int = 60, seed: int = 0, ch
             out += rng.choice(chars) * rng.randint(1, 6)
         return out[:n]
 
+    def char_ids(text: str) -> list[int]:
+        return [tok.encode(ch).ids[0] for ch in text]
+
     def row() -> list[int]:
         ids: list[int] = []
         while len(ids) < width:
-            ids += tok.encode(f"{rng.choice(chars)}*{rng.randint(1, 9)}=").ids
-            ids += tok.encode(runs(rng.randint(1, 9)) + "\n").ids
+            ids += tok.encode(f"{rng.choice(chars)}*{rng.randint(1, 9)}=").ids + char_ids(runs(rng.randint(1, 9)) + "\n")
         return ids[:width]
 
     batches = [[row() for _ in range(batch)] for _ in range(steps)]
     vocab = sorted({i for b in batches for r in b for i in r})
     return pretrain_lm(gpt2_vllm_model(seed), iter(batches).__next__, steps, lr=3e-3, vocab=vocab)
+
+
+SAT_CORPUS_IDS = 1_000_000  # corpus problems are training ids from here on: GRPO's own ids stay far below
+
+
+def write_sat_corpus(path, count: int, seed: int = 0, n_vars: int = 6, n_clauses: int = 8, k: int = 3):
+    """A JSONL corpus (`trainer prepare` reads one document per line) of `count` problems of
+    the `sat` env, each prompt followed by a well-formed but random assignment (one uniformly
+    random 0/1 digit per variable, not a solution) and "\\n". A model pretrained on it knows the
+    format, not the answer: its assignments satisfy a clause about as often as chance (7/8 for
+    3-SAT), which is what GRPO must improve on. -> path."""
+    import json
+    import random
+    from pathlib import Path
+
+    from trainer.grpo import envs
+
+    rng = random.Random(seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for i in range(count):
+            p = envs.make_problem("sat", "train", SAT_CORPUS_IDS + i, n_vars=n_vars, n_clauses=n_clauses, k=k)
+            bits = "".join(rng.choice("01") for _ in range(n_vars))
+            f.write(json.dumps({"text": p.prompt + bits + "\n"}) + "\n")
+    return path
 
 
 def save_hf_folder(path, model, tok: Tokenizer) -> None:
