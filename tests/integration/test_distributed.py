@@ -58,6 +58,19 @@ def worker_pids(name: str, rank: int) -> list[int]:
     return found
 
 
+def interrupted(cwd: Path, train_args: list[str], ready, act) -> tuple[int, str]:
+    """`trainer train --nproc=2 ARGS`; once ready() holds, act(launcher process); -> (exit code, output)."""
+    proc = start_cli(["train", *train_args, "--nproc=2"], cwd=cwd)
+    try:
+        wait_for(ready, proc=proc)
+        act(proc)
+        output = proc.communicate(timeout=240)[0]
+        return proc.returncode, output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, corpus_dir):
     """The uninterrupted 2-process run."""
@@ -71,15 +84,10 @@ def test_sigterm_at_a_random_step_then_resume_is_bit_exact(tmp_path, corpus_dir,
     at = random.Random().randint(3, STEPS - 5)
     print(f"SIGTERM after step {at}")
     metrics_csv = tmp_path / "volumes" / "metrics" / "stop" / "metrics.csv"
-    proc = start_cli(["train", *args(corpus_dir, tmp_path, "stop"), "--nproc=2"], cwd=tmp_path)
-    try:
-        wait_for(lambda: len(read_rows(metrics_csv)) >= at, proc=proc)
-        proc.send_signal(signal.SIGTERM)  # to the launcher, as `docker stop` or Ctrl+C would
-        output = proc.communicate(timeout=120)[0]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, output
+    # SIGTERM to the launcher, as `docker stop` or Ctrl+C would send it
+    code, output = interrupted(tmp_path, args(corpus_dir, tmp_path, "stop"), lambda: len(read_rows(metrics_csv)) >= at,
+                               lambda proc: proc.send_signal(signal.SIGTERM))
+    assert code == 0, output
     assert "resume with: trainer resume --run stop --nproc 2" in output, output
     stopped = int(ckpt.latest_name(tmp_path / "volumes" / "checkpoints" / "stop").split("_")[1])
     assert at <= stopped < STEPS and len(read_rows(metrics_csv)) == stopped, output
@@ -94,17 +102,15 @@ def test_sigterm_at_a_random_step_then_resume_is_bit_exact(tmp_path, corpus_dir,
 
 def test_a_killed_rank_restarts_the_group_from_latest_bit_exact(tmp_path, corpus_dir, reference):
     run_dir = tmp_path / "volumes" / "checkpoints" / "kill"
-    proc = start_cli(["train", *args(corpus_dir, tmp_path, "kill"), "--nproc=2"], cwd=tmp_path)
-    try:
-        wait_for(lambda: (ckpt.latest_name(run_dir) or "") >= "step_000010", proc=proc)
+
+    def kill_rank_1(proc):
         pids = worker_pids("kill", rank=1)
         assert len(pids) == 1, pids
         os.kill(pids[0], signal.SIGKILL)
-        output = proc.communicate(timeout=240)[0]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, output
+
+    code, output = interrupted(tmp_path, args(corpus_dir, tmp_path, "kill"),
+                               lambda: (ckpt.latest_name(run_dir) or "") >= "step_000010", kill_rank_1)
+    assert code == 0, output
     assert "rank 1 was killed by SIGKILL: starting the 2 workers again" in output, output
     assert "resumed kill from" in output
     ref_sha, ref_losses = reference
