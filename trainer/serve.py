@@ -58,6 +58,7 @@ from typing import Literal, NamedTuple, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from trainer import model as models
+from trainer import tokenizer as tk
 from trainer.errors import UserError
 
 MAX_NUM_SEQS = 256  # default cap on rows (prompts x n) per request and per forward batch
@@ -393,7 +394,7 @@ class Engine:
         text = self.decode(body)
         if stops and any(stop in text for stop in stops):
             # a stop string ends the completion at the token in which it completes, as in vLLM
-            k = self._first_prefix_with_stop(body, stops)
+            k = tk.stop_prefix(self.decode, body, stops)
             tokens, body = tokens[:k], tokens[:k]
             text = self.decode(body)
             at, stop_reason = min((text.find(stop), stop) for stop in stops if stop in text)
@@ -417,20 +418,6 @@ class Engine:
                                  for tok, lp, top in zip(tokens, lps, tops)],
             }
         return choice, len(tokens)
-
-    def _first_prefix_with_stop(self, ids: list[int], stops: list[str]) -> int:
-        """The length of the shortest prefix of ids whose text holds a stop string (ids' does).
-
-        Bisection: a longer prefix's text extends a shorter one's (a split UTF-8 character at
-        the end decodes to U+FFFD, which no stop string contains)."""
-        lo, hi = 1, len(ids)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if any(stop in self.decode(ids[:mid]) for stop in stops):
-                hi = mid
-            else:
-                lo = mid + 1
-        return hi
 
     def _score_prompts(self, model, prompts: list[list[int]], top: int) -> list[list]:
         """vLLM's prompt_logprobs: per prompt [None, {id: {logprob, rank, decoded_token}}, ...],

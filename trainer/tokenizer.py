@@ -98,6 +98,28 @@ def eot_id(tok: Tokenizer) -> int:
     return tok.token_to_id(EOT)
 
 
+def stop_prefix(decode, ids: list[int], stops) -> int | None:
+    """The length of the shortest prefix of `ids` whose text (`decode(prefix)`) holds a stop
+    string; None when the whole text holds none. Bisection: a longer prefix's text extends a
+    shorter one's (a UTF-8 character split at the end decodes to U+FFFD, in no stop string)."""
+    stops = [s for s in stops if s]
+
+    def holds(k: int) -> bool:
+        text = decode(ids[:k])
+        return any(s in text for s in stops)
+
+    if not stops or not ids or not holds(len(ids)):
+        return None
+    lo, hi = 1, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if holds(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 def to_hf(tok: Tokenizer):
     """Wrap for transformers/vLLM: PreTrainedTokenizerFast with eos/bos = <|endoftext|>."""
     from transformers import PreTrainedTokenizerFast

@@ -58,6 +58,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
+from trainer import tokenizer as tk
 from trainer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -110,33 +111,12 @@ def cut_at_stop(text: str, stops) -> tuple[str, str | None]:
     return text[:at], stop
 
 
-def stop_index(tokenizer, ids: list[int], stops) -> int | None:
-    """The length of the shortest prefix of `ids` whose text contains a stop string (None when
-    the whole text holds none). Binary search: a prefix's text grows with the prefix."""
-    stops = [s for s in stops if s]
-
-    def holds(k: int) -> bool:
-        text = tokenizer.decode(ids[:k])
-        return any(s in text for s in stops)
-
-    if not stops or not ids or not holds(len(ids)):
-        return None
-    lo, hi = 1, len(ids)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if holds(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
-
-
 def finish(tokenizer, ids: list[int], logprobs: list[float], finish_reason: str, stops,
            text: str | None = None) -> Completion:
     """A completion from sampled ids: cut after the token that completes a stop string (a no-op
     when the sampler already stopped there) and the text before the stop string. `text`: the
     server's text, when it sent one; otherwise the ids are decoded."""
-    k = stop_index(tokenizer, ids, stops)
+    k = tk.stop_prefix(tokenizer.decode, ids, stops)
     if k is not None:
         ids, logprobs, finish_reason = ids[:k], logprobs[:k], "stop"
     if text is None:
