@@ -350,9 +350,12 @@ def grpo_command(config: str | None = None, resume: str = "", **overrides) -> di
     """
     from trainer import checkpoint as ckpt
     from trainer import config as configs
-    from trainer import runs
+    from trainer import distributed, runs
     from trainer.grpo.loop import grpo
 
+    if distributed.ranks().world > 1:
+        raise UserError("`trainer grpo` runs on one process; start it without torchrun (its rollouts batch on "
+                        "the generation server)")
     if resume == "auto":
         cfg = configs.load(config, **overrides)
         resume = cfg.run.name if ckpt.has_checkpoints(runs.RunPaths.of(cfg).checkpoints) else ""

@@ -160,3 +160,10 @@ def test_bad_input_is_one_line_from_rank_0_and_exit_2(tmp_path, corpus_dir):
     assert "Traceback" not in result.stdout + result.stderr
     assert not (tmp_path / "volumes" / "checkpoints" / "bad").exists() or \
         not ckpt.has_checkpoints(tmp_path / "volumes" / "checkpoints" / "bad")
+
+
+def test_grpo_under_torchrun_is_refused_in_one_line(tmp_path):
+    result = run_cli(["grpo", "--config", str(Path(__file__).parents[2] / "configs" / "grpo_repeat.yaml"),
+                      f"--run.out_dir={tmp_path}"], cwd=tmp_path, env={"WORLD_SIZE": "2", "RANK": "0"}, check=False)
+    assert result.returncode == 2 and result.stderr.startswith("error: `trainer grpo` runs on one process"), result
+    assert not any(tmp_path.iterdir())
