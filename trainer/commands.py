@@ -63,6 +63,9 @@ def train_command(config: str | None = None, resume: str = "", nproc: int = 1, *
     if nproc < 1:
         raise UserError(f"--nproc={nproc} must be at least 1")
     cfg = configs.load(config, **overrides)  # bad input is one line here, before any worker starts
+    if resume == "auto" and not configs.build(yaml_path=config, overrides=overrides).run.name:
+        raise UserError("--resume=auto continues the run named by run.name; set it (--run.name=NAME), since a "
+                        "derived name holds the start time and is new every time")
     if nproc > 1 and distributed.ranks().world == 1:
         if resume != "auto" and ckpt.has_checkpoints(runs.RunPaths.of(cfg).checkpoints):
             raise UserError(f"run {cfg.run.name!r} already has checkpoints; continue it with `trainer train --nproc "
