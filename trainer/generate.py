@@ -49,7 +49,7 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
         if past is not None and idx.size(1) <= positions:
             result = model(idx[:, -1:], past_key_values=past, use_cache=True)
         else:
-            result = model(idx[:, -positions:], use_cache=idx.size(1) < positions)
+            result = model(idx[:, -positions:], use_cache=idx.size(1) < positions, logits_to_keep=1)
         past = result.past_key_values if idx.size(1) < positions else None
         logits = result.logits[:, -1, :].float()
         if temperature <= 0:
@@ -144,8 +144,10 @@ def sample(model, prompts: list[list[int]], seeds: list[int], max_tokens: int, t
     past = None
     step_ids = ids
     for t in range(max_tokens):
+        # logits of the last position only: the prefill would otherwise project every prompt
+        # position onto the whole vocabulary (128 x 70 x 50,257 floats for a GRPO batch)
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=position_ids,
-                    past_key_values=past, use_cache=True)
+                    past_key_values=past, use_cache=True, logits_to_keep=1)
         past = out.past_key_values
         logits = out.logits[:, -1].float()  # (B, V)
         nxt = _pick(logits, uniforms[:, t], temperature, top_k, top_p)
