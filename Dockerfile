@@ -22,6 +22,15 @@ COPY vendor/wheels/${VARIANT}/ /tmp/vendor/wheels/
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-index --find-links /tmp/vendor/wheels --no-deps --require-hashes \
         -r /tmp/vendor/requirements.lock
+# cuda: ~280 MB of the CUDA wheels that nothing opens at run time (no-ops for cpu). Checked against
+# `ldd` of torch's libraries, torch's _preload_cuda_deps list, and a grep of every .py and .so:
+#   libcusolverMg     multi-GPU dense solver (104 MB); torch links and preloads libcusolver only
+#   libnvrtc.alt      a second NVRTC build (114 MB, with its builtins); torch links libnvrtc.so.13
+#   triton's *_static.a  CUPTI/nvperf archives (77 MB), for linking a profiler at build time
+# tests/container/test_cuda_image.py opens every library the trainer's GPU paths load.
+RUN cd /opt/venv/lib/python3*/site-packages \
+ && rm -f nvidia/cu13/lib/libcusolverMg.so.* nvidia/cu13/lib/libnvrtc.alt.so.* \
+          nvidia/cu13/lib/libnvrtc-builtins.alt.so.* triton/backends/nvidia/lib/cupti/*_static.a
 
 WORKDIR /app
 COPY pyproject.toml README.md ./

@@ -143,6 +143,15 @@ test-container *args: _tools
 # CI: build with --network none, then train/stop/kill/resume/ownership and the suite in containers
 verify-offline: build test-container test-image
 
+# Not part of verify-offline (CI builds the CPU images only). Builds airlock:cuda / airlock:cpu where missing
+# (~10 min and 5 GB the first time), then runs tests/container/test_cuda_image.py (~3 min), all --network none.
+# the CUDA image on a host without a GPU: doctor, CUDA libraries load, smoke sha = airlock:cpu's, save/load
+verify-cuda *args: _tools
+    docker image inspect airlock:cuda >/dev/null 2>&1 || just variant=cuda build-trainer
+    docker image inspect airlock:cpu >/dev/null 2>&1 || just variant=cpu build-trainer
+    AIRLOCK_CUDA_IMAGE=airlock:cuda AIRLOCK_CPU_IMAGE=airlock:cpu PYTHONPATH=. vendor/.tools/venv/bin/python -m pytest \
+        -p no:cacheprovider -m container tests/container/test_cuda_image.py -v -s {{args}}
+
 # write dist/airlock-images.tar.gz (+ .sha256) with the built trainer and server images, for an air-gapped host
 save:
     mkdir -p dist

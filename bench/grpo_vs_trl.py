@@ -50,8 +50,10 @@ rollout + train = iteration, wall (CPU seconds of the side's process):
   sat, load 5.1 -> 3.0: Airlock 2.15 + 0.88 = 3.06 (CPU 2.97)   TRL 1.81 + 23.56 = 25.37 (CPU 21.6)   0.12x (CPU 0.14x)
 TRL's train step is the slow part: on a CPU (no Triton device) TRL 1.16's fused LM head scores
 every position, prompt included, in tiles of 4096 tokens x 32768 vocabulary (512 MiB), so it
-grows with the prompt. Airlock's sat rollout is its own slow part: trainer.generate.sample's
-prefill computes full-vocabulary logits for every prompt position (~2 s of it here).
+grows with the prompt. Airlock's sat rollout was its own slow part until the sampler's prefill
+kept only the last position's logits (logits_to_keep=1; it had projected every prompt position
+onto the vocabulary, ~2 s). After that fix, load 4.9 -> 3.9: sat Airlock 1.26 + 1.90 = 3.46
+(CPU 0.80 + 0.98 = 1.78), TRL 1.70 + 30.18 = 31.72 (CPU 23.2), ratio 0.11x (CPU 0.08x).
 """
 
 from __future__ import annotations

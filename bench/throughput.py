@@ -542,7 +542,7 @@ def side_by_side(figs: dict, modes, kinds, all_saves: dict, total: int, peak, pe
                 else f"MFU: - ({peak_from})")
     print()
     print(f"{args.device}, {args.dtype}: {mfu_text}")
-    print(f"{'':<24}" + "".join(f"{mode + ' tok/s':>16}{'MFU':>8}{'peak mem':>11}" for mode in modes))
+    print(f"{'':<28}" + "".join(f"{mode + ' tok/s':>16}{'MFU':>8}{'peak mem':>11}" for mode in modes))
 
     def cells(mode: str, kind: str) -> str:
         f = figs[mode]
@@ -551,13 +551,13 @@ def side_by_side(figs: dict, modes, kinds, all_saves: dict, total: int, peak, pe
         return f"{f['tok_per_s'][kind]:>16,.0f}{mfu:>8}{mem:>11}"
 
     for kind in kinds:
-        print(f"{labels[kind]:<24}" + "".join(cells(mode, kind) for mode in modes))
+        print(f"{labels[kind]:<28}" + "".join(cells(mode, kind) for mode in modes))
     for kind in kinds[1:]:
-        print(f"{'trainer / ' + labels[kind]:<24}" + "".join(f"{figs[m]['ratio_' + kind]:>15.3f}x{'':>19}" for m in modes))
-    print(f"{'save stall (loop) ms':<24}" + "".join(f"{all_saves[m]['stall'][0] * 1e3:>16.1f}{'':>19}" for m in modes))
-    print(f"{'torch.save ms':<24}" + "".join(f"{all_saves[m]['torch.save'][0] * 1e3:>16.1f}{'':>19}" for m in modes))
+        print(f"{'trainer / ' + labels[kind]:<28}" + "".join(f"{figs[m]['ratio_' + kind]:>15.3f}x{'':>19}" for m in modes))
+    print(f"{'save stall (loop) ms':<28}" + "".join(f"{all_saves[m]['stall'][0] * 1e3:>16.1f}{'':>19}" for m in modes))
+    print(f"{'torch.save ms':<28}" + "".join(f"{all_saves[m]['torch.save'][0] * 1e3:>16.1f}{'':>19}" for m in modes))
     if args.compile:
-        print(f"{'trainer compiled/eager':<24}{figs['compiled']['tok_per_s']['trainer'] / figs['eager']['tok_per_s']['trainer']:>15.3f}x")
+        print(f"{'trainer compiled/eager':<28}{figs['compiled']['tok_per_s']['trainer'] / figs['eager']['tok_per_s']['trainer']:>15.3f}x")
     if args.device == "cuda":  # issue 10's goals, on the fastest mode run
         best = figs[modes[-1]]
         goals = []

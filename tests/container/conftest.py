@@ -57,3 +57,37 @@ def me() -> str:
 
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+SERVER_IMAGE = os.environ.get("AIRLOCK_SERVER_IMAGE", "airlock-vllm:cpu")
+
+
+def vllm_cpu_runs_here() -> str | None:
+    """Why this host's CPU cannot run vLLM-CPU (as `just server-check`), or None."""
+    import platform
+
+    if platform.machine() != "x86_64":
+        return f"a {platform.machine()} host; airlock-vllm:cpu is built for x86_64"
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return None  # cannot tell: try
+    return None if "avx2" in flags else "this CPU lacks AVX2, the least vLLM's CPU kernels need"
+
+
+@pytest.fixture(scope="session")
+def vllm_cpu_image(docker_client):
+    """The generation server image (Dockerfile.vllm, CPU build); skips with the reason when it is
+    not built or this CPU cannot run it."""
+    import docker
+
+    try:
+        img = docker_client.images.get(SERVER_IMAGE)
+    except docker.errors.ImageNotFound:
+        pytest.skip(f"image {SERVER_IMAGE} is not built; run `just build`")
+    if img.attrs["Config"]["Labels"].get("airlock.variant") != "vllm-cpu":
+        pytest.skip(f"{SERVER_IMAGE} is not the CPU build; these tests run airlock-vllm:cpu")
+    why = vllm_cpu_runs_here()
+    if why:
+        pytest.skip(f"vLLM-CPU cannot run here: {why} (`just server=serve up` is the fallback)")
+    return img
