@@ -41,9 +41,11 @@ mean step over that window (every loop keeps its own host syncs, or lack of them
 The side-by-side table adds, per loop and mode: tokens/s; MFU = 6 * N * tokens/s / peak bf16
 FLOPS (N = all parameters, the tied embedding once; no attention-score term, which would add
 12 * n_layer * n_embd * block_size FLOPs per token, about 15 % more at the 124M shape); peak
-GPU memory (torch.cuda.max_memory_allocated, reset before each run); and the loop's checkpoint
-stall. The peak comes from --peak-tflops, else from the GPU's name (H100 SXM and H200: 989
-dense bf16; H100 PCIe 756; H100/H200 NVL 835; A100 312); else MFU is left out.
+GPU memory (torch.cuda.max_memory_allocated, reset before each run, less what was allocated
+before it); and the checkpoint stall. At 124M a checkpoint is 1.5 GB and the saves keep up to
+about 14 GB in the work folder at once. The peak comes from --peak-tflops, else from the GPU's
+name (H100 SXM and H200: 989 dense bf16; H100 PCIe 756; H100/H200 NVL 835; A100 312); else MFU
+is left out.
 
 Which figures are measured where: every figure in bench/README.md and the README so far was
 measured on CPU (2 shared cores, float32). The GPU figures (--device cuda: bf16 tokens/s, MFU,
@@ -58,6 +60,7 @@ import gc
 import io
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -404,8 +407,6 @@ def main(argv=None) -> dict:
         return bench(args, work)
     finally:
         if owned:
-            import shutil
-
             shutil.rmtree(work, ignore_errors=True)
 
 
@@ -432,15 +433,17 @@ def bench(args, work: Path) -> dict:
         order = runs[r % len(runs):] + runs[:r % len(runs)]  # rotate, so no loop always goes first
         for mode, kind in order:
             compiled = mode == "compiled"
-            if compiled:
-                torch._dynamo.reset()  # each loop compiles its own model, inside its warm-up steps
+            if args.compile:  # each loop compiles its own model inside its warm-up; no cache keeps old models
+                torch._dynamo.reset()
             if cuda:
                 gc.collect()
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
             with StepClock((args.warmup + 1, args.steps) if cuda else None).installed() as clock:
                 if kind == "trainer":
-                    curve = run_trainer(make_config(args, work, f"bench-{'compiled-' if compiled else ''}{r}", compiled))
+                    name = f"bench-compiled-{r}" if compiled else f"bench-{r}"
+                    curve = run_trainer(make_config(args, work, name, compiled))
                 elif kind == "bare":
                     curve = run_bare(base, prepared, meta, device, compiled)
                 else:
@@ -448,14 +451,18 @@ def bench(args, work: Path) -> dict:
             w, c = clock.step_seconds(args.warmup, args.steps)
             wall[mode][kind].append(w)
             cpu[mode][kind].append(c)
-            if cuda:
-                mem[mode][kind].append(torch.cuda.max_memory_allocated())
+            if cuda:  # bytes this run allocated at its peak, above what was left before it
+                mem[mode][kind].append(torch.cuda.max_memory_allocated() - before)
             losses[mode].setdefault(kind, curve)
         line = "  ".join(f"{k} {tokens_per_step / wall['eager'][k][-1]:,.0f}" for k in kinds)
         if args.compile:
             line += "  | compiled: " + "  ".join(f"{k} {tokens_per_step / wall['compiled'][k][-1]:,.0f}" for k in kinds)
         print(f"round {r + 1}/{args.rounds} tok/s: {line}", flush=True)
-    all_saves = {mode: run_saves(base, prepared, meta, args, work, device, mode == "compiled") for mode in modes}
+    all_saves = {}
+    for mode in modes:
+        all_saves[mode] = run_saves(base, prepared, meta, args, work, device, mode == "compiled")
+        if mode != modes[-1]:  # at 124M a save is 1.5 GB and keep_last holds 3 of each kind: one mode's at a time
+            shutil.rmtree(work / "saves", ignore_errors=True)
 
     # the eager figures, printed as they always were
     saves = all_saves["eager"]
@@ -467,7 +474,8 @@ def bench(args, work: Path) -> dict:
         minutes apart at most, so pairing them cancels the machine's drift between rounds."""
         return statistics.median(b / a for a, b in zip(times["trainer"], times[kind]))
 
-    share = statistics.median(c / w for k in kinds for c, w in zip(cpu["eager"][k], wall["eager"][k]))  # CPU s per wall s
+    # CPU s per wall s
+    share = statistics.median(c / w for k in kinds for c, w in zip(cpu["eager"][k], wall["eager"][k]))
     total, _ = models.count_parameters(models.build_model(base.model, meta["vocab_size"], meta["eot_id"], 0)[0])
 
     print()
@@ -553,11 +561,13 @@ def side_by_side(figs: dict, modes, kinds, all_saves: dict, total: int, peak, pe
     for kind in kinds:
         print(f"{labels[kind]:<28}" + "".join(cells(mode, kind) for mode in modes))
     for kind in kinds[1:]:
-        print(f"{'trainer / ' + labels[kind]:<28}" + "".join(f"{figs[m]['ratio_' + kind]:>15.3f}x{'':>19}" for m in modes))
+        print(f"{'trainer / ' + labels[kind]:<28}"
+              + "".join(f"{figs[m]['ratio_' + kind]:>15.3f}x{'':>19}" for m in modes))
     print(f"{'save stall (loop) ms':<28}" + "".join(f"{all_saves[m]['stall'][0] * 1e3:>16.1f}{'':>19}" for m in modes))
     print(f"{'torch.save ms':<28}" + "".join(f"{all_saves[m]['torch.save'][0] * 1e3:>16.1f}{'':>19}" for m in modes))
     if args.compile:
-        print(f"{'trainer compiled/eager':<28}{figs['compiled']['tok_per_s']['trainer'] / figs['eager']['tok_per_s']['trainer']:>15.3f}x")
+        speedup = figs["compiled"]["tok_per_s"]["trainer"] / figs["eager"]["tok_per_s"]["trainer"]
+        print(f"{'trainer compiled/eager':<28}{speedup:>15.3f}x")
     if args.device == "cuda":  # issue 10's goals, on the fastest mode run
         best = figs[modes[-1]]
         goals = []
