@@ -278,6 +278,10 @@ def doctor(cfg) -> int:
     cuda = torch.cuda.is_available()
     print(f"device: {'cuda: ' + torch.cuda.get_device_name(0) if cuda else 'cpu'} "
           f"(run.device={cfg.run.device}, {torch.get_num_threads()} CPU threads)")
+    if cfg.run.device.startswith("cuda"):
+        report(cuda, "run.device", "a CUDA device is visible" if cuda else
+               f"run.device={cfg.run.device} but no CUDA device is visible: `trainer train` would refuse; use "
+               "run.device=cpu or auto, or run on a GPU host (docker: --gpus all)")
     print("offline:")
     set_offline_env()
     for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
