@@ -382,6 +382,39 @@ def grpo_command(config: str | None = None, resume: str = "", **overrides) -> di
         return grpo(cfg, resume_dir=step_dir)
 
 
+def corpus_command(config: str | None = None, count: int = 4000, out: str = "", seed: int = 0,
+                   **overrides) -> str:
+    """Write a JSONL corpus of a GRPO env's problems with well-formed but random answers.
+
+    For pretraining a base that knows the env's format but not its answers, before GRPO
+    (configs/sat_base.yaml, then configs/grpo_sat_base.yaml). The env and its options come from
+    the config's grpo section (grpo.env, grpo.sat_vars ...); problems are training ids far from
+    those GRPO draws.
+
+    Args:
+      config: YAML file with the grpo section (e.g. configs/grpo_sat_base.yaml).
+      count: problems to write.
+      out: the .jsonl file (default data/<env>/corpus.jsonl); replaced atomically.
+      seed: seeds the random answers.
+    """
+    import json
+
+    from trainer import atomic
+    from trainer import config as configs
+    from trainer.grpo import envs
+    from trainer.grpo.loop import env_options
+
+    if count < 1:
+        raise UserError(f"--count={count} must be at least 1")
+    g = configs.load(config, **overrides).grpo
+    path = Path(out or f"data/{g.env}/corpus.jsonl")
+    lines = envs.corpus(g.env, count, seed, **env_options(g))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_bytes(path, "".join(json.dumps({"text": line}) + "\n" for line in lines).encode())
+    print(f"wrote {count} {g.env} problems with random answers to {path}", flush=True)
+    return str(path)
+
+
 def sweep_command(config: str | None = None, grid: str = "", **overrides) -> list[dict]:
     """Run GRPO once per combination of a grid of config values; write a summary table.
 

@@ -73,20 +73,24 @@ def pretrain_lm(model: GPT2LMHeadModel, rows, steps: int, lr: float, vocab: list
     batch of equal-length id lists.
 
     `vocab` (every id the rows use) confines the model to those tokens, which makes a large
-    vocabulary cheap and keeps the rest out of the policy's way. The last hidden channel is
-    made a constant: ln_f's gain there is 0 and its bias 1, so after ln_f that channel is 1 at
-    every position. Every other token's embedding row is 0 except -TAIL_LOGIT... that is,
-    TAIL_LOGIT on that channel, so its logit is TAIL_LOGIT whatever the input (and it is never
-    an input). Those rows and the two ln_f entries are frozen; the loss is the full softmax's,
-    computed exactly from len(vocab) rows plus one constant logit, TAIL_LOGIT + log(count);
-    GPT-2's 50,257-way output layer (~95% of a full step's time) is never formed. The result is
-    an ordinary GPT-2 checkpoint that transformers and vLLM compute alike, whose other 50k
-    tokens stay at probability ~e^-32 under LoRA (which leaves wte and ln_f alone).
+    vocabulary cheap and keeps the rest out of the policy's way. The last hidden channel is made
+    a constant: ln_f's gain there is 0 and its bias 1, so after ln_f it is 1 at every position.
+    Every other token's embedding row is 0 but for TAIL_LOGIT on that channel, so its logit is
+    TAIL_LOGIT whatever the input (and it is never an input). Those rows and the two ln_f
+    entries are frozen; the loss is the full softmax's, computed exactly from len(vocab) rows
+    plus one constant logit, TAIL_LOGIT + log(count): GPT-2's 50,257-way output layer (~95% of
+    a full step's time) is never formed. The result is an ordinary GPT-2 checkpoint that
+    transformers and vLLM compute alike, whose other tokens keep probability ~e^-32 under LoRA
+    (which leaves wte and ln_f alone).
 
-    Measured: with those rows left at 0 instead (logit 0), the seen tokens' logits must
-    outgrow log(50k) ~ 11, and GRPO on such a base did not learn `repeat` at all (4 bases,
-    LoRA lr 0.01: eval reward flat over 8-12 iterations; lr 0.03 collapsed into the tail),
-    while the same base with a 17-token vocabulary learned it (0.18 -> 0.69 in 8 iterations)."""
+    Why not leave those rows at 0 (logit 0): the seen tokens' logits must then outgrow
+    log(50k) ~ 11, and GRPO on such bases did not learn `repeat` (3 bases, LoRA lr 0.01: eval
+    reward +0.01 to +0.06 in 8-12 iterations; lr 0.03 collapsed into the other tokens), while
+    a base with a 17-token vocabulary, otherwise alike, learned it (0.18 -> 0.69 in 8
+    iterations); with the rows as here, 0.16 -> 0.84 in 12.
+    Nor one shared trained row for all of them: the quickest way to push 50k tokens down at
+    once is then to point every hidden state away from that row, and the base came out
+    ignoring its context."""
     model.train()
     wte = model.get_input_embeddings().weight
     if vocab is not None:
@@ -134,16 +138,12 @@ def gpt2_vllm_model(seed: int = 0, n_positions: int = 64) -> GPT2LMHeadModel:
 def pretrain_repeat_gpt2_base(tok: Tokenizer, steps: int = 200, seed: int = 0, chars: str = "abcd",
                               batch: int = 32, width: int = 32) -> GPT2LMHeadModel:
     """gpt2_vllm_model after `steps` of next-token training on the lines of pretrain_repeat_base
-    ("c*L=" and answers unrelated to the prompt), in GPT-2's vocabulary: the prompt as GRPO
-    encodes it ("c", "*", "6", "=": one token each), the answer and "\n" one character per
-    token. That is not how GPT-2's BPE writes "ccc" (one token, "ccc"), and it is on purpose:
-    with tied embeddings, writing the prompt's own token again is what a tiny model can learn
-    in a few GRPO iterations (as the char-vocabulary tests do), while mapping "c" to "cc" or
-    "ccc" is not (measured: no rise in 12 iterations from a base trained on BPE-merged
-    answers). The policy samples such non-canonical ids and GRPO trains on exactly those, so
-    a decode -> encode anywhere would change what is trained. Rows of `width` ids start at a
-    line; trained on pretrain_lm's compact softmax (~20 s on 2 busy cores). The base knows
-    the alphabet, the format and that characters come in runs, not which character to write."""
+    ("c*L=" and answers unrelated to the prompt) in GPT-2's BPE, each line encoded as GRPO sees
+    it: the prompt on its own ("c", "*", "6", "=": the ids the sampler gets), then the answer
+    and "\\n" ("ccc" is one token). Rows of `width` ids start at a line; trained on
+    pretrain_lm's compact softmax, confined to the ~50 tokens the lines use (~20 s on 2 busy
+    cores). The base knows the alphabet, the format and that characters come in runs, not
+    which character to write: its held-out `repeat` reward is about 0.1-0.16."""
     import random
 
     rng = random.Random(seed)
@@ -154,44 +154,16 @@ def pretrain_repeat_gpt2_base(tok: Tokenizer, steps: int = 200, seed: int = 0, c
             out += rng.choice(chars) * rng.randint(1, 6)
         return out[:n]
 
-    def char_ids(text: str) -> list[int]:
-        return [tok.encode(ch).ids[0] for ch in text]
-
     def row() -> list[int]:
         ids: list[int] = []
         while len(ids) < width:
-            ids += tok.encode(f"{rng.choice(chars)}*{rng.randint(1, 9)}=").ids + char_ids(runs(rng.randint(1, 9)) + "\n")
+            ids += tok.encode(f"{rng.choice(chars)}*{rng.randint(1, 9)}=").ids
+            ids += tok.encode(runs(rng.randint(1, 9)) + "\n").ids
         return ids[:width]
 
     batches = [[row() for _ in range(batch)] for _ in range(steps)]
     vocab = sorted({i for b in batches for r in b for i in r})
     return pretrain_lm(gpt2_vllm_model(seed), iter(batches).__next__, steps, lr=3e-3, vocab=vocab)
-
-
-SAT_CORPUS_IDS = 1_000_000  # corpus problems are training ids from here on: GRPO's own ids stay far below
-
-
-def write_sat_corpus(path, count: int, seed: int = 0, n_vars: int = 6, n_clauses: int = 8, k: int = 3):
-    """A JSONL corpus (`trainer prepare` reads one document per line) of `count` problems of
-    the `sat` env, each prompt followed by a well-formed but random assignment (one uniformly
-    random 0/1 digit per variable, not a solution) and "\\n". A model pretrained on it knows the
-    format, not the answer: its assignments satisfy a clause about as often as chance (7/8 for
-    3-SAT), which is what GRPO must improve on. -> path."""
-    import json
-    import random
-    from pathlib import Path
-
-    from trainer.grpo import envs
-
-    rng = random.Random(seed)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for i in range(count):
-            p = envs.make_problem("sat", "train", SAT_CORPUS_IDS + i, n_vars=n_vars, n_clauses=n_clauses, k=k)
-            bits = "".join(rng.choice("01") for _ in range(n_vars))
-            f.write(json.dumps({"text": p.prompt + bits + "\n"}) + "\n")
-    return path
 
 
 def save_hf_folder(path, model, tok: Tokenizer) -> None:

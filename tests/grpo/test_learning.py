@@ -1,4 +1,4 @@
-"""Proof of learning, with full weights and with LoRA through a real `trainer serve`.
+"""Proof of learning, with full weights and with LoRA through a real `trainer serve`, and on SAT.
 
 1. A tiny from-scratch policy (2 layers, width 64, char vocab, full weights) learns the
    `repeat` task with the local backend: the held-out mean reward starts near the
@@ -13,6 +13,11 @@
    final weights (importance weights off for this: they differ from 1 by float rounding),
    so both backends learn, and a stale adapter (rollouts from older weights at any
    iteration) breaks the equality.
+3. SAT (issue 8), through the CLI: a char-level base that writes well-formed random
+   assignments (configs/sat_base.yaml), then configs/grpo_sat_base.yaml; the held-out
+   fraction of satisfied clauses must rise by 0.04 in 40 iterations and beat the best fixed
+   assignment (measured: 0.866 -> 0.941, pass rate 0.37 -> 0.65; see the test).
+   GRPO against the real vLLM is tests/container/test_grpo_vllm_learning.py.
 
 Checked by breaking the code on purpose: with the surrogate's sign flipped the LoRA run's
 eval reward falls to 0.0 by iteration 4; with the server given the first adapter's weights
@@ -111,13 +116,22 @@ def test_grpo_learns_sat_from_a_pretrained_base(tmp_path):
     `trainer grpo --config configs/grpo_sat_base.yaml` from its final/ export. The held-out
     fraction of satisfied clauses (128 problems x 4 samples) starts near chance (0.875 for
     3-SAT), must rise by SAT_MARGIN within 40 iterations, and must beat the best fixed
-    assignment (0.898 on these problems), which no policy that ignores the clauses can. MEASURED"""
+    assignment (0.898 on these problems), which no policy that ignores the clauses can.
+
+    Measured (2 shared CPU cores, load ~2; 111 s in all, ~60 s of it pretraining): satisfied
+    fraction / pass rate at iterations 0/10/20/30/40: 0.866/0.37, 0.884/0.42, 0.896/0.45,
+    0.920/0.56, 0.941/0.65. The policy writes 11111111 or 00000000 as the literals' signs lean
+    (63 and 54 of the 128 held-out samples shown), the majority-of-all-literals rule, which
+    scores 0.950 here; each variable by its own literals would score 0.977. With run.seed=7:
+    0.859 -> 0.918. Without the entropy bonus it settles on one answer for every problem
+    (0.866 -> 0.881 at lr 3e-4; at lr 1e-3, from a 300-step base, "00000000" for nearly every
+    problem by iteration 30)."""
     from tests.conftest import ROOT, run_cli
-    from tests.grpo.conftest import write_sat_corpus
     from trainer.grpo import envs
 
     out = tmp_path / "volumes"
-    corpus = write_sat_corpus(tmp_path / "sat" / "corpus.jsonl", 4000)
+    corpus = tmp_path / "sat" / "corpus.jsonl"
+    run_cli(["corpus", "--config", "configs/grpo_sat_base.yaml", "--count=4000", f"--out={corpus}"], cwd=ROOT)
     run_cli(["train", "--config", "configs/sat_base.yaml", f"--data.source={corpus}",
              f"--data.prepared_dir={tmp_path / 'prepared'}", f"--run.out_dir={out}"], cwd=ROOT)
     run_cli(["grpo", "--config", "configs/grpo_sat_base.yaml", f"--model.path={out / 'checkpoints/sat-base/final'}",

@@ -92,6 +92,33 @@ def make_problem(env: str, split: str, id: int, **options) -> Problem:
     return Problem(env, split, id, prompt, answer)
 
 
+CORPUS_IDS = 1_000_000  # corpus problems are "train" ids from here on: GRPO's own ids stay far below
+
+
+def _random_answer(problem: Problem, rng: random.Random) -> str:
+    """A well-formed answer that ignores the question: what a base should know before GRPO."""
+    a = problem.answer
+    if problem.env == "sat":
+        return "".join(rng.choice("01") for _ in range(a["n_vars"]))
+    if problem.env == "repeat":
+        chars = sorted(set(problem.prompt[0] + "abcd"))
+        return "".join(rng.choice(chars) * rng.randint(1, 3) for _ in range(a["length"]))[:rng.randint(1, 9)]
+    return str(rng.randint(-abs(a["value"]) - 9, abs(a["value"]) + 9))
+
+
+def corpus(env: str, count: int, seed: int = 0, **options) -> list[str]:
+    """`count` lines of text: a training problem (ids from CORPUS_IDS) followed by a well-formed
+    but random answer and a newline. A model pretrained on them knows the format, not the
+    answer (for 3-SAT its assignments satisfy a clause about as often as chance, 7/8), which
+    is what GRPO then improves on."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(count):
+        p = make_problem(env, "train", CORPUS_IDS + i, **options)
+        lines.append(p.prompt + _random_answer(p, rng) + "\n")
+    return lines
+
+
 def eval_ids(n: int) -> list[int]:
     """The fixed held-out ids: 0..n-1 of the "eval" split."""
     return list(range(n))
