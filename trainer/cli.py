@@ -7,6 +7,13 @@ from __future__ import annotations
 import os
 import sys
 
+# Before torch loads libgomp: a thread waiting at an OpenMP barrier spins ~1000 rounds, then
+# sleeps. libgomp's default spins ~300k rounds, which on a shared host burns the time slice a
+# descheduled sibling thread needs, so each parallel region waits a scheduler tick: beside one
+# busy process the default config ran at 0.79 of its fair share, with 1000 at 1.20, and alone
+# at 1.05x (bench/threads.py). Numbers are unchanged: it only decides how threads wait.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
 import fire
 
 from trainer.errors import UserError
