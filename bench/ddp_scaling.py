@@ -12,6 +12,10 @@ usable CPUs / processes), so on a host with C cores one process runs C threads a
 run C/N each: on CPU this measures what data parallelism costs or gains against intra-op
 threads on the same cores, not a speed-up from more hardware. The `load:` line gives the
 1-minute load average before and after; compare runs at similar load only.
+
+Measured (2 CPUs, load 0.85 -> 1.49, default config, 30 steps): 1 process 5,309 tok/s,
+2 processes 4,797 tok/s (0.90x, efficiency 0.45: two one-thread processes against one
+two-thread process on the same two cores, so 0.5 is the ceiling here).
 """
 
 from __future__ import annotations
