@@ -167,3 +167,34 @@ def test_grpo_under_torchrun_is_refused_in_one_line(tmp_path):
                       f"--run.out_dir={tmp_path}"], cwd=tmp_path, env={"WORLD_SIZE": "2", "RANK": "0"}, check=False)
     assert result.returncode == 2 and result.stderr.startswith("error: `trainer grpo` runs on one process"), result
     assert not any(tmp_path.iterdir())
+
+
+def test_two_nodes_meet_through_a_c10d_rendezvous(tmp_path, corpus_dir):
+    """Multi-node as SLURM or Kubernetes runs it, on one host: two torchrun agents (--nnodes 2,
+    one worker each) meet at a c10d rendezvous endpoint, train one run (rank 0 writes), and its
+    checkpoint records a world of two."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes",
+           "--local-addr=127.0.0.1", "-m", "trainer", "train",
+           *args(corpus_dir, tmp_path, "nodes", **{"train.max_steps": 6, "checkpoint.interval": 3}), "--resume=auto"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    agents = [subprocess.Popen(cmd, cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env=env) for _ in range(2)]
+    outputs = [a.communicate(timeout=300)[0] for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    assert [s for s, _ in losses(tmp_path, "nodes")] == list(range(1, 7))
+    run_dir = tmp_path / "volumes" / "checkpoints" / "nodes"
+    assert ckpt.read_trainer_state(run_dir / ckpt.latest_name(run_dir))[ckpt.WORLD] == 2
+
+
+def test_a_run_resumes_on_another_number_of_processes_with_a_warning(tmp_path, corpus_dir):
+    run_cli(["train", *args(corpus_dir, tmp_path, "shrink", **{"train.max_steps": 10}), "--nproc=2"], cwd=tmp_path)
+    result = run_cli(["resume", "--run=shrink", f"--run.out_dir={tmp_path / 'volumes'}", "--extra_steps=4"],
+                     cwd=tmp_path)
+    assert "was written by 2 process(es) and resumes on 1" in result.stdout, result.stdout[-2000:]
+    assert [s for s, _ in losses(tmp_path, "shrink")] == list(range(1, 15))
