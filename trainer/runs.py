@@ -5,10 +5,10 @@
     <out_dir>/sync/<run>/          GRPO policy versions for the generation server (trainer/grpo/sync.py)
 
 `RunPaths` is the only code that spells this layout. `locate` picks the checkpoint a command
-reads (a step dir, a run's newest valid one, or the most recent run's), and `lock_run` makes one
-process the writer of a run: flock on <run>/.lock, which the kernel drops when the holder dies,
-so a kill -9 never leaves a run locked. `resume_point` is the one resume recipe: lock a run that
-is resumed where it lies, then locate the step to continue from.
+reads (a step dir, a run's newest valid one, or the most recent run's). `resume_point`,
+`saved_config` and `resumed` are the one resume recipe: lock a run that is resumed where it
+lies (checkpoint.lock_run, which saving and pruning take too), locate the step to continue
+from, and rebuild its config with this command's changes.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class RunPaths:
 
     out_dir: Path
     name: str
+    CHECKPOINTS = "checkpoints"
 
     @classmethod
     def of(cls, cfg) -> RunPaths:
@@ -47,7 +48,7 @@ class RunPaths:
 
     @property
     def checkpoints(self) -> Path:
-        return self.out_dir / "checkpoints" / self.name
+        return self.out_dir / self.CHECKPOINTS / self.name
 
     @property
     def metrics(self) -> Path:
@@ -59,22 +60,20 @@ class RunPaths:
 
     @staticmethod
     def checkpoints_root(out_dir) -> Path:
-        return Path(out_dir) / "checkpoints"
+        return Path(out_dir) / RunPaths.CHECKPOINTS
 
 
 def writes_in_place(run_dir: Path) -> bool:
     """Whether resuming `run_dir` writes into it: a run in the <out_dir>/checkpoints/<run>/
     layout that this process may write (see run_config_for); else it is only read."""
     run_dir = Path(run_dir)
-    return run_dir.parent.name == RunPaths.checkpoints_root(".").name and os.access(run_dir, os.W_OK)
+    return run_dir.parent.name == RunPaths.CHECKPOINTS and os.access(run_dir, os.W_OK)
 
 
 def run_config_for(step_dir: Path, run_cfg):
     """The run section a resume writes to: the checkpoint's own run when it sits in the
     <out_dir>/checkpoints/<run>/ layout and may be written; a copy elsewhere (a mirror, a
     read-only mount) keeps the configured one."""
-    import dataclasses
-
     run_dir = Path(step_dir).parent
     if writes_in_place(run_dir):
         return dataclasses.replace(run_cfg, name=run_dir.name, out_dir=str(run_dir.parent.parent))
@@ -134,7 +133,6 @@ def locate(run: str | None = None, checkpoint: str | None = None, out_dir: str =
     if problem:
         raise _corrupt(path, problem)
     return path
-
 
 
 @contextlib.contextmanager
