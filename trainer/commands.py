@@ -116,7 +116,8 @@ def resume_command(run: str | None = None, checkpoint: str | None = None, extra_
         step_dir = runs.locate(run, checkpoint, probe.run.out_dir)
         if extra_steps:
             overrides = {**overrides, "train.max_steps": ckpt.read_trainer_state(step_dir)["step"] + extra_steps}
-        where = ["--checkpoint", checkpoint] if checkpoint else ["--run", str(runs.run_folder(run, None, probe.run.out_dir))]
+        where = (["--checkpoint", checkpoint] if checkpoint
+                 else ["--run", str(runs.run_folder(run, None, probe.run.out_dir))])
         argv = ["resume", *where, *(f"--{k}={_flag_value(v)}" for k, v in overrides.items())]
         sys.exit(distributed.launch(nproc, argv))
     with runs.resume_point(run, checkpoint, probe.run.out_dir) as step_dir:
