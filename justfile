@@ -152,6 +152,14 @@ verify-cuda *args: _tools
     AIRLOCK_CUDA_IMAGE=airlock:cuda AIRLOCK_CPU_IMAGE=airlock:cpu PYTHONPATH=. vendor/.tools/venv/bin/python -m pytest \
         -p no:cacheprovider -m container tests/container/test_cuda_image.py -v -s {{args}}
 
+# Not part of verify-offline either. Builds airlock-vllm:cuda where missing (`just vendor vllm-cuda`: 3.9 GB
+# of wheels, ~2 min; the build ~15 min), then runs tests/container/test_vllm_cuda_image.py, --network none.
+# the vLLM CUDA image on a host without a GPU: imports, the server's CLI, GPT-2, offline env, Triton's toolchain
+verify-vllm-cuda *args: _tools
+    docker image inspect airlock-vllm:cuda >/dev/null 2>&1 || just variant=cuda build-server
+    AIRLOCK_VLLM_CUDA_IMAGE=airlock-vllm:cuda PYTHONPATH=. vendor/.tools/venv/bin/python -m pytest \
+        -p no:cacheprovider -m container tests/container/test_vllm_cuda_image.py -v -s {{args}}
+
 # write dist/airlock-images.tar.gz (+ .sha256) with the built trainer and server images, for an air-gapped host
 save:
     mkdir -p dist
@@ -174,10 +182,12 @@ clean:
 _vendored:
     [ -f vendor/MANIFEST.json ] && [ -d vendor/wheels/{{variant}} ] || python3 vendor/vendor.py all {{variant}} --fixture
 
-# the vLLM wheelhouse and its .deb filled (it also rewrites the fixture GPT-2, if that is what is there)
+# the vLLM wheelhouse and its .debs filled, for cuda also the toolchain .debs Triton needs (it also
+# rewrites the fixture GPT-2, if that is what is there)
 [private]
 _vendored-server:
     [ -f vendor/MANIFEST.json ] && [ -d vendor/wheels/vllm-{{variant}} ] && [ -d vendor/debs ] \
+        && { [ "{{variant}}" != cuda ] || [ -d vendor/debs/vllm-cuda/toolchain ]; } \
         || python3 vendor/vendor.py all vllm-{{variant}} --fixture
 
 # image built and host folders present (the image's prepared corpora are read in place)

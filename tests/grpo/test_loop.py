@@ -114,7 +114,9 @@ def test_server_rollouts_measure_the_mismatch_and_are_importance_weighted(tmp_pa
     assert 1 - 1e-4 < same["is_weight_min"] <= same["is_weight_max"] < 1 + 1e-4
     assert other["logprob_mismatch"] > 0.1
     assert 0 < other["is_weight_min"] < 0.9 and 1.1 < other["is_weight_max"] <= 3.0  # none above the cap
-    assert "is_weight_mean" not in off and off["logprob_mismatch"] == other["logprob_mismatch"]
+    # the same rollouts; the server's shared forward batches may group the requests otherwise in
+    # the two runs, which moves its logprobs by float rounding (~1e-8)
+    assert "is_weight_mean" not in off and abs(off["logprob_mismatch"] - other["logprob_mismatch"]) < 1e-6
     assert off["loss"] != other["loss"]
 
 
