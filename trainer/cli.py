@@ -13,6 +13,10 @@ import sys
 # busy process the default config ran at 0.79 of its fair share, with 1000 at 1.20, and alone
 # at 1.05x (bench/threads.py). Numbers are unchanged: it only decides how threads wait.
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+# Also before torch loads: c10's own log (c10d's per-connection warnings, such as "the hostname of
+# the client socket cannot be retrieved" in a network_mode none container) shows errors only.
+# Set TORCH_CPP_LOG_LEVEL=INFO to see it all when debugging many processes.
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
 import fire
 

@@ -58,6 +58,14 @@ def worker_pids(name: str, rank: int) -> list[int]:
     return found
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def interrupted(cwd: Path, train_args: list[str], ready, act) -> tuple[int, str]:
     """`trainer train --nproc=2 ARGS`; once ready() holds, act(launcher process); -> (exit code, output)."""
     proc = start_cli(["train", *train_args, "--nproc=2"], cwd=cwd)
@@ -136,10 +144,13 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, co
 def test_lora_trains_under_ddp_with_plain_torchrun(tmp_path, corpus_dir, gpt2_dir):
     lora = {"model.type": "gpt2", "model.path": str(gpt2_dir), "data.tokenizer": "gpt2", "model.lora": True,
             "model.lora_r": 4, "model.lora_alpha": 8, "train.lr": 5e-3, "train.max_steps": 12}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "trainer",
-           "train", *args(corpus_dir, tmp_path, "lora", **lora)]
+    # a rendezvous on loopback: inside the image the suite runs with --network none, where the
+    # host name that --standalone would advertise does not resolve
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--local-addr=127.0.0.1", "-m", "trainer", "train",
+           *args(corpus_dir, tmp_path, "lora", **lora)]
     result = subprocess.run(cmd, cwd=tmp_path, text=True, capture_output=True, timeout=300,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": "lo"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = losses(tmp_path, "lora")
     assert [s for s, _ in rows] == list(range(1, 13))
@@ -173,11 +184,7 @@ def test_two_nodes_meet_through_a_c10d_rendezvous(tmp_path, corpus_dir):
     """Multi-node as SLURM or Kubernetes runs it, on one host: two torchrun agents (--nnodes 2,
     one worker each) meet at a c10d rendezvous endpoint, train one run (rank 0 writes), and its
     checkpoint records a world of two."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes",
            "--local-addr=127.0.0.1", "-m", "trainer", "train",
