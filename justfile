@@ -153,7 +153,8 @@ verify-cuda *args: _tools
         -p no:cacheprovider -m container tests/container/test_cuda_image.py -v -s {{args}}
 
 # Not part of verify-offline either. Builds airlock-vllm:cuda where missing (`just vendor vllm-cuda`: 3.9 GB
-# of wheels, ~2 min; the build ~15 min), then runs tests/container/test_vllm_cuda_image.py, --network none.
+# of wheels + 71 MB of .debs, ~1.5 min; the build ~9 min, 9.2 GB), then runs
+# tests/container/test_vllm_cuda_image.py (~1 min), all --network none.
 # the vLLM CUDA image on a host without a GPU: imports, the server's CLI, GPT-2, offline env, Triton's toolchain
 verify-vllm-cuda *args: _tools
     docker image inspect airlock-vllm:cuda >/dev/null 2>&1 || just variant=cuda build-server
