@@ -30,6 +30,14 @@ def tiny_model(vocab_size: int, seed: int = 0, n_embd: int = 32) -> GPT2LMHeadMo
     return GPT2LMHeadModel(cfg).eval()
 
 
+def _runs(rng, chars: str, n: int) -> str:
+    """n characters in runs of 1-6 of one random character each ("ddaccc")."""
+    out = ""
+    while len(out) < n:
+        out += rng.choice(chars) * rng.randint(1, 6)
+    return out[:n]
+
+
 def pretrain_repeat_base(tok: Tokenizer, steps: int = 200, seed: int = 0, chars: str = "abcd") -> GPT2LMHeadModel:
     """A tiny GPT-2 (2 layers, width 64) after `steps` of next-token training on lines in the
     `repeat` env's format whose answers are unrelated to the prompt: "c*L=" followed by random
@@ -42,16 +50,10 @@ def pretrain_repeat_base(tok: Tokenizer, steps: int = 200, seed: int = 0, chars:
 
     rng = random.Random(seed)
 
-    def runs(n: int) -> str:
-        out = ""
-        while len(out) < n:
-            out += rng.choice(chars) * rng.randint(1, 6)
-        return out[:n]
-
     def line(width: int = 32) -> str:
         text = ""
         while len(text) < width:
-            text += f"{rng.choice(chars)}*{rng.randint(1, 9)}={runs(rng.randint(1, 9))}\n"
+            text += f"{rng.choice(chars)}*{rng.randint(1, 9)}={_runs(rng, chars, rng.randint(1, 9))}\n"
         return text[:width]
 
     model = tiny_model(tok.get_vocab_size(), seed=seed, n_embd=64).train()
@@ -148,17 +150,11 @@ def pretrain_repeat_gpt2_base(tok: Tokenizer, steps: int = 200, seed: int = 0, c
 
     rng = random.Random(seed)
 
-    def runs(n: int) -> str:
-        out = ""
-        while len(out) < n:
-            out += rng.choice(chars) * rng.randint(1, 6)
-        return out[:n]
-
     def row() -> list[int]:
         ids: list[int] = []
         while len(ids) < width:
             ids += tok.encode(f"{rng.choice(chars)}*{rng.randint(1, 9)}=").ids
-            ids += tok.encode(runs(rng.randint(1, 9)) + "\n").ids
+            ids += tok.encode(_runs(rng, chars, rng.randint(1, 9)) + "\n").ids
         return ids[:width]
 
     batches = [[row() for _ in range(batch)] for _ in range(steps)]
