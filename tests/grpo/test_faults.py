@@ -39,6 +39,17 @@ def lora(model_dir, url, **extra):
             "server.retries": 2, "server.timeout": 5, **extra}
 
 
+def grpo_exits(server, options: dict, capsys) -> tuple[int, str]:
+    """`trainer grpo` with `options` against `server` (stopped afterwards), which must end the
+    run with SystemExit: -> (exit code, stderr stripped)."""
+    try:
+        with pytest.raises(SystemExit) as e:
+            cli.main(["grpo", *flags(options)])
+    finally:
+        server.stop()
+    return e.value.code, capsys.readouterr().err.strip()
+
+
 def flags(options: dict) -> list[str]:
     return [f"--{k}={v}" for k, v in options.items()]
 
@@ -73,13 +84,8 @@ def test_server_dies_mid_run_then_resume(model_dir, tmp_path, capsys):
     server = RunningServer(app)
     app.server = server.server
     options = lora(model_dir, server.url, **{"run.out_dir": str(tmp_path), "run.name": "dies"})
-    try:
-        with pytest.raises(SystemExit) as e:
-            cli.main(["grpo", *flags(options)])
-    finally:
-        server.stop()
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and "\n" not in err and err.startswith("error: "), err
+    code, err = grpo_exits(server, options, capsys)
+    assert code == 2 and "\n" not in err and err.startswith("error: "), err
     assert server.url.removesuffix("/v1") in err and "3 attempts" in err and "last checkpoint: iter_000001" in err
     assert "trainer grpo --resume dies" in err
     run = tmp_path / "checkpoints" / "dies"

@@ -7,20 +7,18 @@ from __future__ import annotations
 import json
 import re
 
-import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from starlette.responses import JSONResponse
 from transformers import AutoModelForCausalLM
 
-from trainer import cli
 from trainer import model as models
 from trainer.grpo.loop import grpo
-from trainer.grpo.rollout import LocalBackend, OpenAIBackend, RolloutError, SamplingParams
+from trainer.grpo.rollout import LocalBackend, OpenAIBackend, SamplingParams
 from trainer.grpo.sync import ReloadSync
 from tests.grpo.conftest import RunningServer
-from tests.grpo.test_faults import flags, lora
+from tests.grpo.test_faults import grpo_exits, lora
 from tests.grpo.test_loop import cfg_for
 
 PARAMS = SamplingParams(max_tokens=8, temperature=1.0)
@@ -89,13 +87,8 @@ def test_a_server_that_does_not_take_the_weights_stops_the_run(model_dir, tmp_pa
 
     server = RunningServer(IgnoresReload(create_app(str(model_dir), name="tiny")))
     options = lora(model_dir, server.url, **{"run.out_dir": str(tmp_path), "run.name": "stale"})
-    try:
-        with pytest.raises(SystemExit) as e:
-            cli.main(["grpo", *flags(options)])
-    finally:
-        server.stop()
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and "\n" not in err, err
+    code, err = grpo_exits(server, options, capsys)
+    assert code == 2 and "\n" not in err, err
     version = int(re.search(r"does not serve the policy of version (\d+)", err).group(1))
     assert 1 <= version < 3 and "the reload did not take" in err and "grpo.sync_tolerance" in err
     assert f"last checkpoint: iter_{version:06d}" in err
