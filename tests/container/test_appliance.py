@@ -10,6 +10,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -297,24 +298,29 @@ def test_compose_up_runs_grpo_end_to_end(docker_client, image, tmp_path):
         assert sorted(p.name for p in (host["checkpoints"] / "sync").iterdir()) == \
             ["grpo-server-v0001", "grpo-server-v0002"]
 
-        # the server dies mid-run: one line naming it, the last checkpoint valid
-        configure(5)
+        # the server dies mid-run (a run far too long to finish first): one line naming it, the
+        # last checkpoint valid
+        configure(1000)
         compose("up", "-d")
         grpo = docker_client.containers.get(f"{project}-grpo-1")
         wait_for(lambda: (latest(host, "grpo-server") or "") >= "iter_000003", grpo, timeout=600,
                  what="iteration 3")
         compose("kill", "server")
         code = grpo.wait(timeout=300)["StatusCode"]
-        err = grpo.logs(stdout=False, stderr=True).decode().strip().splitlines()[-1]
-        assert code == 2 and "http://server:8000" in err and "last checkpoint: iter_00000" in err, err
+        logs = grpo.logs().decode()
+        err = (grpo.logs(stdout=False, stderr=True).decode().strip().splitlines() or [""])[-1]
+        assert code == 2 and "http://server:8000" in err and re.search(r"last checkpoint: iter_\d{6}\b", err), \
+            f"exit {code}, last stderr line {err!r}; the log:\n{logs[-3000:]}"
         last = latest(host, "grpo-server")
-        assert verify_manifests_named(run_dir, "iter_*")[-1] == last
+        assert verify_manifests_named(run_dir, "iter_*")[-1] == last and last in err
 
         # up again: a fresh server, the run resumes from its last checkpoint and finishes
+        end = int(last.split("_")[1]) + 2
+        configure(end)
         r = compose("up", "--abort-on-container-exit", "--exit-code-from", "grpo")
         assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-        assert (run_dir / "latest").read_text().strip() == "iter_000005"
-        assert [int(row["iteration"]) for row in rows()] == [1, 2, 3, 4, 5]
+        assert (run_dir / "latest").read_text().strip() == f"iter_{end:06d}"
+        assert [int(row["iteration"]) for row in rows()] == list(range(1, end + 1))
     finally:
         compose("down", "--remove-orphans", timeout=300)
     assert not owned_by_me(host["checkpoints"], host["metrics"])
