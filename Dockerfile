@@ -75,6 +75,12 @@ RUN echo "airlock:x:1000:1000:airlock:/home/airlock:/bin/sh" >> /etc/passwd \
  && echo "airlock:x:1000:" >> /etc/group \
  && mkdir -p -m 1777 /home/airlock
 
+# cuda: gcc, g++ and Python.h from vendor/debs/cuda/ (the wildcard matches nothing for cpu).
+# torch.compile's Inductor emits Triton kernels on a GPU, and Triton builds its CUDA launcher with
+# a C compiler and Python.h the first time it runs one. scripts/install-debs.sh says how (~70 MB).
+COPY scripts/install-debs.sh vendor/debs/${VARIANT}* /tmp/debs/
+RUN sh /tmp/debs/install-debs.sh /tmp/debs && rm -rf /tmp/debs
+
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /app /app
 COPY --from=build /opt/airlock /opt/airlock

@@ -181,7 +181,9 @@ clean:
 # vendor/ filled? (the fixture stands in for GPT-2 where the Hub is unreachable)
 [private]
 _vendored:
-    [ -f vendor/MANIFEST.json ] && [ -d vendor/wheels/{{variant}} ] || python3 vendor/vendor.py all {{variant}} --fixture
+    [ -f vendor/MANIFEST.json ] && [ -d vendor/wheels/{{variant}} ] \
+        && { [ "{{variant}}" != cuda ] || [ -d vendor/debs/cuda/toolchain ]; } \
+        || python3 vendor/vendor.py all {{variant}} --fixture
 
 # the vLLM wheelhouse and its .debs filled, for cuda also the toolchain .debs Triton needs (it also
 # rewrites the fixture GPT-2, if that is what is there)

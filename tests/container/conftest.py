@@ -3,12 +3,63 @@ daemon answers or the image is not built) and host folders bind-mounted as the v
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
 IMAGE = os.environ.get("AIRLOCK_IMAGE", "airlock:cpu")
+
+# Triton's NVIDIA driver builds its launcher module (driver.c: Python.h, cuda.h, linked against
+# libcuda.so.1) with the C compiler the first time a kernel runs. Here libcuda.so.1 is a stub
+# holding the driver functions driver.c names (the host's driver provides the real one), so the
+# module compiles, links and imports exactly as on a GPU. Then a kernel goes through Triton's
+# compiler (TTIR -> LLVM -> PTX -> ptxas) to a cubin for sm_90, which needs no device either. It
+# runs from a file: @triton.jit reads its function's source.
+TRITON_SCRIPT = """
+import json, os, re, subprocess
+stub = os.environ["TRITON_LIBCUDA_PATH"]
+from triton.backends.nvidia import driver
+src = open(os.path.join(driver.dirname, "driver.c")).read()
+names = sorted(set(re.findall(r"\\b(cu[A-Z][A-Za-z0-9_]*)\\s*\\(", src)))
+code = "".join(f"int {n}(void) {{ return 999; }}\\n" for n in names)
+subprocess.run(["gcc", "-shared", "-fPIC", "-x", "c", "-", "-o", stub + "/libcuda.so.1"],
+               input=code.encode(), check=True)
+utils = driver.CudaUtils()
+cache = os.environ["TRITON_CACHE_DIR"]
+built = [f for _, _, fs in os.walk(cache) for f in fs if f.startswith("cuda_utils")]
+
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+@triton.jit
+def add(x, y, out, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out + i, tl.load(x + i, mask=i < n) + tl.load(y + i, mask=i < n), mask=i < n)
+
+k = triton.compile(ASTSource(add, {"x": "*fp32", "y": "*fp32", "out": "*fp32", "n": "i32", "BLOCK": "constexpr"},
+                             constexprs={"BLOCK": 128}), target=GPUTarget("cuda", 90, 32))
+print(json.dumps({"stubbed": len(names), "launcher": callable(utils.launch), "built": built,
+                  "cubin": len(k.asm["cubin"]), "ptx_target": re.search(r"\\.target (\\S+)", k.asm["ptx"]).group(1)}))
+"""
+TRITON_PROBE = ["-c", 'mkdir -p /tmp/stub && printf %s "$0" > /tmp/t.py && exec python3 /tmp/t.py', TRITON_SCRIPT]
+TRITON_PROBE_ENV = {"TRITON_LIBCUDA_PATH": "/tmp/stub", "LD_LIBRARY_PATH": "/tmp/stub", "TRITON_CACHE_DIR": "/tmp/triton"}
+
+
+def check_triton_probe(code: int, logs: str) -> None:
+    """TRITON_PROBE's run (entrypoint sh) built and loaded the launcher and compiled for sm_90."""
+    assert code == 0, logs[-3000:]
+    got = last_json(logs)
+    print(f"triton without a GPU: {got}")
+    assert got["launcher"] and got["built"] and got["stubbed"] >= 10, got
+    assert got["cubin"] > 0 and got["ptx_target"].startswith("sm_90"), got
+
+
+def last_json(logs: str) -> dict:
+    """The last line of a container's output that is a JSON object (what its script printed)."""
+    return json.loads(next(line for line in reversed(logs.strip().splitlines()) if line.startswith("{")))
 
 
 def _client():

@@ -1,7 +1,8 @@
 """The CUDA image (airlock:cuda) on a host with no GPU, for real (issue 10, item 1): with no
 network its `trainer doctor` passes and reports the CUDA build of torch with no device; every
 CUDA library the trainer's GPU paths open (cuBLAS, cuDNN and its engines, NCCL for DDP, NVRTC,
-the lazily loaded cuSOLVER) and triton load without a GPU; configs/smoke.yaml trains on CPU to the
+the lazily loaded cuSOLVER) and triton load without a GPU; triton builds its CUDA launcher with the
+image's gcc and Python.h (what run.compile needs on a GPU); configs/smoke.yaml trains on CPU to the
 same weights sha256 and losses as in the CPU image; `just save` selects the image, and a docker
 save/load round trip of it gives back the same image id.
 
@@ -21,7 +22,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, me
+from conftest import ROOT, TRITON_PROBE, TRITON_PROBE_ENV, check_triton_probe, me
 
 pytestmark = pytest.mark.container
 
@@ -70,13 +71,13 @@ def cpu_image(docker_client):
     return _get(docker_client, CPU_IMAGE, "run `just build`")
 
 
-def run(client, image, args, tmp_path, entrypoint=None) -> tuple[int, str]:
+def run(client, image, args, tmp_path, entrypoint=None, env=None) -> tuple[int, str]:
     """One container with no network, as the caller, with fresh checkpoint/metrics folders."""
     host = {name: tmp_path / name for name in ("checkpoints", "metrics")}
     for p in host.values():
         p.mkdir(parents=True, exist_ok=True)
     c = client.containers.run(image.id, list(args), detach=True, network_mode="none", user=me(), init=True,
-                              entrypoint=entrypoint,
+                              entrypoint=entrypoint, environment=env or {},
                               volumes={str(p): {"bind": f"/app/volumes/{n}", "mode": "rw"} for n, p in host.items()})
     try:
         code = c.wait(timeout=600)["StatusCode"]
@@ -106,6 +107,13 @@ def test_cuda_libraries_load_without_a_gpu(docker_client, cuda_image, tmp_path):
     print(f"airlock:cuda without a GPU: {got}")
     assert got["cuda"] and got["cudnn"] and got["nccl"] and got["devices"] == 0, got
     assert got["lazy"] >= 5, got  # libcudnn, its graph/ops/engines/... libraries, the cuSOLVER wrapper
+
+
+def test_torch_compiles_toolchain_builds_tritons_launcher_without_a_gpu(docker_client, cuda_image, tmp_path):
+    """run.compile on a GPU: Inductor emits Triton kernels, and Triton builds its CUDA launcher with
+    the image's gcc and Python.h before the first one runs (scripts/install-debs.sh)."""
+    code, logs = run(docker_client, cuda_image, TRITON_PROBE, tmp_path, entrypoint=["sh"], env=TRITON_PROBE_ENV)
+    check_triton_probe(code, logs)
 
 
 def _smoke(client, image, tmp_path) -> tuple[dict, list[tuple], float]:

@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from conftest import me
+from conftest import TRITON_PROBE, TRITON_PROBE_ENV, check_triton_probe, last_json, me
 
 pytestmark = pytest.mark.container
 
@@ -56,41 +56,6 @@ print(json.dumps({"model_type": cfg.model_type, "vocab": cfg.vocab_size, "head_d
                   "ids": tok("Hello world")["input_ids"]}))
 """
 
-# Triton's NVIDIA driver builds its launcher module (driver.c: Python.h, cuda.h, linked against
-# libcuda.so.1) with the C compiler the first time a kernel runs. Here libcuda.so.1 is a stub
-# holding the driver functions driver.c names (the host's driver provides the real one), so the
-# module compiles, links and imports exactly as on a GPU. Then a kernel goes through Triton's
-# compiler (TTIR -> LLVM -> PTX -> ptxas) to a cubin for sm_90, which needs no device either. It
-# runs from a file: @triton.jit reads its function's source.
-TRITON = """
-import json, os, re, subprocess
-stub = os.environ["TRITON_LIBCUDA_PATH"]
-from triton.backends.nvidia import driver
-src = open(os.path.join(driver.dirname, "driver.c")).read()
-names = sorted(set(re.findall(r"\\b(cu[A-Z][A-Za-z0-9_]*)\\s*\\(", src)))
-code = "".join(f"int {n}(void) {{ return 999; }}\\n" for n in names)
-subprocess.run(["gcc", "-shared", "-fPIC", "-x", "c", "-", "-o", stub + "/libcuda.so.1"],
-               input=code.encode(), check=True)
-utils = driver.CudaUtils()
-cache = os.environ["TRITON_CACHE_DIR"]
-built = [f for _, _, fs in os.walk(cache) for f in fs if f.startswith("cuda_utils")]
-
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-@triton.jit
-def add(x, y, out, n, BLOCK: tl.constexpr):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out + i, tl.load(x + i, mask=i < n) + tl.load(y + i, mask=i < n), mask=i < n)
-
-k = triton.compile(ASTSource(add, {"x": "*fp32", "y": "*fp32", "out": "*fp32", "n": "i32", "BLOCK": "constexpr"},
-                             constexprs={"BLOCK": 128}), target=GPUTarget("cuda", 90, 32))
-print(json.dumps({"stubbed": len(names), "launcher": callable(utils.launch), "built": built,
-                  "cubin": len(k.asm["cubin"]), "ptx_target": re.search(r"\\.target (\\S+)", k.asm["ptx"]).group(1)}))
-"""
-
-
 @pytest.fixture(scope="module")
 def cuda_server_image(docker_client):
     import docker
@@ -116,10 +81,6 @@ def run(client, image, args, entrypoint=None, env=None, timeout=600) -> tuple[in
         return code, c.logs().decode(errors="replace")
     finally:
         c.remove(force=True)
-
-
-def last_json(logs: str) -> dict:
-    return json.loads(next(line for line in reversed(logs.strip().splitlines()) if line.startswith("{")))
 
 
 def test_image_is_offline_non_root_and_labelled(cuda_server_image):
@@ -184,14 +145,8 @@ def test_baked_gpt2_loads_offline(docker_client, cuda_server_image):
 
 
 def test_triton_builds_its_cuda_launcher_and_a_kernel_without_a_gpu(docker_client, cuda_server_image):
-    script = 'mkdir -p /tmp/stub && printf %s "$0" > /tmp/t.py && exec python3 /tmp/t.py'
-    env = {"TRITON_LIBCUDA_PATH": "/tmp/stub", "LD_LIBRARY_PATH": "/tmp/stub", "TRITON_CACHE_DIR": "/tmp/triton"}
-    code, logs = run(docker_client, cuda_server_image, ["-c", script, TRITON], entrypoint=["sh"], env=env)
-    assert code == 0, logs[-3000:]
-    got = last_json(logs)
-    print(f"triton without a GPU: {got}")
-    assert got["launcher"] and got["built"] and got["stubbed"] >= 10, got
-    assert got["cubin"] > 0 and got["ptx_target"].startswith("sm_90"), got
+    code, logs = run(docker_client, cuda_server_image, TRITON_PROBE, entrypoint=["sh"], env=TRITON_PROBE_ENV)
+    check_triton_probe(code, logs)
 
 
 def test_server_without_a_gpu_stops_at_start_up(docker_client, cuda_server_image):
