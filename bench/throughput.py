@@ -33,6 +33,9 @@ TF32 matmuls (runtime.configure, for the whole process) and pinned, non-blocking
 --compile adds a compiled run of each loop (run.compile=true / torch.compile(model) /
 TrainingArguments(torch_compile=True)) beside the eager ones; torch._dynamo is reset before
 each compiled run, so every loop pays its own compilation inside its warm-up steps.
+--deterministic runs every loop with deterministic kernels (run.deterministic=true, for the whole
+process; runtime.configure says what it sets): the cost of a bit-exact CUDA resume is this run's
+tok/s against the same command without it.
 --gpt2-124m is the real GPT-2 shape (12 layers, 12 heads, 768 wide, 1024 positions, the GPT-2
 tokenizer's 50,257-token vocabulary from vendor/tokenizers/gpt2), random init, batch 16 x 1024.
 On CUDA the kernels run asynchronously, so the per-step stamp would time the host, not the GPU:
@@ -119,6 +122,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(vocab 50257, vendor/tokenizers/gpt2), batch 16, 3 saves; explicit flags still win")
     p.add_argument("--tokenizer", choices=("bpe", "gpt2"), default="bpe",
                    help="bpe: trained on the corpus slice (--vocab-size); gpt2: vendor/tokenizers/gpt2")
+    p.add_argument("--deterministic", action="store_true",
+                   help="CUDA: every loop with deterministic kernels (run.deterministic=true); its cost is this "
+                        "run's tok/s against one without it")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's dense bf16 peak, for MFU; default from the GPU's name (H100 SXM, H200: 989)")
     known, _ = p.parse_known_args(argv)
@@ -151,7 +157,7 @@ def make_config(args, work: Path, run_name: str, compile: bool = False) -> confi
     trainer's loop does only what the bare loop does, plus its own bookkeeping."""
     return configs.build(overrides={
         "run.name": run_name, "run.out_dir": str(work / "volumes"), "run.seed": args.seed, "run.device": args.device,
-        "run.threads": args.threads, "run.compile": compile,
+        "run.threads": args.threads, "run.compile": compile, "run.deterministic": args.deterministic,
         "model.type": "from_scratch", "model.n_layer": args.n_layer, "model.n_head": args.n_head,
         "model.n_embd": args.n_embd, "model.block_size": args.block_size, "model.dropout": 0.0,
         "data.source": data.STDLIB, "data.tokenizer": args.tokenizer, "data.tokenizer_path": str(GPT2_TOKENIZER),
@@ -413,7 +419,8 @@ def main(argv=None) -> dict:
 def bench(args, work: Path) -> dict:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    runtime.configure(device)  # TF32 on CUDA for all three loops, as trainer.train's setup does; nothing on CPU
+    # TF32 (and --deterministic's kernels) on CUDA for all three loops, as trainer.train's setup does; nothing on CPU
+    runtime.configure(device, args.deterministic)
     base = make_config(args, work, "bench")
     tokenizer = f"bpe {args.vocab_size}" if args.tokenizer == "bpe" else "GPT-2 tokenizer"
     print(f"preparing {args.max_bytes / 1e6:.1f} MB of python-stdlib ({tokenizer}) in {work} ...", flush=True)
@@ -483,7 +490,8 @@ def bench(args, work: Path) -> dict:
     if cuda:
         props = torch.cuda.get_device_properties(device)
         print(f"device:  {props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}; "
-              f"bf16 autocast, TF32 matmuls, fused AdamW in every loop")
+              f"bf16 autocast, TF32 matmuls, fused AdamW in every loop"
+              f"{'; deterministic kernels' if args.deterministic else ''}")
     print(f"load:    this process got {share:.0%} of a core while timed; load average {os.getloadavg()[0]:.1f}")
     print(f"model:   GPT-2 from scratch, {args.n_layer} layers x {args.n_embd} wide, {args.n_head} heads, "
           f"{total / 1e6:.2f}M params, vocab {meta['vocab_size']}; batch {args.batch_size} x block {args.block_size} "

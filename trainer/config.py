@@ -31,6 +31,7 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     offline: bool = True  # install the socket guard: any non-loopback connection is an error
     compile: bool = False  # torch.compile the model (CUDA mostly; off keeps CPU start-up fast)
+    deterministic: bool = False  # CUDA: deterministic kernels, so resume is bit-exact there too (slower); CPU always is
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
 
 

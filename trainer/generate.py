@@ -15,6 +15,14 @@ import torch.nn.functional as F
 from trainer import model as models
 
 
+def _cumsum(x: torch.Tensor) -> torch.Tensor:
+    """x.cumsum(-1). CUDA has no deterministic cumsum of floats, so with deterministic algorithms
+    on (run.deterministic) it runs on the CPU, which keeps the end-of-run sample reproducible."""
+    if x.is_cuda and torch.are_deterministic_algorithms_enabled():
+        return x.cpu().cumsum(-1).to(x.device)
+    return x.cumsum(-1)
+
+
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """logits (B, V) with everything outside top-k / nucleus top-p set to -inf."""
     if top_k and top_k < logits.size(-1):
@@ -23,7 +31,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         probs = F.softmax(sorted_logits, dim=-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        drop = _cumsum(probs) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits
@@ -99,7 +107,7 @@ def _pick(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: int,
     """logits (B, V), u (B,) uniforms in [0, 1) -> (B,) token ids by inverse CDF."""
     if temperature <= 0:
         return logits.argmax(-1)
-    cdf = F.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1).cumsum(-1)
+    cdf = _cumsum(F.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1))
     # right=True: the first id whose cumulative mass exceeds u, so zero-mass ids are never picked
     choice = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True)
     return choice.clamp(max=cdf.shape[-1] - 1).squeeze(-1)

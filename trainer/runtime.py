@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 
 import numpy as np
@@ -20,12 +21,32 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def configure(device: torch.device) -> None:
+def configure(device: torch.device, deterministic: bool = False) -> None:
     """CUDA: TF32 matmuls and convolutions (float32 work on tensor cores; bf16 autocast covers
-    most of the model). CPU: nothing changes, so CPU runs stay bit-exact."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    most of the model). CPU: nothing changes, so CPU runs stay bit-exact.
+
+    `deterministic` (CUDA; run.deterministic) makes a step's result depend on its inputs only, so
+    that a resume on the same GPU model, driver and software reproduces the uninterrupted run bit
+    for bit: cuBLAS with a fixed workspace (split-K reductions in one order; set before cuBLAS
+    starts), PyTorch's deterministic kernels (flash and memory-efficient attention backward
+    without atomics, deterministic index/scatter reductions; an op that has none raises), cuDNN
+    without benchmarking, and Inductor without on-device autotuning (which can pick other
+    kernels, so other float sums, in a new process). Without it a CUDA resume continues with the
+    same data, RNG and optimizer state, but some float sums may round differently, so the resumed
+    run drifts from the uninterrupted one by rounding."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        import torch._inductor.config as inductor
+
+        if hasattr(inductor, "deterministic"):  # recent torch also sets it with the line above
+            inductor.deterministic = True
 
 
 def autocast(device: torch.device):

@@ -202,7 +202,7 @@ def setup(cfg, resume_dir: Path | None, paths: RunPaths) -> tuple[Run, TrainStat
     else:
         logging.getLogger("trainer").setLevel(logging.WARNING)  # one voice: rank 0's
     device = distributed.device_for(runtime.pick_device(cfg.run.device))
-    runtime.configure(device)
+    runtime.configure(device, cfg.run.deterministic)
     distributed.init(device)  # before the guard: it lets through the rendezvous host only
     if cfg.run.offline:
         offline.go_offline(allow_hosts=[h for h in [distributed.master_host()] if h])
@@ -441,6 +441,13 @@ def _train(cfg, resume_dir: Path | None, paths: RunPaths) -> dict:
                              f"resume with: trainer resume --run {cfg.run.name}"
                              f"{f' --nproc {run.ranks.world}' if run.ranks.world > 1 else ''}")
                     return {"step": step, "stopped": True, "run": cfg.run.name}
+        except RuntimeError as e:
+            if "does not have a deterministic implementation" not in str(e):
+                raise
+            raise UserError(f"run.deterministic=true, but {str(e).split(' does not have')[0]} has no deterministic CUDA "
+                            f"kernel in torch {torch.__version__}; set run.deterministic=false (the run goes on, "
+                            "but a resume is no longer bit-exact) and continue with `trainer resume --run "
+                            f"{cfg.run.name}`") from None
         finally:
             saver.close()  # a pending write finishes (or raises its error) before anything else
             progress.close()
