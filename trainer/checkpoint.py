@@ -24,14 +24,11 @@ Every file read back is untrusted (a damaged disk, a hand edit, a copy from else
 `verify` checks the manifest, the hashes, and parses every file cheaply; anything wrong is a
 reason string, which readers turn into a fallback to an older checkpoint or one UserError line.
 
-One run, one writer: `lock_run` holds flock on <run>/.lock; the kernel drops it when the
-process dies, so a kill -9 never leaves a run locked.
+One run, one writer: saving, pruning and mirroring take the run's lock (trainer.runlock).
 """
 
 from __future__ import annotations
 
-import fcntl
-import contextlib
 import hashlib
 import io
 import json
@@ -39,10 +36,6 @@ import logging
 import os
 import re
 import shutil
-import socket
-import sys
-import threading
-import time
 import warnings
 from pathlib import Path
 
@@ -51,6 +44,7 @@ import torch
 from trainer import atomic
 from trainer.atomic import fsync_dir
 from trainer.errors import UserError
+from trainer.runlock import lock_run
 
 log = logging.getLogger("trainer")
 
@@ -66,7 +60,6 @@ TOKENIZER = "tokenizer.json"  # a copy, so a checkpoint samples and exports on i
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
 BEST = "best"
-LOCK = ".lock"  # in the run folder: never a step dir, so never listed, copied or pruned
 FORMAT_VERSION = 1
 # keys inside state.pt
 STEP, RNG, RNG_RANKS, TRACKER = "step", "rng", "rng_ranks", "tracker"
@@ -676,92 +669,3 @@ def restore(step_dir: Path, device="cpu"):
     model, _ = models.build_model(cfg.model, tok.get_vocab_size(), tok.token_to_id("<|endoftext|>"), cfg.run.seed)
     state = load_checkpoint(step_dir, model, map_location=device, verified=True)
     return model.to(device).eval(), tok, cfg, state
-
-
-# One run, one writer. flock belongs to the open file, so the kernel drops it when the holder
-# dies (kill -9 included): a stale .lock never blocks, and its text only names the holder.
-_held: dict[str, list] = {}  # lock file realpath -> [fd or None, handles in this process, created run_dir]
-_held_guard = threading.Lock()
-_unlockable: set[str] = set()  # folders whose filesystem refused flock (warned once)
-
-
-class RunLock:
-    """This process's hold on a run folder; a context manager. The lock is re-entrant within a
-    process (the training loop and its saver thread share one hold) and is released when the
-    last handle is released or the process ends."""
-
-    def __init__(self, key: str, run_dir: Path) -> None:
-        self._key, self.run_dir = key, run_dir
-
-    def release(self) -> None:
-        with _held_guard:
-            if self._key is None:
-                return
-            entry = _held[self._key]
-            entry[1] -= 1
-            if entry[1] == 0:
-                del _held[self._key]
-                if entry[2]:  # a run folder this hold created and nothing was written to: leave no trace
-                    with contextlib.suppress(OSError):
-                        if [p.name for p in self.run_dir.iterdir()] == [LOCK]:
-                            os.unlink(self._key)
-                            self.run_dir.rmdir()
-                if entry[0] is not None:
-                    os.close(entry[0])  # the only descriptor of this open file: the flock goes with it
-            self._key = None
-
-    def __enter__(self) -> RunLock:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def _holder(fd: int) -> str:
-    """Who holds a lock, from the JSON its holder wrote (untrusted: may be stale or empty)."""
-    try:
-        info = json.loads(os.pread(fd, 4096, 0))
-        text = f"pid {info['pid']} on {info['host']}, since {info['started']}: {info['command']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "holder unknown"
-    return " ".join("".join(c if c.isprintable() else " " for c in text).split())[:160]
-
-
-def lock_run(run_dir: Path) -> RunLock:
-    """Take the run's writer lock (creating run_dir if needed), or raise a UserError naming the
-    process that holds it. Hold it for as long as the process may write the run."""
-    run_dir = Path(run_dir)
-    try:
-        created = not run_dir.exists()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        key = os.path.realpath(run_dir / LOCK)
-        with _held_guard:
-            if key in _held:  # this process is the writer already
-                _held[key][1] += 1
-                return RunLock(key, run_dir)
-            fd = os.open(key, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _holder(fd)
-                os.close(fd)
-                raise UserError(f"run {run_dir} is being written by another process ({holder}); wait for it to "
-                                f"finish or stop it, then run this command again") from None
-            except OSError as e:  # ENOLCK / EOPNOTSUPP: this filesystem cannot lock
-                os.close(fd)
-                fd = None
-                if key not in _unlockable:
-                    _unlockable.add(key)
-                    log.warning(f"cannot lock {run_dir} ({_reason(e)}); make sure only one process writes this run")
-            if fd is not None:
-                info = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
-                        "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
-                try:
-                    os.ftruncate(fd, 0)
-                    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-                except OSError:  # a full disk may refuse the text; the flock is what counts
-                    pass
-            _held[key] = [fd, 1, created]
-            return RunLock(key, run_dir)
-    except OSError as e:
-        raise UserError(f"cannot lock run {run_dir} ({_reason(e)}); check that the folder is writable") from None

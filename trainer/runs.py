@@ -7,7 +7,7 @@
 `RunPaths` is the only code that spells this layout. `locate` picks the checkpoint a command
 reads (a step dir, a run's newest valid one, or the most recent run's). `resume_point`,
 `saved_config` and `resumed` are the one resume recipe: lock a run that is resumed where it
-lies (checkpoint.lock_run, which saving and pruning take too), locate the step to continue
+lies (runlock.lock_run, which saving and pruning take too), locate the step to continue
 from, and rebuild its config with this command's changes.
 """
 
@@ -21,9 +21,10 @@ from pathlib import Path
 
 from trainer import checkpoint as ckpt
 from trainer import distributed
-from trainer.checkpoint import (LATEST, MANIFEST, _corrupt, _listdir, find_valid, has_checkpoints, lock_run,
-                                step_dirs, verify)
+from trainer.checkpoint import (LATEST, MANIFEST, _corrupt, _listdir, find_valid, has_checkpoints, step_dirs,
+                                verify)
 from trainer.errors import UserError
+from trainer.runlock import lock_run
 
 log = logging.getLogger("trainer")
 

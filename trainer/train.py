@@ -35,7 +35,7 @@ import torch
 
 from trainer import checkpoint as ckpt
 from trainer import config as configs
-from trainer import atomic, data, distributed, lm, metrics, offline, runtime
+from trainer import atomic, data, distributed, lm, metrics, offline, runlock, runtime
 from trainer import model as models
 from trainer import tokenizer as tk
 from trainer.errors import UserError
@@ -158,7 +158,7 @@ def train(cfg, resume_dir: Path | None = None) -> dict:
             return _train(cfg, resume_dir, paths)
         _check_writable(paths.checkpoints, "checkpoint directory")
         _check_writable(paths.metrics, "metrics directory")
-        with ckpt.lock_run(paths.checkpoints):
+        with runlock.lock_run(paths.checkpoints):
             return _train(cfg, resume_dir, paths)
     except Stopped as e:  # start-up is not a safe point to save at, and nothing needs saving yet
         log.info(f"stopped by {e} during start-up, before any step ran: nothing was saved or changed; "

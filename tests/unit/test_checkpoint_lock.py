@@ -18,13 +18,13 @@ import pytest
 
 from tests.unit.test_checkpoint import save, tiny
 from trainer import checkpoint as ckpt
-from trainer import runs
+from trainer import runlock, runs
 from trainer.errors import UserError
 
 HOLD = """
 import sys, time
-from trainer import checkpoint as ckpt
-lock = ckpt.lock_run(sys.argv[1])
+from trainer import runlock
+lock = runlock.lock_run(sys.argv[1])
 print("locked", flush=True)
 time.sleep(300)
 """
@@ -33,7 +33,7 @@ time.sleep(300)
 def held_elsewhere(run_dir) -> bool:
     """Whether some open file (this process's lock included) holds the flock: a fresh open file
     description conflicts with every other one, in this process too."""
-    fd = os.open(run_dir / ckpt.LOCK, os.O_RDONLY)
+    fd = os.open(run_dir / runlock.LOCK, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return False
@@ -49,7 +49,7 @@ def test_second_writer_is_refused_until_the_holder_is_killed(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(UserError) as err:
-            ckpt.lock_run(run_dir)
+            runlock.lock_run(run_dir)
         message = str(err.value)
         assert "\n" not in message and str(run_dir) in message
         assert f"pid {holder.pid} on {socket.gethostname()}" in message and "since" in message
@@ -60,17 +60,17 @@ def test_second_writer_is_refused_until_the_holder_is_killed(tmp_path):
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    assert json.loads((run_dir / ckpt.LOCK).read_text())["pid"] == holder.pid  # stale text, no flock
-    with ckpt.lock_run(run_dir):
-        assert json.loads((run_dir / ckpt.LOCK).read_text())["pid"] == os.getpid()
+    assert json.loads((run_dir / runlock.LOCK).read_text())["pid"] == holder.pid  # stale text, no flock
+    with runlock.lock_run(run_dir):
+        assert json.loads((run_dir / runlock.LOCK).read_text())["pid"] == os.getpid()
         save(run_dir, 1, model, opt)  # re-entrant: the save takes the lock this process holds
     assert ckpt.find_valid(run_dir) == run_dir / "step_000001"
 
 
 def test_lock_is_reentrant_and_held_until_the_last_release(tmp_path):
     model, opt = tiny()
-    outer = ckpt.lock_run(tmp_path)
-    with ckpt.lock_run(tmp_path):
+    outer = runlock.lock_run(tmp_path)
+    with runlock.lock_run(tmp_path):
         saver = ckpt.AsyncSaver()  # the saver thread takes it a third time
         saver.save(tmp_path, ckpt.step_name(1), ckpt.serialize(model, opt, {ckpt.STEP: 1}, {"step": 1}, "run: {}\n"))
         saver.close()
@@ -84,12 +84,12 @@ def test_lock_is_reentrant_and_held_until_the_last_release(tmp_path):
 def test_lock_file_is_not_a_checkpoint(tmp_path):
     model, opt = tiny()
     run_dir, mirror_root = tmp_path / "run", tmp_path / "mirror"
-    with ckpt.lock_run(run_dir):
+    with runlock.lock_run(run_dir):
         for step in (1, 2, 3):
             save(run_dir, step, model, opt, keep_last=1, mirror_dir=str(mirror_root))
-    assert (run_dir / ckpt.LOCK).is_file()
+    assert (run_dir / runlock.LOCK).is_file()
     assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == ["step_000003"]
-    assert not list(run_dir.glob(f"*/{ckpt.LOCK}")) and not list(mirror_root.glob(f"*/*/{ckpt.LOCK}"))
+    assert not list(run_dir.glob(f"*/{runlock.LOCK}")) and not list(mirror_root.glob(f"*/*/{runlock.LOCK}"))
     assert ckpt.find_valid(run_dir) == run_dir / "step_000003"
     assert ckpt.storage_report(run_dir).startswith("1 checkpoint(s)")
 
@@ -104,5 +104,5 @@ def test_run_folder_names_what_locate_reads(tmp_path, monkeypatch):
     assert runs.run_folder(checkpoint=str(root / "a"), out_dir=str(tmp_path)) == root / "a"
     assert runs.run_folder(run="a", out_dir=str(tmp_path)) == root / "a"
     assert runs.run_folder(out_dir=str(tmp_path)) == root / "a"
-    with ckpt.lock_run(runs.run_folder(run="a", out_dir=str(tmp_path))):
+    with runlock.lock_run(runs.run_folder(run="a", out_dir=str(tmp_path))):
         assert runs.locate(run="a", out_dir=str(tmp_path)) == step

@@ -40,7 +40,7 @@ import torch
 from trainer import atomic
 from trainer import checkpoint as ckpt
 from trainer import config as configs
-from trainer import metrics, offline, runtime
+from trainer import metrics, offline, runlock, runtime
 from trainer import model as models
 from trainer import tokenizer as tk
 from trainer.errors import UserError
@@ -253,7 +253,7 @@ def grpo(cfg, resume_dir: Path | None = None) -> dict:
     locked for the whole call: a second writer of the same run is refused."""
     ckpt_dir = RunPaths.of(cfg).checkpoints
     try:
-        with ckpt.lock_run(ckpt_dir):
+        with runlock.lock_run(ckpt_dir):
             return _grpo(cfg, resume_dir)
     except Stopped as e:  # start-up is not a safe point to save at, and nothing needs saving yet
         log.info(f"stopped by {e} during start-up, before any iteration ran: nothing was saved; run the same "
