@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 
@@ -28,8 +29,8 @@ def configure(device: torch.device, deterministic: bool = False) -> None:
     `deterministic` (CUDA; run.deterministic) makes a step's result depend on its inputs only, so
     that a resume on the same GPU model, driver and software reproduces the uninterrupted run bit
     for bit: cuBLAS with a fixed workspace (split-K reductions in one order; set before cuBLAS
-    starts), PyTorch's deterministic kernels (flash and memory-efficient attention backward
-    without atomics, deterministic index/scatter reductions; an op that has none raises), cuDNN
+    starts), PyTorch's deterministic kernels where it has them (index/scatter reductions, the
+    attention backward; an op that has none raises), cuDNN
     without benchmarking, and Inductor without on-device autotuning (which can pick other
     kernels, so other float sums, in a new process). Without it a CUDA resume continues with the
     same data, RNG and optimizer state, but some float sums may round differently, so the resumed
@@ -95,9 +96,6 @@ def derived_seed(seed: int, *keys: int) -> int:
 def usable_cpus() -> int:
     """The CPUs this process may really use: its affinity mask, capped by a cgroup v2 CPU quota
     (`docker run --cpus=1` sets one; OpenMP sees only the mask, so it would oversubscribe)."""
-    import math
-    import os
-
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
         quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]

@@ -392,7 +392,10 @@ def _debs_into(folder: Path, files: dict[str, str]) -> None:
         for twin in DEBS.glob(f"*/*/{dest.name}"):
             if twin.parent != folder and sha256(twin) == digest:
                 dest.unlink(missing_ok=True)
-                os.link(twin, dest)
+                try:
+                    os.link(twin, dest)
+                except OSError:  # a filesystem without hard links
+                    shutil.copyfile(twin, dest)
                 del missing[pool_path]
                 break
     if missing:
