@@ -39,7 +39,8 @@ def prepare_command(config: str | None = None, **overrides) -> str:
 
 # ---------------------------------------------------------------- train, resume
 
-def train_command(config: str | None = None, resume: str = "", nproc: int = 1, **overrides) -> dict:
+def train_command(config: str | None = None, resume: str = "", nproc: int = 1, nnodes: int = 1,
+                  rdzv_endpoint: str = "", rdzv_id: str = "", max_restarts: int = 3, **overrides) -> dict:
     """Train a model from scratch or fine-tune one.
 
     Args:
@@ -51,8 +52,12 @@ def train_command(config: str | None = None, resume: str = "", nproc: int = 1, *
         restarts, a resubmitted batch job). Under torchrun a restarted worker group always
         continues this way.
       nproc: train on this many processes of this host (data-parallel, through torchrun's
-        launcher; a worker that dies restarts the group from `latest`, up to 3 times). For
-        several hosts run `torchrun --nnodes ... -m trainer train ...` (README, Scale out).
+        launcher; a worker that dies restarts the group from `latest`).
+      nnodes: hosts taking part; run the same command on each (SLURM: deploy/slurm/train.sbatch).
+      rdzv_endpoint: HOST:PORT where the workers meet (the first host); attempt k of a restarted
+        group uses PORT+k, so a restart never meets the last attempt's stale rendezvous.
+      rdzv_id: the job's id, the same on every host (default: the run name).
+      max_restarts: how often a group whose worker died starts again; bad input is never retried.
     """
     from trainer import checkpoint as ckpt
     from trainer import config as configs
@@ -60,20 +65,19 @@ def train_command(config: str | None = None, resume: str = "", nproc: int = 1, *
 
     if resume not in ("", "auto"):
         raise UserError(f"--resume={resume!r}: use --resume=auto, or `trainer resume --run NAME` for a named run")
-    if nproc < 1:
-        raise UserError(f"--nproc={nproc} must be at least 1")
+    launch = distributed.Launch(nproc, nnodes, rdzv_endpoint, rdzv_id, max_restarts)
     cfg = configs.load(config, **overrides)  # bad input is one line here, before any worker starts
     if resume == "auto" and not configs.build(yaml_path=config, overrides=overrides).run.name:
         raise UserError("--resume=auto continues the run named by run.name; set it (--run.name=NAME), since a "
                         "derived name holds the start time and is new every time")
-    if nproc > 1 and distributed.ranks().world == 1:
+    if launch.wanted:
         if resume != "auto" and ckpt.has_checkpoints(runs.RunPaths.of(cfg).checkpoints):
             raise UserError(f"run {cfg.run.name!r} already has checkpoints; continue it with `trainer train --nproc "
                             f"{nproc} --resume=auto ...` or `trainer resume`, or pick a new run.name")
         # every worker, and every restart, trains the run named now
         argv = ["train", *(["--config", config] if config else []), "--resume=auto", f"--run.name={cfg.run.name}",
                 *(f"--{k}={_flag_value(v)}" for k, v in overrides.items() if k not in ("run.name", "name"))]
-        sys.exit(distributed.launch(nproc, argv))
+        sys.exit(distributed.launch(launch, argv, cfg.run.name))
     if (resume == "auto" or distributed.restarted()) and ckpt.has_checkpoints(runs.RunPaths.of(cfg).checkpoints):
         with runs.resume_point(cfg.run.name, None, cfg.run.out_dir) as step_dir:
             return _resume_train(step_dir, 0, config, overrides)
@@ -90,6 +94,7 @@ def _flag_value(value) -> str:
 
 
 def resume_command(run: str | None = None, checkpoint: str | None = None, extra_steps: int = 0, nproc: int = 1,
+                   nnodes: int = 1, rdzv_endpoint: str = "", rdzv_id: str = "", max_restarts: int = 3,
                    **overrides) -> dict:
     """Continue a run from its newest valid checkpoint, bit-exactly.
 
@@ -100,8 +105,8 @@ def resume_command(run: str | None = None, checkpoint: str | None = None, extra_
       overrides: --section.key=value for length, intervals and logging; model.*, data.* and
         run.seed are fixed by the checkpoint; keys that change the numbers (threads, batch,
         learning rate...) may change, with a warning that the run is no longer bit-exact.
-      nproc: continue on this many processes of this host (as `trainer train --nproc`); a run
-        saved by N processes resumes bit-exactly on N.
+      nproc, nnodes, rdzv_endpoint, rdzv_id, max_restarts: continue on many processes and hosts,
+        as `trainer train` takes them; a run saved by N processes resumes bit-exactly on N.
     """
     from trainer import checkpoint as ckpt
     from trainer import config as configs
@@ -109,9 +114,8 @@ def resume_command(run: str | None = None, checkpoint: str | None = None, extra_
 
     probe = configs.build(overrides={k: v for k, v in overrides.items() if k.startswith("run.out_dir")})
     checkpoint = checkpoint or (None if run else os.environ.get("CHECKPOINT_PATH"))
-    if nproc < 1:
-        raise UserError(f"--nproc={nproc} must be at least 1")
-    if nproc > 1 and distributed.ranks().world == 1:
+    launch = distributed.Launch(nproc, nnodes, rdzv_endpoint, rdzv_id, max_restarts)
+    if launch.wanted:
         # the workers (and a restarted group) continue this run from its newest checkpoint, to a fixed length
         step_dir = runs.locate(run, checkpoint, probe.run.out_dir)
         if extra_steps:
@@ -119,7 +123,7 @@ def resume_command(run: str | None = None, checkpoint: str | None = None, extra_
         where = (["--checkpoint", checkpoint] if checkpoint
                  else ["--run", str(runs.run_folder(run, None, probe.run.out_dir))])
         argv = ["resume", *where, *(f"--{k}={_flag_value(v)}" for k, v in overrides.items())]
-        sys.exit(distributed.launch(nproc, argv))
+        sys.exit(distributed.launch(launch, argv, step_dir.parent.name))
     with runs.resume_point(run, checkpoint, probe.run.out_dir) as step_dir:
         return _resume_train(step_dir, extra_steps, None, overrides)
 

@@ -14,6 +14,7 @@ import datetime
 import logging
 import os
 import sys
+import uuid
 
 import torch
 import torch.distributed as dist
@@ -159,44 +160,106 @@ def master_host() -> str | None:
     return os.environ.get("MASTER_ADDR") if ranks().world > 1 else None
 
 
-def launch(nproc: int, argv: list[str], max_restarts: int = 3) -> int:
-    """`trainer train --nproc N ...`: run `trainer <argv>` as N workers on this host through
-    torchrun's own launcher (elastic_launch, a c10d rendezvous on localhost). When a worker dies
-    the group is started again, up to `max_restarts` times, and resumes from `latest` (argv
-    carries --resume=auto); bad input (exit 2) is not retried. -> the exit code: 0; 2 for bad
-    input (rank 0 has said why in one line); 1 when the restarts are spent; 0 after
-    SIGTERM/SIGINT, once the workers have saved the same step and stopped."""
-    import uuid
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """Where and how `launch` starts the workers: torchrun's options, read by the train and
+    resume commands (`--nproc --nnodes --rdzv_endpoint --rdzv_id --max_restarts`)."""
 
+    nproc: int = 1  # workers on this host
+    nnodes: int = 1  # hosts; every one runs the same command
+    rdzv_endpoint: str = ""  # HOST:PORT on the first host; "" = this host alone, any free loopback port
+    rdzv_id: str = ""  # the job's id, the same on every host ("" = the run name)
+    max_restarts: int = 3  # group restarts after a worker dies (bad input is never retried)
+
+    def __post_init__(self) -> None:
+        problems = [f"--{name}={getattr(self, name)} must be at least {low}"
+                    for name, low in (("nproc", 1), ("nnodes", 1), ("max_restarts", 0)) if getattr(self, name) < low]
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            problems.append(f"--nnodes={self.nnodes} needs --rdzv_endpoint=HOST:PORT (the first host, which every "
+                            "host can reach)")
+        if self.rdzv_endpoint:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536 - self.max_restarts:
+                problems.append(f"--rdzv_endpoint={self.rdzv_endpoint!r} must be HOST:PORT with a port below "
+                                f"{65536 - self.max_restarts}, e.g. node001:29500")
+        if problems:
+            raise UserError("; ".join(problems))
+
+    @property
+    def wanted(self) -> bool:
+        """Whether these options ask for the launcher (in a process that is not a worker already)."""
+        return ranks().world == 1 and (self.nproc > 1 or self.nnodes > 1 or bool(self.rdzv_endpoint))
+
+    def rendezvous(self, attempt: int, run_name: str) -> tuple[str, str]:
+        """(endpoint, id) of one attempt. Every attempt meets on a new port with a new id, so a
+        restarted group never reads the last attempt's addresses from a reused store (restarts
+        inside one torchrun agent can hang in gloo's connect for that reason: pytorch#167288)."""
+        if not self.rdzv_endpoint:  # one host: a fresh store on a free loopback port
+            return "127.0.0.1:0", f"{run_name}-{uuid.uuid4().hex[:8]}"
+        host, _, port = self.rdzv_endpoint.rpartition(":")
+        return f"{host}:{int(port) + attempt}", f"{self.rdzv_id or run_name}-{attempt}"
+
+
+# seconds the launcher gives its workers between its stop signal and SIGKILL: they finish the
+# step and save (torchrun's own default, 30 s, can cut a large checkpoint's write short)
+STOP_GRACE = 300
+
+
+def launch(options: Launch, argv: list[str], run_name: str) -> int:
+    """`trainer train --nproc N ...`: run `trainer <argv>` as N workers on this host (and on
+    every host given --nnodes, each running the same command) through torchrun's launcher,
+    elastic_launch with a c10d rendezvous. When a worker dies the group starts again on every
+    host, up to `max_restarts` times, and resumes from `latest` (argv carries --resume=auto);
+    each attempt is a fresh launch with its own rendezvous. -> the exit code: 0 when done; 0
+    after SIGTERM/SIGINT once the workers have saved the same step and stopped; 2 for bad input
+    (rank 0 has said why in one line; never retried); 1 when the restarts are spent."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from trainer.signals import Stopped
+
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its per-worker reports
-    # one host: the workers meet on loopback, which is all a `network_mode: none` container has
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    for attempt in range(max_restarts + 1):
-        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex[:12],
-                              rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", local_addr="127.0.0.1", max_restarts=0,
-                              monitor_interval=0.2, start_method="spawn", logs_specs=DefaultLogsSpecs())
-        try:
-            elastic_launch(config, sys.executable)("-m", "trainer", *argv)
-            return 0
-        except SignalException:  # the workers got the signal too, saved at the same step and stopped
-            return 0
-        except ChildFailedError as e:
-            codes = {rank: f.exitcode for rank, f in e.failures.items()}
-            if 2 in codes.values():  # bad input: rank 0 has said what and how to fix it
-                return 2
-            what = ", ".join(f"rank {rank} {_how(code)}" for rank, code in sorted(codes.items()))
-            if attempt < max_restarts:
-                log.warning(f"{what}: starting the {nproc} workers again from the last checkpoint "
-                            f"(restart {attempt + 1} of {max_restarts})")
-                continue
-            print(f"error: {what}; {max_restarts} restart(s) spent. The last complete checkpoint is `latest`: fix "
-                  "the cause and run the same command with --resume=auto to continue", file=sys.stderr, flush=True)
+    if not options.rdzv_endpoint:
+        # one host: the workers meet on loopback, which is all a `network_mode: none` container has
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    what = "the launch failed"
+    try:
+        for attempt in range(options.max_restarts + 1):
+            endpoint, run_id = options.rendezvous(attempt, run_name)
+            config = LaunchConfig(min_nodes=options.nnodes, max_nodes=options.nnodes, nproc_per_node=options.nproc,
+                                  run_id=run_id, rdzv_backend="c10d", rdzv_endpoint=endpoint,
+                                  local_addr=None if options.rdzv_endpoint else "127.0.0.1", max_restarts=0,
+                                  monitor_interval=0.2, start_method="spawn", logs_specs=DefaultLogsSpecs(),
+                                  shutdown_timeout=STOP_GRACE)
+            try:
+                elastic_launch(config, sys.executable)("-m", "trainer", *argv)
+                return 0
+            except ChildFailedError as e:
+                codes = {rank: f.exitcode for rank, f in e.failures.items()}
+                if 2 in codes.values():  # bad input: rank 0 has said what and how to fix it
+                    return 2
+                what = ", ".join(f"rank {rank} {_how(code)}" for rank, code in sorted(codes.items()))
+            except RendezvousError as e:  # a host that never came, a store that did not answer
+                what = f"the rendezvous at {endpoint} failed ({type(e).__name__}: {_first_line(e)})"
+            if attempt < options.max_restarts:
+                log.warning(f"{what}: starting the workers again from the last checkpoint "
+                            f"(restart {attempt + 1} of {options.max_restarts})")
+    except (SignalException, Stopped):
+        # the workers got the signal too (from the launcher, or from the scheduler at the same
+        # instant), finished the same step, saved it and stopped; a stop is not a failure
+        return 0
+    print(f"error: {what}; {options.max_restarts} restart(s) spent. The last complete checkpoint is `latest`: "
+          "fix the cause and run the same command again (it continues with --resume=auto)", file=sys.stderr,
+          flush=True)
     return 1
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error) or repr(error)
+    return text.splitlines()[0] if text.splitlines() else text
 
 
 def _how(code: int) -> str:

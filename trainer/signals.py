@@ -5,8 +5,11 @@ says it can stop at a safe point, a signal raises `Stopped` where the code happe
 writers clean up their temporary folders on the way out (every write is temp + rename), and
 the CLI exits 128 + signal with one line. Inside `STOP.polling(...)` (the training loops and
 the end-of-run work) a signal only sets the flag; the loop finishes its step, saves and exits
-0. A second signal always exits at once. Kept free of torch and numpy: it must be importable
-in milliseconds.
+0. A second signal exits at once, unless it is the same signal within `REPEAT_WINDOW` of the
+first: a scheduler (SLURM signals every process of a job step) or a terminal (Ctrl+C reaches
+the whole process group) hits a worker and its launcher at the same instant, and the launcher
+forwards its copy a millisecond later. That echo is one stop, not a person asking twice.
+Kept free of torch and numpy: it must be importable in milliseconds.
 """
 
 from __future__ import annotations
@@ -14,8 +17,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# seconds: the same signal again within this is the first one's echo (see above), not a second stop
+REPEAT_WINDOW = 1.0
 
 
 class Stopped(BaseException):
@@ -43,6 +49,7 @@ class StopFlag:
         self.signal: int | None = None
         self._polling: list[str] = []  # what the innermost polling block does on a signal
         self._previous: dict[int, object] = {}
+        self._at = 0.0  # time.monotonic() of the first signal
 
     def __bool__(self) -> bool:
         return self.signal is not None
@@ -53,9 +60,11 @@ class StopFlag:
 
     def _handle(self, signum, frame) -> None:
         if self.signal is not None:
+            if signum == self.signal and time.monotonic() - self._at < REPEAT_WINDOW:
+                return  # the same stop, delivered twice (a launcher forwarding what the scheduler sent)
             _say(f"\nsecond {signal.Signals(signum).name}: exiting now without saving\n")
             os._exit(128 + signum)
-        self.signal = signum
+        self.signal, self._at = signum, time.monotonic()
         if not self._polling:
             raise Stopped(signum)
         _say(f"\n{signal.Signals(signum).name} received: {self._polling[-1]} (send it again to exit at once)\n")
