@@ -221,7 +221,11 @@ def launch(options: Launch, argv: list[str], run_name: str) -> int:
 
     from trainer.signals import Stopped
 
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its per-worker reports
+    # its per-worker reports and "Received 15 death signal": the workers say what happened. Its
+    # modules set their own levels, so each logger is quietened, not just the parent
+    for name in ["torch.distributed.elastic", *logging.root.manager.loggerDict]:
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     if not options.rdzv_endpoint:
         # one host: the workers meet on loopback, which is all a `network_mode: none` container has
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
