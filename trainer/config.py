@@ -116,8 +116,8 @@ class ServerConfig:
     url: str = "http://127.0.0.1:8000/v1"  # OpenAI-compatible server for GRPO rollouts
     host: str = "127.0.0.1"  # trainer serve: bind address (loopback unless told otherwise)
     port: int = 8000  # trainer serve: port
-    timeout: float = 60.0  # seconds per request
-    retries: int = 5  # attempts before a request is given up
+    timeout: float = 60.0  # GRPO: seconds one try of a request may take, connect to last byte (not per read)
+    retries: int = 5  # GRPO: tries after the first before a request is given up (backoff 0.5 s, doubling)
 
 
 @dataclass(frozen=True)
@@ -159,6 +159,7 @@ class GRPOConfig:
     concurrency: int = 4  # openai backend: requests in flight
     is_cap: float = 3.0  # openai backend: truncated importance-sampling cap (TRL's default); 0 = off
     request_prompts: int = 1  # prompts per server request (n each; local seeds alike); >1 correlates their groups
+    rollout_timeout: float = 300.0  # openai backend: seconds for one iteration's rollouts, or one eval; 0 = no limit
 
 
 @dataclass(frozen=True)
@@ -449,7 +450,7 @@ RANGES = {
     "grpo.epsilon": _min(0, open_=True), "grpo.epsilon_high": _min(0), "grpo.entropy_coef": _min(0),
     "grpo.ppo_epochs": _min(1), "grpo.minibatch_size": _min(1), "grpo.grad_clip": _min(0),
     "grpo.rollout_batch": _min(1), "grpo.concurrency": _min(1), "grpo.is_cap": _min(0),
-    "grpo.request_prompts": _min(1), "grpo.sync_tolerance": _min(0),
+    "grpo.request_prompts": _min(1), "grpo.sync_tolerance": _min(0), "grpo.rollout_timeout": _min(0),
 }
 CHOICES = {
     "model.type": ("from_scratch", "gpt2"), "data.tokenizer": ("gpt2", "bpe", "char"),

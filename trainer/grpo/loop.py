@@ -49,7 +49,7 @@ from trainer.signals import STOP, Stopped
 from trainer.grpo import envs
 from trainer.grpo.algorithm import (Scores, group_advantages, grpo_loss, importance_weights, logprob_mismatch,
                                     mask_truncated_completions, scoring_temperature, token_logprobs)
-from trainer.grpo.rollout import LocalBackend, OpenAIBackend, RolloutError, SamplingParams
+from trainer.grpo.rollout import Abandoned, LocalBackend, OpenAIBackend, RolloutError, SamplingParams
 from trainer.grpo.sync import PROBE_TEXT, AdapterSync, ReloadSync
 
 log = logging.getLogger("trainer")
@@ -122,14 +122,12 @@ def evaluate(backend, cfg, params, reward, tok) -> dict:
     prompts = [tok.encode(p.prompt).ids for p in problems]
     groups = backend.generate(prompts, e.replicates, _seed(cfg.run.seed, 0, EVAL_SEED), params)
     per_problem, scores = [], []
-    for p, grp in zip(problems, groups):
+    for p, grp in zip(problems, groups):  # not all None: the backend raises then
         if grp is None:
             continue
         rs = [reward(p, c.text) for c in grp]
         scores += rs
         per_problem.append({"id": p.id, "rewards": rs, "sample": grp[0].text})
-    if not scores:
-        raise RolloutError("every held-out problem was skipped by the server; see the log for why")
     return {"mean_reward": sum(scores) / len(scores), "pass_rate": sum(map(envs.passed, scores)) / len(scores),
             "num_problems": len(per_problem), "replicates": e.replicates, "problems": per_problem}
 
@@ -205,10 +203,9 @@ def rollout_batch(backend, cfg, problems, params, reward, pad_id: int, tok, iter
     g = cfg.grpo
     prompt_ids = [tok.encode(p.prompt).ids for p in problems]  # once: the server gets these ids, training too
     groups = backend.generate(prompt_ids, g.group_size, _seed(cfg.run.seed, iteration), params)
+    # not all None: the backend raises then, naming the server and the reason
     kept = [(p, ids, grp) for p, ids, grp in zip(problems, prompt_ids, groups) if grp is not None]
     skipped = len(problems) - len(kept)
-    if not kept:
-        raise RolloutError(f"iteration {iteration}: every group was skipped by the server; see the log for why")
     rewards = torch.tensor([[reward(p, c.text) for c in grp] for p, _, grp in kept])
     adv, zero = group_advantages(rewards, g.scale_rewards)
     done = [c for _, _, grp in kept for c in grp]
@@ -295,8 +292,11 @@ def _grpo(cfg, resume_dir: Path | None) -> dict:
         log.info(f"resumed {cfg.run.name} from {resume_dir} at iteration {start}")
 
     if g.backend == "openai":
+        # an id the server sends must index the policy's embedding rows, or the forward crashes
         backend = OpenAIBackend(cfg.server.url, "", tok, eos, cfg.server.timeout, cfg.server.retries,
-                                concurrency=g.concurrency, request_prompts=g.request_prompts)
+                                concurrency=g.concurrency, request_prompts=g.request_prompts,
+                                vocab_size=policy.get_input_embeddings().weight.shape[0],
+                                rollout_timeout=g.rollout_timeout)
         backend.wait_ready()
         way = ReloadSync if g.sync == "reload" else AdapterSync
         sync = way(backend, Path(g.sync_dir or paths.sync),
@@ -331,11 +331,14 @@ def _grpo(cfg, resume_dir: Path | None) -> dict:
         return result
 
     saver = ckpt.AsyncSaver()  # the write of iteration k overlaps the rollouts of k + 1
-    with STOP.polling("finishing this iteration and saving a checkpoint"):
+    # a stop abandons what waits on the server (rollouts, sync, eval: Abandoned) and finishes what does not
+    what = ("abandoning the requests to the generation server, or finishing and saving an iteration in training"
+            if sync is not None else "finishing this iteration and saving a checkpoint")
+    it = start
+    with STOP.polling(what):
         try:
             if start == 0:
                 run_eval(0)
-            it = start
             for it in range(start + 1, g.iterations + 1):
                 t0 = time.perf_counter()
                 sync_s = ensure_pushed(it - 1)["sync_s"]
@@ -376,6 +379,15 @@ def _grpo(cfg, resume_dir: Path | None) -> dict:
                     log.info(f"stopped by signal after iteration {it}; saved {saver.wait()}; continue with "
                              f"`{resume_hint(cfg)}`")
                     break
+        except Abandoned as e:
+            saver.wait()  # the iteration before is on disk before the line names it
+            name = ckpt.latest_name(ckpt_dir)
+            doing = f"iteration {it}" if it > start else "the evaluation before iteration 1"
+            it -= it > start  # the last iteration done
+            log.info(f"stopped by {e} while {doing} waited on {cfg.server.url}: its requests were abandoned and "
+                     "nothing of it was saved; " + (f"the last checkpoint is {name}; continue with "
+                                                    f"`{resume_hint(cfg)}`" if name else
+                                                    "no iteration was saved yet: run the same command again"))
         except RolloutError as e:
             saver.close()  # the iteration before is on disk before the message names it
             name = ckpt.latest_name(ckpt_dir)
