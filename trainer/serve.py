@@ -34,9 +34,18 @@ built and checked (weights complete, finite logits) first and swapped in under t
 Which model serves a request is decided when its batch runs: a request for an adapter
 unloaded while it waited is answered 404, never by another model.
 
-Errors: OpenAI's shape {"error": {"message", "type", "param", "code"}}, 400 for a bad
-request (out-of-range values, too many rows, a prompt longer than the context), 404 for an
-unknown model; a 500 (with a traceback in the log) is a bug.
+Errors: OpenAI's shape {"error": {"message", "type", "param", "code"}} for every error,
+FastAPI's own included (validation, a body that is not UTF-8 JSON, an unknown path): 400
+for a bad request (out-of-range values, too many rows, a prompt longer than the context),
+404 for an unknown model or path, 413 for a body over `max_body_bytes`; a 500 (with a
+traceback in the log) is a bug.
+
+Sizes are checked before work, so that one request cannot hold the server: the body's
+length before it is parsed, the number of rows before any prompt is tokenized, and a text
+prompt's length in characters before it is tokenized (more than the context times the
+longest token cannot fit). Tokenizing a 20 MB prompt took 17 s and held the GIL, so that not
+even /health answered meanwhile. Tokenization and generation run off the event loop (sync
+endpoints run in worker threads, generation in the batching thread).
 """
 
 from __future__ import annotations
@@ -62,6 +71,7 @@ from trainer import tokenizer as tk
 from trainer.errors import UserError
 
 MAX_NUM_SEQS = 256  # default cap on rows (prompts x n) per request and per forward batch
+MAX_BODY_BYTES = 8 * 2**20  # default cap on a request body (256 prompts x 2048 ids as JSON: ~4 MB)
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 SAMPLING_EPS = 1e-5  # temperatures below this sample greedily (vLLM's rule)
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1  # seed range, as vLLM
@@ -184,6 +194,10 @@ class Engine:
         self.pad_id = config.pad_token_id if config.pad_token_id is not None else (self.eos_id or 0)
         self.max_len = models.positions(self.model)
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
+        # a token covers at most its vocabulary entry's characters (byte-level BPE: one per byte), so a text
+        # longer than max_len times the longest entry cannot fit the context: refused before tokenizing it
+        longest = max((len(t) for t in self.tokenizer.get_vocab(with_added_tokens=True)), default=1)
+        self.max_prompt_chars = self.max_len * max(longest, 1)
         self.max_num_seqs = int(max_num_seqs)
 
         self.adapters: dict[str, tuple[str, object]] = {}  # lora_name -> (lora_path, peft model)
@@ -320,11 +334,13 @@ class Engine:
     def complete(self, req: CompletionRequest) -> dict:
         if self.resolve(req.model) is None:
             raise not_found(req.model)
-        prompts = self._prompt_ids(req.prompt)
-        if len(prompts) * req.n > self.max_num_seqs:
-            raise ServeError(400, f"{len(prompts)} prompts x n={req.n} is {len(prompts) * req.n} completions; this "
+        count = 1 if isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int)) \
+            else len(req.prompt)
+        if count * req.n > self.max_num_seqs:  # before any prompt is tokenized
+            raise ServeError(400, f"{count} prompts x n={req.n} is {count * req.n} completions; this "
                              f"server takes at most {self.max_num_seqs} per request (--max_num_seqs). Send fewer "
                              "prompts per request.", param="n")
+        prompts = self._prompt_ids(req.prompt)
         for i, ids in enumerate(prompts):
             if len(ids) + req.max_tokens > self.max_len:
                 raise ServeError(400, f"This model's maximum context length is {self.max_len} tokens; prompt {i} "
@@ -374,6 +390,11 @@ class Engine:
         if isinstance(prompt[0], int):
             prompts = [prompt]  # one prompt of token ids
         elif isinstance(prompt[0], str):
+            for i, text in enumerate(prompt):
+                if len(text) > self.max_prompt_chars:
+                    raise ServeError(400, f"prompt {i} has {len(text)} characters; this model's context of "
+                                     f"{self.max_len} tokens holds at most {self.max_prompt_chars}. Shorten the "
+                                     "prompt.", param="prompt")
             prompts = [self.tokenizer.encode(p, add_special_tokens=False).ids for p in prompt]
         else:
             prompts = prompt
@@ -508,11 +529,60 @@ class Engine:
             at += len(job.rows)
 
 
-def create_app(model: str, name: str = "", device: str = "cpu", max_num_seqs: int = MAX_NUM_SEQS):
+def error_body(status: int, message: str, type_: str, param=None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": status}}
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is answered 413 before any of it is
+    parsed (a Content-Length over it before a byte is read); a body within it is read whole and
+    handed on."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers", ())).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await self.refuse(scope, receive, send, int(length))
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self.refuse(scope, receive, send, size)
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # http.disconnect, when the client goes away
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def refuse(self, scope, receive, send, size: int):
+        from fastapi.responses import JSONResponse
+
+        what = f"{size} bytes" if size > self.limit + 1 else f"more than {self.limit} bytes"
+        message = f"the request body has {what}; this server takes at most {self.limit}"
+        await JSONResponse(error_body(413, message, "BadRequestError"), status_code=413)(scope, receive, send)
+
+
+def create_app(model: str, name: str = "", device: str = "cpu", max_num_seqs: int = MAX_NUM_SEQS,
+               max_body_bytes: int = MAX_BODY_BYTES):
     """The FastAPI app serving the HF folder `model` (weights + tokenizer.json)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, Response
+    from starlette.exceptions import HTTPException
 
     engine = Engine(model, name, device, max_num_seqs)
 
@@ -523,10 +593,10 @@ def create_app(model: str, name: str = "", device: str = "cpu", max_num_seqs: in
 
     app = FastAPI(title="airlock trainer serve", lifespan=lifespan)
     app.state.engine = engine
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
 
     def error(status: int, message: str, type_: str, param=None) -> JSONResponse:
-        return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": status}},
-                            status_code=status)
+        return JSONResponse(error_body(status, message, type_, param), status_code=status)
 
     @app.exception_handler(ServeError)
     async def _serve_error(_: Request, e: ServeError):
@@ -545,6 +615,15 @@ def create_app(model: str, name: str = "", device: str = "cpu", max_num_seqs: in
                 problems.setdefault(where, err.get("msg", "invalid"))
         message = "; ".join(f"{k}: {v}" for k, v in problems.items())
         return error(400, message, "BadRequestError", next(iter(problems), None))
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, e: HTTPException):  # FastAPI's own: unknown path, wrong method, unparseable body
+        cause = e.__cause__
+        if isinstance(cause, UnicodeDecodeError):  # FastAPI says only "There was an error parsing the body"
+            return error(400, f"body: not UTF-8 JSON ({cause.reason} at byte {cause.start})", "BadRequestError",
+                         "body")
+        type_ = {404: "NotFoundError", 405: "MethodNotAllowedError"}.get(e.status_code, "BadRequestError")
+        return error(e.status_code, str(e.detail), type_ if e.status_code < 500 else "InternalServerError")
 
     @app.exception_handler(Exception)
     async def _bug(_: Request, e: Exception):  # still a JSON body; the log has the traceback
