@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import json
 import os
 import secrets
@@ -32,27 +33,52 @@ def _tmp_prefix(dst: Path) -> str:
     return f".{dst.name}{TMP_TAG}"
 
 
-def write_bytes(path: Path, data: bytes) -> None:
+def advice(e: OSError, space: str = "free disk space") -> str:
+    """What a person can do about a failed write, by its cause: `space` only when space or
+    quota ran out; a folder in the way or a permission is named as what it is."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return space
+    if e.errno == errno.EROFS:
+        return "mount the folder writable"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "give this user write permission on the folder"
+    if e.errno in (errno.EISDIR, errno.ENOTDIR, errno.ENOTEMPTY, errno.EEXIST):
+        return "move what is in the way elsewhere"
+    return "fix what the error names"
+
+
+def cause(e: OSError) -> str:
+    """The error and the path it is about, as one line: "Is a directory: '/run/latest'"."""
+    text = e.strerror or str(e) or type(e).__name__
+    name = e.filename2 if e.filename2 is not None else e.filename  # a rename's is the target
+    return f"{text}: {os.fsdecode(name)!r}" if name is not None else text
+
+
+def replace_file(path: Path, data: bytes) -> None:
     """Replace `path` with `data`: temp file in the same folder, fsync, rename, fsync the folder.
-    A full disk or a read-only folder is a UserError naming the file; the old file stays."""
+    An error is the OSError itself (the old file stays, the temp file is removed)."""
     path = Path(path)
     tmp = path.parent / f"{_tmp_prefix(path)}{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask's mode, as open() gives
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask's mode, as open() gives
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        fsync_dir(path.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """`replace_file`, where an error is a UserError naming the file, its cause and what to do."""
+    try:
+        replace_file(path, data)
     except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror or e}); free disk space or check the folder's "
-                        "permissions") from None
+        raise UserError(f"cannot write {path} ({e.strerror or e}); {advice(e)}") from None
 
 
 def write_json(path: Path, obj) -> None:

@@ -17,8 +17,9 @@ trainer_state.json); older checkpoints lack them (older ones also carry the unus
 `_upgrade_state` is the one place older layouts are handled.
 
 Save order: files into step_N.tmp/, each fsynced -> MANIFEST -> fsync dir -> rename ->
-fsync parent -> replace `latest`. A kill -9 at any point leaves either no step_N or a
-complete one (plus a step_N.tmp that the next save or prune removes).
+fsync parent -> replace `latest` (trainer.atomic). A kill -9 at any point leaves either no
+step_N or a complete one (plus a step_N.tmp that the next save or prune removes). `latest` is a
+regular file or nothing: anything else there is set aside by `set_aside_latest` (resume, save).
 
 Every file read back is untrusted (a damaged disk, a hand edit, a copy from elsewhere):
 `verify` checks the manifest, the hashes, and parses every file cheaply; anything wrong is a
@@ -36,6 +37,8 @@ import logging
 import os
 import re
 import shutil
+import stat
+import time
 import warnings
 from pathlib import Path
 
@@ -182,9 +185,9 @@ def write_checkpoint(run_dir: Path, name: str, files: dict[str, bytes], keep_las
             if not isinstance(e, OSError):
                 raise
             good = latest_name(run_dir)
-            raise UserError(f"could not save checkpoint {final} ({_reason(e)}); the older checkpoints are intact"
-                            f"{f' (newest: {good})' if good else ''}; free disk space or lower "
-                            "checkpoint.keep_last, then `trainer resume`") from None
+            todo = atomic.advice(e, space="free disk space or lower checkpoint.keep_last")
+            raise UserError(f"could not save checkpoint {final} ({atomic.cause(e)}); the older checkpoints are "
+                            f"intact{f' (newest: {good})' if good else ''}; {todo}, then `trainer resume`") from None
         shutil.rmtree(old, ignore_errors=True)
         if keep_last:
             prune(run_dir, keep_last, keep=final)
@@ -192,8 +195,8 @@ def write_checkpoint(run_dir: Path, name: str, files: dict[str, bytes], keep_las
             try:
                 update_best(run_dir, final, best)
             except OSError as e:
-                raise UserError(f"checkpoint {final} is saved, but best/ could not be updated ({_reason(e)}); "
-                                "free disk space, then `trainer resume`") from None
+                raise UserError(f"checkpoint {final} is saved, but best/ could not be updated ({atomic.cause(e)}); "
+                                f"{atomic.advice(e)}, then `trainer resume`") from None
     if mirror_dir:
         mirror(final, Path(mirror_dir) / run_dir.name, keep_last)
     return final
@@ -241,20 +244,70 @@ class AsyncSaver:
             self._pool.shutdown(wait=True)
 
 
-def _set_latest(run_dir: Path, name: str) -> None:
-    tmp = run_dir / (LATEST + ".tmp")
-    _write(tmp, (name + "\n").encode())
-    os.replace(tmp, run_dir / LATEST)
+def _not_a_file(path: Path) -> str | None:
+    """What `path` is when it exists but is not a regular file ("a directory", "a FIFO", ...);
+    None for a regular file or nothing. lstat: a symlink is named as one, never followed."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:  # nothing there, or no way to look: the read or write that follows says why
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    kinds = {stat.S_ISDIR: "a directory", stat.S_ISLNK: "a symbolic link", stat.S_ISFIFO: "a FIFO",
+             stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a device", stat.S_ISBLK: "a device"}
+    return next((name for test, name in kinds.items() if test(mode)), "not a regular file")
+
+
+def set_aside_latest(run_dir: Path) -> Path | None:
+    """A `latest` that is not a regular file (a directory, a symlink, a FIFO, a socket) is a
+    damaged pointer: a save cannot replace it and a read can block on it. Rename it
+    latest.damaged-<UTC time> beside it, with one warning: nothing of the user's is deleted,
+    the step directories say which checkpoint is newest, and the next save writes `latest`
+    anew. Resume (runs.resume_point) and every save (`_set_latest`) call it; nothing else
+    moves `latest`. -> the new name, or None when `latest` is a file or missing. Call it under the run lock."""
+    run_dir = Path(run_dir)
+    pointer = run_dir / LATEST
+    kind = _not_a_file(pointer)
+    if kind is None:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target, n = run_dir / f"{LATEST}.damaged-{stamp}", 1
+    while os.path.lexists(target):  # damaged twice in one second: keep both
+        n += 1
+        target = run_dir / f"{LATEST}.damaged-{stamp}-{n}"
+    try:
+        os.rename(pointer, target)
+    except OSError as e:
+        raise UserError(f"`latest` in {run_dir} is {kind}, not a file, and could not be renamed "
+                        f"({atomic.cause(e)}); move it elsewhere, then `trainer resume`") from None
     fsync_dir(run_dir)
+    log.warning(f"`latest` in {run_dir} is {kind}, not a file: renamed it {target.name} (kept, not deleted); "
+                "the newest valid step directory is used and the next save writes a new `latest`")
+    return target
+
+
+def _set_latest(run_dir: Path, name: str) -> None:
+    """Point `latest` at step dir `name` (atomic.replace_file); a damaged one is set aside first."""
+    set_aside_latest(run_dir)
+    atomic.replace_file(Path(run_dir) / LATEST, (name + "\n").encode())
 
 
 def _read_latest(run_dir: Path) -> tuple[str | None, str | None]:
     """(the step dir `latest` names, what is wrong with `latest`): at most one is not None."""
+    pointer = Path(run_dir) / LATEST
+    kind = _not_a_file(pointer)
+    if kind:
+        return None, f"`latest` is {kind}, not a file"
     try:
-        name = (Path(run_dir) / LATEST).read_bytes().decode("utf-8").strip()
+        # O_NOFOLLOW | O_NONBLOCK: a symlink or FIFO put there since the lstat fails or shows, never blocks
+        fd = os.open(pointer, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None, "`latest` is not a file"
+            name = f.read(4096).decode("utf-8").strip()  # a step dir name is a few bytes; more is damage
     except FileNotFoundError:
         return None, None
-    except (OSError, UnicodeDecodeError) as e:  # a folder, unreadable, not text
+    except (OSError, UnicodeDecodeError) as e:  # unreadable, a symlink put there since, not text
         return None, f"`latest` is unreadable ({_reason(e)})"
     if not STEP_DIR.match(name):  # never a path: `../x` must not lead a reader out of the run
         return None, f"`latest` names {name[:60]!r}, which is not a step directory"

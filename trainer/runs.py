@@ -143,8 +143,10 @@ def resume_point(run: str | None, checkpoint: str | None, out_dir: str):
     block; a copy elsewhere (a mirror, a read-only folder) is only read, and the loop locks the
     run it writes."""
     source = run_folder(run, checkpoint, out_dir)
-    # under torchrun only rank 0 writes, so only rank 0 locks
-    with lock_run(source) if writes_in_place(source) and distributed.is_writer() else contextlib.nullcontext():
+    writer = writes_in_place(source) and distributed.is_writer()  # under torchrun only rank 0 writes and locks
+    with lock_run(source) if writer else contextlib.nullcontext():
+        if writer:  # a `latest` that is not a file would stop every save: set aside before anything reads it
+            ckpt.set_aside_latest(source)
         yield locate(run or (None if checkpoint else str(source)), checkpoint, out_dir)
 
 

@@ -7,13 +7,18 @@
   default differs, so the resumed run stays bit-exact; overriding it warns;
 - one run, one writer: a second writer is refused naming the holder, and a holder killed with
   SIGKILL does not block the resume;
-- export replaces only its own earlier export, atomically, and leaves nothing behind.
+- export replaces only its own earlier export, atomically, and leaves nothing behind;
+- a `latest` that is not a file (a directory, a symlink to one, a FIFO) put there between a
+  stop and the resume is set aside, kept, with one warning: the resume continues from the
+  newest step, saves, and ends at the uninterrupted run's weights sha256.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
+import stat
 from pathlib import Path
 
 import pytest
@@ -224,3 +229,55 @@ def test_an_edited_source_is_prepared_again_for_a_fresh_run(tmp_path, corpus_dir
     assert "changed since" in second.stdout
     meta = json.loads((tmp_path / "prepared" / "ed" / "meta.json").read_text())
     assert meta["vocab_size"] < 30  # the new text's alphabet, not the code's
+
+
+POINTER_RUN = {"train.schedule": "constant", "checkpoint.interval": 2, "sample.max_new_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def constant_reference(tmp_path_factory, corpus_dir):
+    """6 steps with a constant schedule, so that a 4-step run continued to 6 is this run."""
+    out = tmp_path_factory.mktemp("reference")
+    run_cli(["train", *tiny_args(corpus_dir, out, "ref", **{**POINTER_RUN, "train.max_steps": 6})], cwd=out)
+    return summary(out, "ref")["weights_sha256"]
+
+
+@pytest.mark.parametrize("kind, command", [("directory", "resume"), ("symlink", "train"), ("fifo", "resume")])
+def test_latest_that_is_not_a_file_is_set_aside_and_the_run_goes_on(tmp_path, corpus_dir, constant_reference,
+                                                                      kind, command):
+    args = tiny_args(corpus_dir, tmp_path, "ptr", **{**POINTER_RUN, "train.max_steps": 4})
+    run_cli(["train", *args], cwd=tmp_path)  # saves step 2 and step 4, then stops
+    run_dir = tmp_path / "volumes" / "checkpoints" / "ptr"
+    pointer = run_dir / ckpt.LATEST
+    pointer.unlink()
+    if kind == "directory":  # someone's folder: it must survive with what it holds
+        pointer.mkdir()
+        (pointer / "notes.txt").write_text("mine\n")
+    elif kind == "symlink":
+        (tmp_path / "elsewhere").mkdir()
+        pointer.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    else:
+        os.mkfifo(pointer)  # reading it would wait for a writer forever
+
+    if command == "resume":
+        cmd = ["resume", "--run=ptr", f"--run.out_dir={tmp_path / 'volumes'}", "--train.max_steps=6"]
+    else:
+        cmd = ["train", *tiny_args(corpus_dir, tmp_path, "ptr", **{**POINTER_RUN, "train.max_steps": 6}),
+               "--resume=auto"]
+    done = run_cli(cmd, cwd=tmp_path, timeout=180)
+    out = done.stdout + done.stderr
+    assert "at step 4" in out and "Traceback" not in out, out[-3000:]
+    (aside,) = run_dir.glob(f"{ckpt.LATEST}.damaged-*")
+    assert out.count("not a file") == 1 and aside.name in out, out[-3000:]  # one warning, naming the new name
+    if kind == "directory":
+        assert (aside / "notes.txt").read_text() == "mine\n"
+    elif kind == "symlink":
+        assert aside.is_symlink() and aside.resolve() == (tmp_path / "elsewhere").resolve()
+        assert (tmp_path / "elsewhere").is_dir()
+    else:
+        assert stat.S_ISFIFO(os.lstat(aside).st_mode)
+    assert pointer.is_file() and not pointer.is_symlink() and ckpt.latest_name(run_dir) == "step_000006"
+    assert [int(r["step"]) for r in read_rows(tmp_path / "volumes" / "metrics" / "ptr" / "metrics.csv")] == \
+        list(range(1, 7))
+    assert summary(tmp_path, "ptr")["weights_sha256"] == constant_reference
+    assert f"weights sha256: {constant_reference}" in out
