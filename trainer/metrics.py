@@ -94,9 +94,10 @@ class Metrics:
             self._jsonl.write(json.dumps(row) + "\n")
             self._jsonl.flush()
         except OSError as e:
+            from trainer import atomic
             from trainer.errors import UserError
 
-            raise UserError(f"cannot write {self.csv_path} ({e.strerror or e}); free disk space, then "
+            raise UserError(f"cannot write {self.csv_path} ({e.strerror or e}); {atomic.advice(e)}, then "
                             "`trainer resume` (the rows past the last checkpoint are rewritten)") from None
 
     def close(self) -> None:
