@@ -1,7 +1,7 @@
 """deploy/slurm/train.sbatch under a real SLURM: Debian's slurm-wlm 22.05 and munge, a one-node
-cluster (tests/slurm/cluster.sh) in a --network none container around the Airlock image. Every
-job is submitted with `sbatch` from a folder outside the project, trains 2 processes on the
-smoke config, and is judged by SLURM's own job state and the weights sha256:
+cluster (tests/slurm/cluster.sh) in a container around the Airlock image, on an internal network
+(no route out). Every job is submitted with `sbatch` from a folder outside the project, trains 2
+processes on the smoke config, and is judged by SLURM's own job state and the weights sha256:
 
 - a reference job is COMPLETED 0:0 and logs to <project>/volumes/slurm/, not the submit folder;
 - `scancel --signal=TERM` saves once and ends COMPLETED 0:0 (every process of the step gets the
@@ -112,7 +112,10 @@ def cluster(request, tmp_path_factory):
     client = request.getfixturevalue("docker_client")
     request.getfixturevalue("image")  # skips with the reason when airlock:cpu is not built
     image = _build_slurm_image(client)
-    container = client.containers.run(image, detach=True, network_mode="none", hostname="node1", user="root",
+    # an internal network: no route out, as --network none, but with an interface of its own;
+    # SLURM resolves its node with AI_ADDRCONFIG, which finds nothing where loopback is all there is
+    network = client.networks.create(f"airlock-slurm-{os.getpid()}", internal=True)
+    container = client.containers.run(image, detach=True, network=network.name, hostname="node1", user="root",
                                       shm_size="1g", remove=True)
     try:
         def container_shell(cmd):
@@ -124,6 +127,8 @@ def cluster(request, tmp_path_factory):
         yield node
     finally:
         container.kill()
+        container.wait()
+        network.remove()
 
 
 def _build_slurm_image(client) -> str:
