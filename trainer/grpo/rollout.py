@@ -260,7 +260,7 @@ class OpenAIBackend:
     def request(self, method: str, path: str, body: dict | None = None, parse: bool = True, root: bool = False,
                 check=None, deadline: Deadline | None = None):
         """One call, retried on transport failures (refused, reset, cut short, past server.timeout),
-        5xx and answers that are not JSON or fail `check`; a 4xx raises at once. -> the text
+        5xx and answers that are not JSON or fail `check`; a 4xx or 3xx raises at once. -> the text
         (parse=False), the JSON answer, or what `check(answer)` returns; `check` raises BadAnswer for
         an answer to retry, RolloutError for one no retry can fix. `path` is under the API's /v1, or
         under the server's root with `root`."""
@@ -282,8 +282,8 @@ class OpenAIBackend:
                 self.problem = f"{method} {url}: {problem}"
                 continue
             text = raw.decode("utf-8", "replace")
-            if status >= 400:
-                if status < 500:
+            if not 200 <= status < 300:
+                if status < 500:  # a 4xx, or a redirect (not followed: server.url must be the server itself)
                     raise RolloutError(f"{method} {url} was refused ({status}): {_message(text[:300])}")
                 problem, bad = f"HTTP {status}: {_message(text[:300])}", None
                 self.problem = f"{method} {url}: {problem}"
