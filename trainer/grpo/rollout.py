@@ -33,17 +33,16 @@ one finite log-prob per id, no more ids than max_tokens. A try ends within `time
 of wall clock from connecting to the last byte, however slowly the server sends: it runs in
 a thread of its own, which the waiting side leaves at the deadline, hanging up its socket.
 Refused or reset connections, bodies cut short, tries past their deadline, 5xx answers and
-answers that fail a check are retried with exponential backoff; a 4xx is refused at once.
-What persists ends in one line naming the URL and the problem, with two exceptions that
-skip instead: a request whose answers are never JSON with a choices list loses its groups,
-and a prompt answered with fewer than n choices loses its group; both are counted in
-`stats` and logged, never turned into rewards, and a batch whose every group is skipped
-fails with the last reason. All the requests of one `generate` call (one iteration's
+answers that fail a check are retried with exponential backoff; a 4xx or a redirect is
+refused at once. What persists ends in one line naming the URL and the problem, with two
+exceptions that skip instead: a request whose answers are never JSON with a choices list
+loses its groups, and a prompt answered with fewer than n choices loses its group; both
+are counted in `stats` and logged, never turned into rewards, and a batch whose every
+group is skipped fails with the last reason. All the requests of one `generate` call (one iteration's
 rollouts, one evaluation) end within `rollout_timeout` seconds, and a stop signal
 (trainer.signals.STOP) abandons them within POLL seconds: `generate` raises `Abandoned`
-and nothing of that batch is used.
-Every completion response must name the model that was asked for; sync.py puts each
-policy version on the server and checks that the server computes what the trainer does.
+and nothing of that batch is used. sync.py puts each policy version on the server and
+checks that the server computes what the trainer does.
 
 What is trained: the sampled ids, as sampled, never decoded and re-encoded (for GPT-2 BPE
 that is not the identity: sampled "a", "b" re-encodes to "ab"). The server is asked for
