@@ -159,7 +159,7 @@ class GRPOConfig:
     concurrency: int = 4  # openai backend: requests in flight
     is_cap: float = 3.0  # openai backend: truncated importance-sampling cap (TRL's default); 0 = off
     request_prompts: int = 1  # prompts per server request (n each; local seeds alike); >1 correlates their groups
-    rollout_timeout: float = 300.0  # openai backend: seconds for one iteration's rollouts, or one eval; 0 = no limit
+    rollout_timeout: float = 300.0  # openai: most seconds for a batch of rollouts or any call, with retries; 0 = no limit
 
 
 @dataclass(frozen=True)

@@ -181,8 +181,8 @@ def test_a_trickling_server_meets_the_per_request_deadline(tok):
 
 
 def test_a_silent_server_meets_the_rollout_deadline(tok):
-    """Every request waits forever: the batch ends at grpo.rollout_timeout however many tries
-    server.timeout and server.retries would allow."""
+    """Every request waits forever: a batch ends at grpo.rollout_timeout however many tries
+    server.timeout and server.retries would allow, and so does a call of its own (/models, a sync)."""
     server = RawServer(lambda body, conn: time.sleep(30))
     try:
         backend = OpenAIBackend(server.url, "m", tok, eos_id=0, timeout=60, retries=5, concurrency=2,
@@ -190,6 +190,9 @@ def test_a_silent_server_meets_the_rollout_deadline(tok):
         t0 = time.monotonic()
         message = fails(backend)
         took = time.monotonic() - t0
+        with pytest.raises(RolloutError, match="did not answer within grpo.rollout_timeout=1.5s, retries included"):
+            backend.served_models()
+        assert time.monotonic() - t0 < 6
     finally:
         server.stop()
     assert "within grpo.rollout_timeout=1.5s (0 answered" in message, message

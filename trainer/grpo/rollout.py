@@ -264,7 +264,16 @@ class OpenAIBackend:
         an answer to retry, RolloutError for one no retry can fix. `path` is under the API's /v1, or
         under the server's root with `root`."""
         url = (self.root if root else self.url) + path
-        deadline = deadline or Deadline()
+        if deadline is not None:
+            return self._call(method, url, body, parse, check, deadline)
+        try:  # a call of its own (a sync, a probe, /models) has the same limit as a batch of rollouts
+            return self._call(method, url, body, parse, check, Deadline(self.rollout_timeout))
+        except _TimeUp:
+            raise RolloutError(f"generation server {url} did not answer within grpo.rollout_timeout="
+                               f"{self.rollout_timeout:g}s, retries included (last problem: "
+                               f"{self.problem or 'none, it is just slow'})") from None
+
+    def _call(self, method: str, url: str, body: dict | None, parse: bool, check, deadline: Deadline):
         tries = self.retries + 1
         problem, bad = "", None
         for attempt in range(tries):
