@@ -20,7 +20,10 @@ With backend=openai each version is put on the server before it is sampled from 
 a full HF folder the server reloads, or a LoRA adapter) and checked there with a fixed
 probe; train_iter_NNN.json names the version and its sha256 that produced the iteration's
 rollouts, and `sync_s` is its cost. A resumed run re-pushes the checkpoint's policy before
-its first rollout, so the server never holds other weights.
+its first rollout, so the server never holds other weights. The server is untrusted
+(rollout.py): what it gets wrong ends the run in one line naming it, exit 2, with the
+checkpoints before intact; a stop signal while the trainer waits on it abandons that
+iteration, keeps the last checkpoint and exits 0 with the resume command.
 
 Sampling seeds, problem ids and minibatch orders are functions of (run.seed, iteration),
 and each iteration ends with a checkpoint (weights, AdamW state, RNG), so a resume

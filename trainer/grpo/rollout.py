@@ -117,7 +117,7 @@ class _Failed(Exception):
 
 
 class _TimeUp(Exception):
-    """The requests of one generate() call ran past rollout_timeout."""
+    """The requests of one generate() call, or one call of its own, ran past rollout_timeout."""
 
 
 class _Cancelled(Exception):
