@@ -7,6 +7,8 @@ dropout masks of a run that samples mid-training, and break bit-exact resume).
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +23,20 @@ def _cumsum(x: torch.Tensor) -> torch.Tensor:
     if x.is_cuda and torch.are_deterministic_algorithms_enabled():
         return x.cpu().cumsum(-1).to(x.device)
     return x.cumsum(-1)
+
+
+@functools.cache
+def _cache_name(forward) -> str:
+    """The name of the KV cache in a model's forward and its output: transformers 5.25 renamed
+    `past_key_values` to `cache` (the old name warns on every call until 5.40 removes it)."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def forward_cached(model, cache, **inputs):
+    """model(**inputs) continuing `cache` (None at first); -> (output, its cache)."""
+    name = _cache_name(type(getattr(model, "get_base_model", lambda: model)()).forward)
+    out = model(**inputs, **({name: cache} if cache is not None else {}))
+    return out, getattr(out, name, None)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -55,10 +71,11 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
     done = torch.zeros(prompt.size(0), dtype=torch.bool, device=prompt.device)
     for _ in range(max_new_tokens):
         if past is not None and idx.size(1) <= positions:
-            result = model(idx[:, -1:], past_key_values=past, use_cache=True)
+            result, past = forward_cached(model, past, input_ids=idx[:, -1:], use_cache=True)
         else:
-            result = model(idx[:, -positions:], use_cache=idx.size(1) < positions, logits_to_keep=1)
-        past = result.past_key_values if idx.size(1) < positions else None
+            result, past = forward_cached(model, None, input_ids=idx[:, -positions:],
+                                          use_cache=idx.size(1) < positions, logits_to_keep=1)
+        past = past if idx.size(1) < positions else None
         logits = result.logits[:, -1, :].float()
         if temperature <= 0:
             nxt = logits.argmax(-1, keepdim=True)
@@ -154,9 +171,8 @@ def sample(model, prompts: list[list[int]], seeds: list[int], max_tokens: int, t
     for t in range(max_tokens):
         # logits of the last position only: the prefill would otherwise project every prompt
         # position onto the whole vocabulary (128 x 70 x 50,257 floats for a GRPO batch)
-        out = model(input_ids=step_ids, attention_mask=mask, position_ids=position_ids,
-                    past_key_values=past, use_cache=True, logits_to_keep=1)
-        past = out.past_key_values
+        out, past = forward_cached(model, past, input_ids=step_ids, attention_mask=mask, position_ids=position_ids,
+                                   use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1].float()  # (B, V)
         nxt = _pick(logits, uniforms[:, t], temperature, top_k, top_p)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)

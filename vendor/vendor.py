@@ -1,6 +1,7 @@
 """Vendor step: everything the image needs from outside, gathered once, hashed, offline after.
 
     python3 vendor/vendor.py lock  VARIANT         # <pins>.in -> <variant>.lock (online)
+    python3 vendor/vendor.py constraints VARIANT   # the lock's versions, for `pip install -c` on a host
     python3 vendor/vendor.py all   VARIANT [--fixture]
         wheels     pip download --only-binary --require-hashes -> vendor/wheels/<variant>/
         debs       the vllm-* images' Debian packages (libnuma1), pinned by sha256 -> vendor/debs/;
@@ -576,10 +577,20 @@ def run_all(variant: str, fixture: bool) -> None:
     manifest([v for v in VARIANTS if (WHEELS / v).is_dir() and any((WHEELS / v).glob("*.whl"))])
 
 
+def constraints(variant: str) -> str:
+    """The lock's versions without hashes, for a host install that should get what the image was
+    tested with: `pip install -c <(python3 vendor/vendor.py constraints cpu) -e .`. (pip turns
+    on hash checking for every requirement when a constraints file carries hashes.) torch, triton
+    and the nvidia-* wheels are left to the host, whose CUDA or CPU build is its own choice."""
+    keep = [pin for name, pin in sorted(read_lock(variant).items())
+            if name not in ("torch", "triton") and not name.startswith("nvidia-")]
+    return f"# the versions of vendor/{variant}.lock (python3 vendor/vendor.py constraints {variant})\n" + "\n".join(keep)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("lock", "all", "wheels"):
+    for name in ("lock", "all", "wheels", "constraints"):
         p = sub.add_parser(name)
         p.add_argument("variant", nargs="?", default="cpu", choices=VARIANTS)
         if name == "all":
@@ -593,6 +604,8 @@ def main() -> None:
     try:
         if a.cmd == "lock":
             lock(a.variant)
+        elif a.cmd == "constraints":
+            print(constraints(a.variant))
         elif a.cmd == "wheels":
             wheels(a.variant)
         elif a.cmd == "debs":
