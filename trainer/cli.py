@@ -27,8 +27,8 @@ from trainer.metrics import setup_logging
 # command -> "module:function"; each command imports what it needs when it runs, so `trainer train`
 # does not pay for FastAPI (serve) or the GRPO stack at start-up
 COMMANDS = {name: f"trainer.commands:{name}_command" for name in
-            ("prepare", "train", "resume", "sample", "export", "evaluate", "doctor", "grpo", "sweep", "corpus",
-             "serve")}
+            ("prepare", "train", "resume", "sample", "export", "evaluate", "runs", "doctor", "grpo", "sweep",
+             "corpus", "serve")}
 
 
 def _load(name: str):

@@ -226,7 +226,7 @@ def export_command(run: str | None = None, checkpoint: str | None = None, out: s
 
 def evaluate_command(checkpoint: str | None = None, watch: str | None = None, run: str | None = None,
                      out_dir: str = "volumes", interval: float = 10.0, once: bool = False, device: str = "auto",
-                     force: bool = False) -> None:
+                     force: bool = False, compare: str | list[str] | None = None, out: str = "") -> None:
     """Evaluate checkpoints: val loss, perplexity and a sample into metrics/<run>/eval.jsonl, and loss.png.
 
     --checkpoint PATH   a step directory (or a run directory: its newest valid checkpoint), once
@@ -235,9 +235,20 @@ def evaluate_command(checkpoint: str | None = None, watch: str | None = None, ru
                         then each new one as it appears, polling every INTERVAL seconds; --once
                         scans a single time. Already-evaluated checkpoints are skipped (restart-safe).
     With none of them: the newest checkpoint of the most recent run. --force re-evaluates.
+    --compare RUN,RUN   no evaluation: the runs' val loss (pretraining) or eval reward (GRPO)
+                        curves on one plot, OUT (default OUT_DIR/metrics/compare.png), and a
+                        markdown table of their best and last values; a run may be a pattern
+                        such as 'grpo_repeat-*' (a sweep's runs).
     """
     from trainer import evaluate, offline, runs, runtime
 
+    if compare is not None:
+        from trainer import board
+
+        text, png = board.compare(out_dir, compare, Path(out) if out else None)
+        print(text)
+        print(f"\nplot: {png}", flush=True)
+        return
     if interval <= 0:
         raise UserError(f"--interval={interval} must be more than 0 seconds")
     offline.go_offline()  # the evaluator never needs a network
@@ -252,6 +263,33 @@ def evaluate_command(checkpoint: str | None = None, watch: str | None = None, ru
     if row is None and step_dir.exists():
         log.info(f"evaluate: {step_dir} is already in "
                  f"{runs.RunPaths.of_step(step_dir).metrics / evaluate.EVAL_FILE} (--force to redo)")
+
+
+def runs_command(config: str | None = None, json: bool = False, **overrides) -> list[dict]:
+    """List the runs under run.out_dir: kind, status, step, best and last val loss or eval reward, newest checkpoint, disk.
+
+    Status: running (with the pid and host holding the run's lock), stopped (by a signal, or
+    killed: `trainer resume` continues it), finished, failed (with the error train.log ends
+    with), damaged (a `latest` that names no step dir, with what a resume falls back to), no
+    checkpoints. Reads only: a damaged run is a row with the reason.
+
+    Args:
+      config: YAML file whose run.out_dir to list (or --run.out_dir=DIR; default volumes).
+      json: print the rows as a JSON list, for scripts.
+    """
+    import dataclasses as dc
+    import json as json_module
+
+    from trainer import board
+    from trainer import config as configs
+
+    out_dir = configs.build(yaml_path=config, overrides=overrides).run.out_dir
+    rows = board.list_runs(out_dir)
+    if json:
+        print(json_module.dumps([dc.asdict(r) for r in rows], indent=1), flush=True)
+    else:
+        print(f"runs under {out_dir}:\n{board.table(rows)}", flush=True)
+    return [dc.asdict(r) for r in rows]
 
 
 # ---------------------------------------------------------------- doctor

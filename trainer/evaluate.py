@@ -4,8 +4,9 @@ under a folder (`--watch DIR`).
 For each checkpoint: the val loss over the run's own fixed validation batches (the same
 `train.eval_iters` batches training uses, so the numbers compare with metrics.csv), the
 perplexity exp(val loss), and one sample with the run's sample settings. Each result is one
-line appended to metrics/<run>/eval.jsonl, after which loss.png is redrawn with the train
-and val curves.
+line appended to metrics/<run>/eval.jsonl and a TensorBoard event file in metrics/<run>/eval/
+(run "<run>/eval": val/loss beside training's, val/perplexity, the sample as text), after
+which loss.png is redrawn with the train and val curves.
 
 Restarts are free: a checkpoint whose name and MANIFEST sha256 already have a row in
 eval.jsonl is skipped. A checkpoint pruned (checkpoint.keep_last) or still being written
@@ -35,6 +36,7 @@ from trainer.runs import RunPaths
 log = logging.getLogger("trainer")
 
 EVAL_FILE = "eval.jsonl"
+EVENTS_DIR = "eval"  # in metrics/<run>/: the evaluator's event files, a TensorBoard run of their own
 
 
 def _manifest_sha(step_dir: Path) -> str:
@@ -110,6 +112,8 @@ def evaluate_checkpoint(step_dir: Path, device: torch.device, force: bool = Fals
     }
     out.mkdir(parents=True, exist_ok=True)
     _append(out / EVAL_FILE, row)
+    metrics.log_events(out / EVENTS_DIR, row["step"], {"val_loss": row["val_loss"], "perplexity": row["perplexity"]},
+                       texts={"samples/eval": text})
     metrics.plot_loss(out)
     log.info(f"evaluate: {row['run']}/{row['checkpoint']} val loss {val_loss:.4f}, perplexity {row['perplexity']:.2f} "
              f"-> {out / EVAL_FILE}")

@@ -1,16 +1,51 @@
-"""Metric rows (CSV + JSONL, flushed per row so `tail -f` works), the console/train.log
-logger, and the loss plot."""
+"""Metric rows (CSV + JSONL + TensorBoard events, flushed per row so `tail -f` and a dashboard
+follow a live run), the console/train.log logger, and the loss plot.
+
+The event files (`events.out.tfevents.*`) lie beside metrics.csv in metrics/<run>/, so
+`tensorboard --logdir <out_dir>/metrics` shows every run side by side; the evaluator's lie in
+metrics/<run>/eval/ (TensorBoard run "<run>/eval"). A column becomes the tag TAGS names.
+TensorBoard files are append-only: a resume from step N starts a new file that opens with a
+SessionLog START at step N + 1 (what SummaryWriter(purge_step=N + 1) writes), and TensorBoard
+drops every point at or past that step from the older files, as metrics.csv drops its rows.
+"""
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
 import os
+import re
+import socket
 import sys
+import time
 from pathlib import Path
 
 TRAIN_FIELDS = ("step", "loss", "val_loss", "lr", "grad_norm", "tokens", "tok_per_s", "samples_per_s", "elapsed_s")
+
+# metrics columns -> TensorBoard tags (section/name: TensorBoard groups charts by section). A
+# column not named here is shown as other/<column>, and one with a "/" is a tag already, so a
+# new metric (one reward per reward function, say) appears without a change here.
+TAGS = {
+    # pretraining (train.py); mfu only on a GPU
+    "loss": "train/loss", "val_loss": "val/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+    "tokens": "train/tokens", "tok_per_s": "perf/tok_per_s", "samples_per_s": "perf/samples_per_s",
+    "elapsed_s": "perf/elapsed_s", "mfu": "perf/mfu",
+    # GRPO (grpo/loop.py); its loss and tokens share the train/ tags above
+    "reward_mean": "reward/mean", "reward_std": "reward/std", "zero_std_frac": "reward/zero_std_frac",
+    "kl": "train/kl", "clip_ratio": "train/clip_ratio", "entropy": "train/entropy",
+    "logprob_mismatch": "train/logprob_mismatch", "len_mean": "completions/len_mean",
+    "len_min": "completions/len_min", "len_max": "completions/len_max",
+    "truncated_ratio": "completions/truncated_ratio", "skipped_groups": "completions/skipped_groups",
+    "rollout_s": "time/rollout_s", "train_s": "time/train_s", "sync_s": "time/sync_s", "eval_s": "time/eval_s",
+    "iter_s": "time/iter_s", "eval_reward": "eval/reward", "eval_pass_rate": "eval/pass_rate",
+    # the evaluator (evaluate.py), into metrics/<run>/eval/: its val/loss overlays training's
+    "perplexity": "val/perplexity",
+}
+EVENTS = re.compile(r"^events\.out\.tfevents\.(\d+)\.")  # TensorBoard's own file name: <time>.<host>.<pid>.<n>
+FAILED = "failed after "  # how Metrics.close records, in train.log, the error that ended a run
+_files = itertools.count()
 
 
 def setup_logging(log_file: Path | None = None, level=logging.INFO) -> logging.Logger:
@@ -54,9 +89,107 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def tag(column: str) -> str:
+    return column if "/" in column else TAGS.get(column, f"other/{column}")
+
+
+def _scalar(value) -> float | None:
+    """A number TensorBoard can plot, or None (strings such as GRPO's adapter name, missing values)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+class Events:
+    """One TensorBoard event file, written synchronously by tensorboard's own RecordWriter with
+    the protos SummaryWriter writes (the scalar as simple_value, which EventAccumulator.Scalars
+    reads back). Synchronous, unlike SummaryWriter's background thread: a full disk is an
+    OSError in the caller's thread, which Metrics turns into one line, not a thread's traceback.
+
+    `purge_step`: the first step this file writes again; TensorBoard hides every point of the
+    older files at or past it (SummaryWriter's purge_step)."""
+
+    def __init__(self, log_dir: Path, purge_step: int | None = None):
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        self.dir = Path(log_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        # TensorBoard reads a run's files in name order and never goes back to an older one, so
+        # this file's time field must sort after every file there, even after a kill and a
+        # resume within one second
+        newest = max((int(m.group(1)) for p in self.dir.iterdir() if (m := EVENTS.match(p.name))), default=0)
+        stamp = max(int(time.time()), newest + 1)
+        self.path = self.dir / f"events.out.tfevents.{stamp:010d}.{socket.gethostname()}.{os.getpid()}.{next(_files)}"
+        self._Event = Event
+        self._file = open(self.path, "xb")
+        self._records = RecordWriter(self._file)
+        self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+        if purge_step is not None:
+            self._write(Event(wall_time=time.time(), step=purge_step, session_log=SessionLog(status=SessionLog.START)))
+        self.flush()
+
+    def _write(self, event) -> None:
+        self._records.write(event.SerializeToString())
+
+    def scalars(self, step: int, row: dict) -> None:
+        """Every number of `row` (column -> value) at `step`, as one event."""
+        from torch.utils.tensorboard.summary import scalar
+
+        values = [v for column, value in row.items() if (x := _scalar(value)) is not None
+                  for v in scalar(tag(column), x).value]
+        if values:
+            summary = type(scalar("x", 0.0))(value=values)
+            self._write(self._Event(wall_time=time.time(), step=int(step), summary=summary))
+
+    def text(self, step: int, name: str, text: str) -> None:
+        """`text` under TensorBoard's Text tab, as SummaryWriter.add_text writes it."""
+        from torch.utils.tensorboard.summary import text as text_summary
+
+        self._write(self._Event(wall_time=time.time(), step=int(step), summary=text_summary(name, text)))
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file.closed:
+            return
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        finally:
+            self._file.close()
+
+
+def _write_error(path: Path, e: OSError):
+    from trainer import atomic
+    from trainer.errors import UserError
+
+    return UserError(f"cannot write {path} ({e.strerror or e}); {atomic.advice(e)}, then "
+                     "`trainer resume` (the rows past the last checkpoint are rewritten)")
+
+
+def log_events(log_dir: Path, step: int, row: dict | None = None, texts: dict | None = None) -> None:
+    """One-off events (the evaluator's row, the end-of-run sample) in a file of their own:
+    scalars of `row`, and each text of `texts` (name -> text), at `step`."""
+    try:
+        events = Events(log_dir)
+        try:
+            events.scalars(step, row or {})
+            for name, text in (texts or {}).items():
+                events.text(step, name, text)
+        finally:
+            events.close()
+    except OSError as e:
+        raise _write_error(Path(log_dir), e) from None
+
+
 class Metrics:
-    """Appends one row per step to metrics.csv and metrics.jsonl. On resume, rows past the
-    checkpoint's step (written before a crash) are dropped, so every step appears once."""
+    """Appends one row per step to metrics.csv, metrics.jsonl and a TensorBoard event file. On
+    resume, rows past the checkpoint's step (written before a crash) are dropped, and the new
+    event file purges the points past it, so every step appears once in all three. Closed while
+    an error ends the loop (the loops close it in `finally`), it records the error in train.log
+    (see `failure`), so `trainer runs` can say the run failed and why."""
 
     def __init__(self, metrics_dir: Path, fields=TRAIN_FIELDS, resume_step: int | None = None, key: str = "step"):
         self.dir = Path(metrics_dir)
@@ -65,12 +198,18 @@ class Metrics:
         self.csv_path, self.jsonl_path = self.dir / "metrics.csv", self.dir / "metrics.jsonl"
         if resume_step is not None:
             self._truncate(resume_step)
+        self.last = resume_step or 0
         new = not self.csv_path.exists() or self.csv_path.stat().st_size == 0
         self._csv = open(self.csv_path, "a", newline="")
         self._writer = csv.DictWriter(self._csv, fieldnames=self.fields, extrasaction="ignore")
         if new:
             self._writer.writeheader()
         self._jsonl = open(self.jsonl_path, "a")
+        # a fresh start purges from step 0: the points of an earlier attempt that saved nothing go too
+        try:
+            self.events = Events(self.dir, purge_step=resume_step + 1 if resume_step else 0)
+        except OSError as e:
+            raise _write_error(self.dir, e) from None
 
     def _truncate(self, last: int) -> None:
         """Rewrite both files without rows whose step is past `last` (tmp file + rename)."""
@@ -88,23 +227,96 @@ class Metrics:
             os.replace(tmp, self.jsonl_path)
 
     def log(self, row: dict) -> None:
+        """One row: the CSV keeps `fields`; the JSONL and the event file take every column."""
         try:
             self._writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in self.fields})
             self._csv.flush()
             self._jsonl.write(json.dumps(row) + "\n")
             self._jsonl.flush()
         except OSError as e:
-            from trainer import atomic
-            from trainer.errors import UserError
-
-            raise UserError(f"cannot write {self.csv_path} ({e.strerror or e}); {atomic.advice(e)}, then "
-                            "`trainer resume` (the rows past the last checkpoint are rewritten)") from None
+            raise _write_error(self.csv_path, e) from None
+        try:
+            self.last = int(row[self.key])
+            self.events.scalars(self.last, {k: v for k, v in row.items() if k != self.key})
+            self.events.flush()
+        except OSError as e:
+            raise _write_error(self.events.path, e) from None
 
     def close(self) -> None:
-        for f in (self._csv, self._jsonl):
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
+        error = sys.exc_info()[1]  # what ends the loop, when close runs in its `finally`
+        if isinstance(error, Exception):  # not a stop (Stopped, KeyboardInterrupt are BaseExceptions)
+            _record_failure(f"{FAILED}{self.key} {self.last}: {error}")
+        try:
+            for f in (self._csv, self._jsonl):
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+        finally:
+            self.events.close()
+
+
+def _record_failure(message: str) -> None:
+    """An ERROR line in train.log only: the console gets the error from the CLI, once."""
+    logger = logging.getLogger("trainer")
+    text = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, text, None, None)
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def failure(log_file: Path) -> str | None:
+    """The error that ended a run, when it is the last line of its train.log (a later start
+    of the run writes lines after it): "failed after step N: <error>" (N the last step logged),
+    else None."""
+    try:
+        with open(log_file, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 8192))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    last = next((line for line in reversed(lines) if line.strip()), "")
+    _, found, message = last.partition(f" ERROR {FAILED}")
+    return FAILED + message if found else None
+
+
+# dense bf16 tensor-core peak of one GPU in TFLOP/s (the vendors' data sheets), by a part of its
+# name; the first match wins, so longer names come first. AIRLOCK_PEAK_TFLOPS sets any other.
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0),
+               ("L4", 121.0), ("A10", 125.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0))
+
+
+def peak_tflops(device_name: str) -> float | None:
+    if os.environ.get("AIRLOCK_PEAK_TFLOPS"):
+        return float(os.environ["AIRLOCK_PEAK_TFLOPS"])
+    return next((peak for part, peak in PEAK_TFLOPS if part in device_name), None)
+
+
+def flops_per_token(model, block_size: int) -> float:
+    """Training FLOPs per token (PaLM's appendix B, as nanoGPT's estimate_mfu): 2N forward,
+    2N backward through the activations, 2N per trainable weight for its gradient, plus
+    attention's 12 x layers x width x context."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    config = model.config
+    layers = getattr(config, "n_layer", None) or getattr(config, "num_hidden_layers", 0)
+    width = getattr(config, "n_embd", None) or getattr(config, "hidden_size", 0)
+    return 4.0 * total + 2.0 * trainable + 12.0 * layers * width * block_size
+
+
+def mfu_meter(model, device, block_size: int, world: int = 1):
+    """-> a function from tokens/s (all processes) to model FLOPs utilisation (0..1) of `world`
+    GPUs, or None on a CPU or a GPU of unknown peak."""
+    if getattr(device, "type", str(device)) != "cuda":
+        return None
+    import torch
+
+    peak = peak_tflops(torch.cuda.get_device_name(device))
+    if peak is None:
+        return None
+    per_token = flops_per_token(model, block_size)
+    return lambda tok_per_s: tok_per_s * per_token / (peak * 1e12 * world)
 
 
 def plot_loss(metrics_dir: Path, out: Path | None = None) -> Path | None:

@@ -336,6 +336,7 @@ class Progress:
     def __init__(self, run: Run, start_step: int):
         self.run, self.t = run, run.cfg.train
         self.rows = metrics.Metrics(run.paths.metrics, resume_step=start_step) if run.ranks.writer else None
+        self.mfu = metrics.mfu_meter(run.module, run.device, run.cfg.model.block_size, run.ranks.world)  # GPU only
         self.t0 = self.window_t = time.time()
         self.window_steps = 0
         self.bar = None
@@ -352,10 +353,13 @@ class Progress:
         self.window_steps += 1
         elapsed = time.time() - self.window_t
         rate = self.window_steps / elapsed if elapsed > 0 else 0.0
-        self.rows.log({"step": step, "loss": round(r.loss, 6), "val_loss": None if val is None else round(val, 6),
-                       "lr": r.lr, "grad_norm": None if r.grad_norm is None else round(r.grad_norm, 4),
-                       "tokens": tokens, "tok_per_s": round(rate * per_step, 1),
-                       "samples_per_s": round(rate * sequences, 2), "elapsed_s": round(time.time() - self.t0, 2)})
+        row = {"step": step, "loss": round(r.loss, 6), "val_loss": None if val is None else round(val, 6),
+               "lr": r.lr, "grad_norm": None if r.grad_norm is None else round(r.grad_norm, 4),
+               "tokens": tokens, "tok_per_s": round(rate * per_step, 1),
+               "samples_per_s": round(rate * sequences, 2), "elapsed_s": round(time.time() - self.t0, 2)}
+        if self.mfu is not None:  # metrics.jsonl and TensorBoard (perf/mfu); metrics.csv keeps its columns
+            row["mfu"] = round(self.mfu(rate * per_step), 4)
+        self.rows.log(row)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{r.loss:.4f}")
@@ -471,6 +475,7 @@ def finish(run: Run, state: TrainState) -> dict:
             text = sample_text(model, run.tok, run.prompt_ids, s.max_new_tokens, s.temperature, s.top_k, s.seed,
                                run.device)
             atomic.write_bytes(metrics_dir / "samples.txt", (text + "\n").encode())
+            metrics.log_events(metrics_dir, step, texts={"samples/end_of_run": text})  # TensorBoard's Text tab
             log.info(f"sample ({cfg.sample.max_new_tokens} new tokens, temperature {cfg.sample.temperature}, "
                      f"top-k {cfg.sample.top_k}):\n{text}\n")
         if cfg.train.export_at_end and cfg.checkpoint.enabled and not STOP:
