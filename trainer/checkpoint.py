@@ -100,14 +100,6 @@ def _write(path: Path, data: bytes) -> dict:
     return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _torch_bytes(obj) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -478,7 +470,7 @@ def verify(step_dir: Path) -> str | None:
             return f"{fname} is missing"
         if path.stat().st_size != want["bytes"]:
             return f"{fname} has {path.stat().st_size} bytes, manifest says {want['bytes']}"
-        if _file_sha256(path) != want["sha256"]:
+        if atomic.file_sha256(path) != want["sha256"]:
             return f"{fname} does not match its sha256"
     return _check_contents(step_dir, files)
 

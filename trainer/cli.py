@@ -20,7 +20,7 @@ os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
 import fire
 
-from trainer.errors import UserError
+from trainer.errors import UserError, one_line
 from trainer.metrics import setup_logging
 
 
@@ -58,11 +58,6 @@ def _help(commands: dict, name: str | None) -> str:
         aliases = ", ".join(f"--{a} = --{k}" for a, k in ALIASES.items())
         text += f"\n\nconfig keys (defaults shown; also TRAINER_<SECTION>_<KEY>):\n{reference_text()}\n\nshort forms: {aliases}"
     return text
-
-
-def one_line(message) -> str:
-    """Library messages (torch's unpickling errors, say) span lines; an error is one line."""
-    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
 
 
 def _check_repeats(argv: list[str]) -> None:

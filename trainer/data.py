@@ -294,7 +294,7 @@ def fingerprint(path: Path, names=("train.bin", "val.bin", tk.TOKENIZER_FILE)) -
             continue
         key = (str(file.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
         if key not in _hashed:
-            _hashed[key] = _sha256(file)
+            _hashed[key] = atomic.file_sha256(file)
         out[name] = _hashed[key]
     return out
 
@@ -334,14 +334,6 @@ def split_chunks(n_tokens: int, val_fraction: float, seed: int) -> np.ndarray:
     mask = np.zeros(n_chunks, dtype=bool)
     mask[np.random.default_rng(seed).permutation(n_chunks)[:n_val]] = True
     return mask
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def prepare(data_cfg, log=print) -> Path:
@@ -387,7 +379,8 @@ def prepare(data_cfg, log=print) -> Path:
                 "split": {"chunk": chunk, "val_fraction": data_cfg.val_fraction, "seed": data_cfg.split_seed},
                 "settings": settings(data_cfg),
                 "source_stamp": stamp,
-                "sha256": {name: _sha256(tmp / name) for name in ("train.bin", "val.bin", tk.TOKENIZER_FILE)},
+                "sha256": {name: atomic.file_sha256(tmp / name)
+                           for name in ("train.bin", "val.bin", tk.TOKENIZER_FILE)},
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
             atomic.replace_dir(tmp, out)

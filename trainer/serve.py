@@ -68,7 +68,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from trainer import model as models
 from trainer import tokenizer as tk
-from trainer.errors import UserError
+from trainer.errors import UserError, one_line
 
 MAX_NUM_SEQS = 256  # default cap on rows (prompts x n) per request and per forward batch
 MAX_BODY_BYTES = 8 * 2**20  # default cap on a request body (256 prompts x 2048 ids as JSON: ~4 MB)
@@ -159,11 +159,6 @@ def share_weights(model):
     base model's modules as they were, and costs no second copy of the weights."""
     memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     return copy.deepcopy(model, memo)
-
-
-def one_line(e: Exception, limit: int = 400) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class Engine:
@@ -268,7 +263,7 @@ class Engine:
                 if not torch.isfinite(adapter(input_ids=probe).logits).all():
                     raise ValueError("its weights give non-finite logits")
         except Exception as e:  # a broken or mismatched adapter folder is the caller's input
-            raise ServeError(400, f"cannot load adapter {path!r}: {one_line(e)}", "BadRequestError",
+            raise ServeError(400, f"cannot load adapter {path!r}: {one_line(e, 400)}", "BadRequestError",
                              "lora_path") from None
         return adapter
 
@@ -287,7 +282,7 @@ class Engine:
             for f in files:
                 state.update(load_file(str(f)))
         except (SafetensorError, OSError) as e:
-            raise ServeError(400, f"cannot read the weights in {str(path)!r}: {one_line(e)}",
+            raise ServeError(400, f"cannot read the weights in {str(path)!r}: {one_line(e, 400)}",
                              param="weights_path") from None
         params = dict(self.model.named_parameters())  # a tied lm_head is wte's tensor: listed once
         served = self.model.state_dict()

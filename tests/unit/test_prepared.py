@@ -169,7 +169,7 @@ def test_interrupted_prepare_keeps_the_old_folder(tmp_path, corpus_dir, monkeypa
     def interrupt(path):  # Ctrl-C while the new files are being written
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(D, "_sha256", interrupt)
+    monkeypatch.setattr(D.atomic, "file_sha256", interrupt)
     with pytest.raises(KeyboardInterrupt):
         D.prepare(c, **QUIET)
     assert [p.name for p in (tmp_path / "prepared").iterdir()] == ["n"] and digest(folder) == before
