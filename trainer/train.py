@@ -357,7 +357,7 @@ class Progress:
                "lr": r.lr, "grad_norm": None if r.grad_norm is None else round(r.grad_norm, 4),
                "tokens": tokens, "tok_per_s": round(rate * per_step, 1),
                "samples_per_s": round(rate * sequences, 2), "elapsed_s": round(time.time() - self.t0, 2)}
-        if self.mfu is not None:  # metrics.jsonl and TensorBoard (perf/mfu); metrics.csv keeps its columns
+        if self.mfu is not None:  # metrics.jsonl and TensorBoard (train/mfu); metrics.csv keeps its columns
             row["mfu"] = round(self.mfu(rate * per_step), 4)
         self.rows.log(row)
         if self.bar is not None:
