@@ -1,12 +1,12 @@
 """Typed configuration: one dataclass per section, defaults < YAML < env < CLI.
 
-Every field has a default and a one-line comment with its unit. `load()` merges the
-layers, rejects unknown keys (suggesting the closest one) and wrong types, and returns a
-frozen `Config`. Environment overrides are `TRAINER_<SECTION>_<KEY>`, e.g.
+Each key is declared once, with everything about it beside it:
+`field(default, help, range=..., choices=..., resume=...)`. `validate`, the resume rules,
+`--help` and the README's config reference all read that metadata. `load()` merges the layers,
+rejects unknown keys (suggesting the closest one) and wrong types, and returns a frozen
+`Config`. Environment overrides are `TRAINER_<SECTION>_<KEY>`, e.g.
 `TRAINER_TRAIN_MAX_STEPS=50`; CLI overrides are `--train.max_steps=50`.
 """
-
-from __future__ import annotations
 
 import dataclasses
 import difflib
@@ -14,8 +14,7 @@ import hashlib
 import json
 import os
 import re
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -24,155 +23,236 @@ from trainer.errors import UserError
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    name: str = ""  # run name; "" derives <config>-<model>-<data source>-<UTC time>
-    out_dir: str = "volumes"  # root of checkpoints/<run>/ and metrics/<run>/
-    seed: int = 1337  # seeds init, dropout and the batch sampler
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    offline: bool = True  # install the socket guard: any non-loopback connection is an error
-    compile: bool = False  # torch.compile the model (CUDA mostly; off keeps CPU start-up fast)
-    deterministic: bool = False  # CUDA: deterministic kernels, so resume is bit-exact there too (slower); CPU always is
-    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+class Range:
+    """Allowed values of a number: lo <= v <= hi, with open ends where lo_open/hi_open; `why`
+    explains a range that would puzzle on its own."""
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    why: str = ""
+
+    def holds(self, v) -> bool:
+        return ((self.lo is None or (v > self.lo if self.lo_open else v >= self.lo))
+                and (self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)))
+
+    def __str__(self) -> str:
+        def show(v) -> str:
+            return f"{v:g}" if isinstance(v, float) else str(v)
+
+        why = f" ({self.why})" if self.why else ""
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {show(self.lo)}{why}"
+        return f"in {'(' if self.lo_open else '['}{show(self.lo)}, {show(self.hi)}{')' if self.hi_open else ']'}{why}"
+
+
+def atleast(lo, why: str = "") -> Range:
+    return Range(lo, why=why)
+
+
+def above(lo) -> Range:
+    return Range(lo, lo_open=True)
+
+
+PROB = Range(0, 1, hi_open=True)  # a dropout probability, a beta
+SEED = Range(0, 2**63 - 1)  # what torch, numpy's SeedSequence and Python's random all accept
+# what a resume may do with a key: change it freely (lengths, intervals, logging), change it at the
+# cost of bit-exactness ("inexact": the numbers differ from an uninterrupted run), or not at all
+# ("frozen": the checkpoint's weight shapes, token ids or batches depend on it)
+RESUME_RULES = ("free", "inexact", "frozen")
+
+
+def field(default, help: str = "", *, range: Range | None = None, choices: tuple = (), resume: str = "free"):
+    """One config key: its default, one line of help with the unit ("" = its choices, a | b),
+    the numbers (`range`) or words (`choices`) it allows, and what a resume may do with it. Every
+    number has a range: `validate` checks them all before any work starts, and
+    tests/unit/test_config.py feeds each one a bad value."""
+    assert resume in RESUME_RULES, resume
+    meta = {"help": help or " | ".join(choices), "range": range, "choices": choices, "resume": resume}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
+class RunConfig:
+    name: str = field("", 'run name; "" derives <config>-<model>-<data source>-<UTC time>')
+    out_dir: str = field("volumes", "root of checkpoints/<run>/ and metrics/<run>/")
+    # the sampler's batches depend on the seed
+    seed: int = field(1337, "seeds init, dropout and the batch sampler", range=SEED, resume="frozen")
+    device: str = field("auto", "auto | cpu | cuda | cuda:N", resume="inexact")
+    offline: bool = field(True, "install the socket guard: any non-loopback connection is an error")
+    compile: bool = field(False, "torch.compile the model (CUDA mostly; off keeps CPU start-up fast)",
+                          resume="inexact")
+    deterministic: bool = field(False, "CUDA: deterministic kernels, so resume is bit-exact there too (slower); "
+                                       "CPU always is")
+    threads: int = field(0, "torch intra-op threads; 0 keeps torch's default", range=atleast(0), resume="inexact")
+
+
+# every model.* and data.* key is frozen on resume: they define the weights' shapes and the token ids
+@dataclass(frozen=True)
 class ModelConfig:
-    type: str = "from_scratch"  # from_scratch | gpt2
-    path: str = "vendor/models/gpt2"  # local HF folder for type=gpt2 (loaded with local_files_only)
-    n_layer: int = 4  # transformer blocks (from_scratch)
-    n_head: int = 4  # attention heads (from_scratch)
-    n_embd: int = 128  # width (from_scratch)
-    block_size: int = 128  # context length in tokens; capped at the model's positions
-    dropout: float = 0.0  # dropout probability in attention, residual and embeddings
-    lora: bool = False  # train a LoRA adapter instead of all weights
-    lora_r: int = 8  # LoRA rank
-    lora_alpha: int = 16  # LoRA scaling numerator (scale = alpha / r)
-    lora_dropout: float = 0.05  # dropout on the LoRA branch
-    lora_targets: list = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])  # module names
+    type: str = field("from_scratch", choices=("from_scratch", "gpt2"), resume="frozen")
+    path: str = field("vendor/models/gpt2", "local HF folder for type=gpt2 (loaded with local_files_only)",
+                      resume="frozen")
+    n_layer: int = field(4, "transformer blocks (from_scratch)", range=atleast(1), resume="frozen")
+    n_head: int = field(4, "attention heads (from_scratch)", range=atleast(1), resume="frozen")
+    n_embd: int = field(128, "width (from_scratch)", range=atleast(1), resume="frozen")
+    block_size: int = field(128, "context length in tokens; capped at the model's positions", range=atleast(1),
+                            resume="frozen")
+    dropout: float = field(0.0, "dropout probability in attention, residual and embeddings", range=PROB,
+                           resume="frozen")
+    lora: bool = field(False, "train a LoRA adapter instead of all weights", resume="frozen")
+    lora_r: int = field(8, "LoRA rank", range=atleast(1), resume="frozen")
+    lora_alpha: int = field(16, "LoRA scaling numerator (scale = alpha / r)", range=above(0), resume="frozen")
+    lora_dropout: float = field(0.05, "dropout on the LoRA branch", range=PROB, resume="frozen")
+    lora_targets: list = field(["c_attn", "c_proj", "c_fc"], "module names", resume="frozen")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "python-stdlib"  # python-stdlib | a .txt/.md file or folder | .jsonl | .bin/.npy/.pt tokens
-    name: str = ""  # prepared folder name under prepared_dir; "" derives it from source and tokenizer
-    prepared_dir: str = "data/prepared"  # where prepared folders live
-    tokenizer: str = "bpe"  # gpt2 | bpe | char
-    tokenizer_path: str = "vendor/tokenizers/gpt2"  # gpt2 files (vocab.json + merges.txt or tokenizer.json)
-    vocab_size: int = 4096  # bpe only: target vocabulary size
-    text_field: str = "text"  # jsonl: the field holding the text
-    val_fraction: float = 0.05  # share of documents (or token chunks) held out for validation
-    split_seed: int = 1337  # seeds the train/val split
-    max_bytes: int = 0  # read at most this many bytes of text (0 = all), in sorted file order
+    source: str = field("python-stdlib", "python-stdlib | a .txt/.md file or folder | .jsonl | .bin/.npy/.pt tokens",
+                        resume="frozen")
+    name: str = field("", 'prepared folder name under prepared_dir; "" derives it from source and tokenizer',
+                      resume="frozen")
+    prepared_dir: str = field("data/prepared", "where prepared folders live", resume="frozen")
+    tokenizer: str = field("bpe", choices=("gpt2", "bpe", "char"), resume="frozen")
+    tokenizer_path: str = field("vendor/tokenizers/gpt2", "gpt2 files (vocab.json + merges.txt or tokenizer.json)",
+                                resume="frozen")
+    vocab_size: int = field(4096, "bpe only: target vocabulary size", range=atleast(1), resume="frozen")
+    text_field: str = field("text", "jsonl: the field holding the text", resume="frozen")
+    val_fraction: float = field(0.05, "share of documents (or token chunks) held out for validation",
+                                range=Range(0, 1, lo_open=True, hi_open=True), resume="frozen")
+    split_seed: int = field(1337, "seeds the train/val split", range=SEED, resume="frozen")
+    max_bytes: int = field(0, "read at most this many bytes of text (0 = all), in sorted file order",
+                           range=atleast(0), resume="frozen")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    max_steps: int = 200  # optimizer steps
-    batch_size: int = 16  # sequences per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-3  # peak learning rate
-    min_lr: float = 1e-4  # floor of the cosine decay
-    warmup_steps: int = 20  # linear warmup steps (0 = no warmup)
-    schedule: str = "cosine"  # cosine | constant
-    weight_decay: float = 0.1  # AdamW decay on matrices; biases and norms get none
-    beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.95  # AdamW beta2
-    grad_clip: float = -1.0  # max grad norm; -1 = 1.0 for full training, 2.0 for LoRA; 0 = off
-    eval_interval: int = 50  # steps between validation runs (0 = only at the end)
-    eval_iters: int = 10  # validation batches per evaluation
-    log_interval: int = 25  # steps between console lines
-    sample_at_end: bool = True  # write samples.txt at the end
-    export_at_end: bool = True  # write the HF export to checkpoints/<run>/final/
+    # max_steps is inexact: the cosine schedule depends on the length (for_resume lets a constant one go)
+    max_steps: int = field(200, "optimizer steps", range=atleast(1), resume="inexact")
+    batch_size: int = field(16, "sequences per micro-batch", range=atleast(1), resume="inexact")
+    grad_accum: int = field(1, "micro-batches per optimizer step", range=atleast(1), resume="inexact")
+    lr: float = field(1e-3, "peak learning rate", range=above(0), resume="inexact")
+    min_lr: float = field(1e-4, "floor of the cosine decay", range=atleast(0), resume="inexact")
+    warmup_steps: int = field(20, "linear warmup steps (0 = no warmup)", range=atleast(0), resume="inexact")
+    schedule: str = field("cosine", choices=("cosine", "constant"), resume="inexact")
+    weight_decay: float = field(0.1, "AdamW decay on matrices; biases and norms get none", range=atleast(0),
+                                resume="inexact")
+    beta1: float = field(0.9, "AdamW beta1", range=PROB, resume="inexact")
+    beta2: float = field(0.95, "AdamW beta2", range=PROB, resume="inexact")
+    grad_clip: float = field(-1.0, "max grad norm; -1 = 1.0 for full training, 2.0 for LoRA; 0 = off",
+                             range=atleast(-1, why="-1 = automatic, 0 = off"), resume="inexact")
+    eval_interval: int = field(50, "steps between validation runs (0 = only at the end)", range=atleast(0))
+    eval_iters: int = field(10, "validation batches per evaluation", range=atleast(1))
+    log_interval: int = field(25, "steps between console lines", range=atleast(1))
+    sample_at_end: bool = field(True, "write samples.txt at the end")
+    export_at_end: bool = field(True, "write the HF export to checkpoints/<run>/final/")
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    interval: int = 100  # steps between checkpoints (0 = only at the end and on signals)
-    keep_last: int = 3  # step directories kept (0 = all)
-    best: bool = True  # keep best/ by validation loss
-    mirror_dir: str = ""  # second location each completed checkpoint is copied to ("" = none)
-    enabled: bool = True  # write checkpoints at all
+    interval: int = field(100, "steps between checkpoints (0 = only at the end and on signals)", range=atleast(0))
+    keep_last: int = field(3, "step directories kept (0 = all)", range=atleast(0))
+    best: bool = field(True, "keep best/ by validation loss")
+    mirror_dir: str = field("", 'second location each completed checkpoint is copied to ("" = none)')
+    enabled: bool = field(True, "write checkpoints at all")
 
 
 @dataclass(frozen=True)
 class SampleConfig:
-    prompt: str = ""  # "" = "QUESTION: " for gpt2, the start token for from-scratch
-    max_new_tokens: int = 300  # tokens generated
-    temperature: float = 0.7  # softmax temperature (0 = greedy)
-    top_k: int = 50  # keep the k most likely tokens (0 = all)
-    seed: int = 1234  # seeds the sampling
+    prompt: str = field("", '"" = "QUESTION: " for gpt2, the start token for from-scratch')
+    max_new_tokens: int = field(300, "tokens generated", range=atleast(1))
+    temperature: float = field(0.7, "softmax temperature (0 = greedy)", range=atleast(0))
+    top_k: int = field(50, "keep the k most likely tokens (0 = all)", range=atleast(0))
+    seed: int = field(1234, "seeds the sampling", range=SEED)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    interval: int = 1  # GRPO: iterations between held-out evaluations
-    replicates: int = 4  # GRPO: completions per held-out problem
-    num_problems: int = 32  # GRPO: held-out problems per evaluation
-    watch_interval: float = 10.0  # evaluator --watch: seconds between scans
+    interval: int = field(1, "GRPO: iterations between held-out evaluations", range=atleast(0))
+    replicates: int = field(4, "GRPO: completions per held-out problem", range=atleast(1))
+    num_problems: int = field(32, "GRPO: held-out problems per evaluation", range=atleast(1))
+    watch_interval: float = field(10.0, "evaluator --watch: seconds between scans", range=above(0))
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    url: str = "http://127.0.0.1:8000/v1"  # OpenAI-compatible server for GRPO rollouts
-    host: str = "127.0.0.1"  # trainer serve: bind address (loopback unless told otherwise)
-    port: int = 8000  # trainer serve: port
-    timeout: float = 60.0  # GRPO: seconds one try of a request may take, connect to last byte (not per read)
-    retries: int = 5  # GRPO: tries after the first before a request is given up (backoff 0.5 s, doubling)
+    url: str = field("http://127.0.0.1:8000/v1", "OpenAI-compatible server for GRPO rollouts")
+    host: str = field("127.0.0.1", "trainer serve: bind address (loopback unless told otherwise)")
+    port: int = field(8000, "trainer serve: port", range=Range(1, 65535))
+    timeout: float = field(60.0, "GRPO: seconds one try of a request may take, connect to last byte (not per read)",
+                           range=above(0))
+    retries: int = field(5, "GRPO: tries after the first before a request is given up (backoff 0.5 s, doubling)",
+                         range=atleast(0))
 
 
 @dataclass(frozen=True)
 class GRPOConfig:
     """`trainer grpo`: environment, rollouts and the objective (see trainer/grpo/algorithm.py)."""
-    env: str = "repeat"  # sat | arithmetic | repeat (trainer/grpo/envs.py)
-    reward: str = ""  # reward function name; "" = the env's own (sat_partial gives SAT partial credit)
-    sat_vars: int = 6  # sat: variables
-    sat_clauses: int = 8  # sat: clauses
-    sat_k: int = 3  # sat: literals per clause
-    arith_max: int = 20  # arithmetic: largest operand
-    arith_ops: str = "+"  # arithmetic: operators drawn from (+, -, *)
-    repeat_chars: str = "abcd"  # repeat: characters to ask for
-    repeat_length: int = 6  # repeat: how many times to write it
-    backend: str = "local"  # local (sample with the policy) | openai (a vLLM-compatible server at server.url)
-    iterations: int = 20  # rollout -> train -> eval -> checkpoint cycles
-    prompts_per_iter: int = 16  # problems per iteration (B)
-    group_size: int = 8  # completions per problem (G >= 2)
-    max_tokens: int = 16  # new tokens per completion
-    temperature: float = 1.0  # rollout softmax temperature
-    top_p: float = 1.0  # rollout nucleus mass
-    stop: list = field(default_factory=lambda: ["\n"])  # stop strings
-    lr: float = 1e-4  # AdamW learning rate (constant)
-    beta: float = 0.0  # k3 KL weight; 0 = no reference model at all
-    epsilon: float = 0.2  # clip range below (and above unless epsilon_high)
-    epsilon_high: float = 0.0  # clip range above; 0 = epsilon
-    entropy_coef: float = 0.0  # entropy bonus weight
-    scale_rewards: str = "group"  # group | batch | none
-    loss_agg: str = "token_mean"  # token_mean | sequence_mean
-    mask_truncated: bool = False  # completions cut by max_tokens get no loss
-    ppo_epochs: int = 1  # passes over each iteration's rollouts
-    minibatch_size: int = 64  # completions per optimizer step
-    grad_clip: float = 1.0  # max grad norm (0 = off)
-    rollout_batch: int = 128  # local backend: rows sampled together
-    sync: str = "reload"  # openai backend: reload (the server reloads a full HF folder: vLLM) | lora (an adapter)
-    sync_dir: str = ""  # openai backend: shared dir for the policy versions; "" = <out_dir>/sync/<run>
-    server_sync_dir: str = ""  # the same dir as the server sees it ("" = same path)
-    sync_tolerance: float = 0.001  # openai backend: largest mean |server - trainer| probe log-prob after a sync
-    concurrency: int = 4  # openai backend: requests in flight
-    is_cap: float = 3.0  # openai backend: truncated importance-sampling cap (TRL's default); 0 = off
-    request_prompts: int = 1  # prompts per server request (n each; local seeds alike); >1 correlates their groups
-    rollout_timeout: float = 300.0  # openai: most seconds for a batch of rollouts or any call, with retries; 0 = no limit
+    # the task: which environment, its problems and its reward (trainer/grpo/envs.py)
+    env: str = field("repeat", "sat | arithmetic | repeat (trainer/grpo/envs.py)",
+                     choices=("sat", "arithmetic", "repeat"))
+    reward: str = field("", 'reward function name; "" = the env\'s own (sat_partial gives SAT partial credit)')
+    sat_vars: int = field(6, "sat: variables", range=atleast(1))
+    sat_clauses: int = field(8, "sat: clauses", range=atleast(1))
+    sat_k: int = field(3, "sat: literals per clause", range=atleast(1))
+    arith_max: int = field(20, "arithmetic: largest operand", range=atleast(0))
+    arith_ops: str = field("+", "arithmetic: operators drawn from (+, -, *)")
+    repeat_chars: str = field("abcd", "repeat: characters to ask for")
+    repeat_length: int = field(6, "repeat: how many times to write it", range=atleast(1))
+    # rollouts: who samples, how many, and how
+    backend: str = field("local", "local (sample with the policy) | openai (a vLLM-compatible server at server.url)",
+                         choices=("local", "openai"))
+    iterations: int = field(20, "rollout -> train -> eval -> checkpoint cycles", range=atleast(1))
+    prompts_per_iter: int = field(16, "problems per iteration (B)", range=atleast(1))
+    group_size: int = field(8, "completions per problem (G >= 2)",
+                            range=atleast(2, why="GRPO compares completions of one prompt"))
+    max_tokens: int = field(16, "new tokens per completion", range=atleast(1))
+    temperature: float = field(1.0, "rollout softmax temperature", range=atleast(0))
+    top_p: float = field(1.0, "rollout nucleus mass", range=Range(0, 1, lo_open=True))
+    stop: list = field(["\n"], "stop strings")
+    # the objective and its optimizer (trainer/grpo/algorithm.py)
+    lr: float = field(1e-4, "AdamW learning rate (constant)", range=above(0))
+    beta: float = field(0.0, "k3 KL weight; 0 = no reference model at all", range=atleast(0))
+    epsilon: float = field(0.2, "clip range below (and above unless epsilon_high)", range=above(0))
+    epsilon_high: float = field(0.0, "clip range above; 0 = epsilon", range=atleast(0))
+    entropy_coef: float = field(0.0, "entropy bonus weight", range=atleast(0))
+    scale_rewards: str = field("group", choices=("group", "batch", "none"))
+    loss_agg: str = field("token_mean", choices=("token_mean", "sequence_mean"))
+    mask_truncated: bool = field(False, "completions cut by max_tokens get no loss")
+    ppo_epochs: int = field(1, "passes over each iteration's rollouts", range=atleast(1))
+    minibatch_size: int = field(64, "completions per optimizer step", range=atleast(1))
+    grad_clip: float = field(1.0, "max grad norm (0 = off)", range=atleast(0))
+    # generation in bulk: local batching, and the openai backend's weight sync, requests and limits
+    rollout_batch: int = field(128, "local backend: rows sampled together", range=atleast(1))
+    sync: str = field("reload", "openai backend: reload (the server reloads a full HF folder: vLLM) | "
+                                "lora (an adapter)", choices=("reload", "lora"))
+    sync_dir: str = field("", 'openai backend: shared dir for the policy versions; "" = <out_dir>/sync/<run>')
+    server_sync_dir: str = field("", 'the same dir as the server sees it ("" = same path)')
+    sync_tolerance: float = field(0.001, "openai backend: largest mean |server - trainer| probe log-prob after a sync",
+                                  range=atleast(0))
+    concurrency: int = field(4, "openai backend: requests in flight", range=atleast(1))
+    is_cap: float = field(3.0, "openai backend: truncated importance-sampling cap (TRL's default); 0 = off",
+                          range=atleast(0))
+    request_prompts: int = field(1, "prompts per server request (n each; local seeds alike); "
+                                    ">1 correlates their groups", range=atleast(1))
+    rollout_timeout: float = field(300.0, "openai: most seconds for a batch of rollouts or any call, with retries; "
+                                          "0 = no limit", range=atleast(0))
 
 
 @dataclass(frozen=True)
 class Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    server: ServerConfig = field(default_factory=ServerConfig)
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
+    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -187,23 +267,33 @@ class Config:
         return dataclasses.replace(self, **sections)
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
-# keys that may not change when resuming: they define the weights' shapes, the token ids or
-# the batches (run.seed keys the sampler)
-FROZEN_ON_RESUME = ("model.", "data.", "run.seed")
-# keys that may change on resume, but then the run is no longer bit-exact with an uninterrupted one
-INEXACT_ON_RESUME = ("run.threads", "run.device", "run.compile", "train.batch_size", "train.grad_accum", "train.lr",
-                     "train.min_lr", "train.warmup_steps", "train.schedule", "train.weight_decay", "train.beta1",
-                     "train.beta2", "train.grad_clip", "train.max_steps")
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}  # section name -> its dataclass
+
+
+def keys() -> dict[str, dataclasses.Field]:
+    """Every config key, {'train.max_steps': its field}; field.type is the key's type and
+    field.metadata holds its help, range, choices and resume rule."""
+    return {f"{section}.{f.name}": f for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+
+
+def resume_keys(rule: str) -> tuple[str, ...]:
+    """The keys a resume treats as `rule` ("frozen" or "inexact"; see RESUME_RULES)."""
+    assert rule in RESUME_RULES, rule
+    return tuple(key for key, f in keys().items() if f.metadata["resume"] == rule)
+
+
+def default(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
 NOT_CONFIG_ENV = {"TRAINER_DEBUG"}  # TRAINER_* variables that are not config keys
 # short flags from the setups Airlock replaces (`--steps 10 --seed 42`)
 ALIASES = {"steps": "train.max_steps", "seed": "run.seed", "lr": "train.lr",
            "batch_size": "train.batch_size", "block_size": "model.block_size", "name": "run.name"}
 
 
-def _section_classes() -> dict[str, type]:
-    hints = typing.get_type_hints(Config)
-    return {name: hints[name] for name in SECTIONS}
+def _types(section: str) -> dict[str, type]:
+    return {f.name: f.type for f in dataclasses.fields(SECTIONS[section])}
 
 
 def _closest(word: str, options) -> str:
@@ -247,13 +337,12 @@ def _coerce(value, typ, where: str, from_text: bool):
 
 def _apply(tree: dict, layer: dict, origin: str, from_text: bool = False) -> None:
     """Merge one layer of {section: {key: value}} into tree, validating names and types."""
-    classes = _section_classes()
     for section, values in layer.items():
-        if section not in classes:
-            raise UserError(f"{origin}: unknown section {section!r}{_closest(section, classes)}")
+        if section not in SECTIONS:
+            raise UserError(f"{origin}: unknown section {section!r}{_closest(section, SECTIONS)}")
         if not isinstance(values, dict):
             raise UserError(f"{origin}: section {section!r} must be a mapping of key: value")
-        hints = typing.get_type_hints(classes[section])
+        hints = _types(section)
         for key, value in values.items():
             label = f"{section}.{key}"
             if key not in hints:
@@ -267,8 +356,7 @@ def _dotted(overrides: dict, origin: str) -> dict:
     for raw, value in overrides.items():
         key = ALIASES.get(raw, raw).replace("-", "_")
         if "." not in key:
-            options = [f"{s}.{k}" for s, c in _section_classes().items() for k in typing.get_type_hints(c)]
-            raise UserError(f"{origin}: unknown option --{raw}{_closest(raw, list(options) + list(ALIASES))}")
+            raise UserError(f"{origin}: unknown option --{raw}{_closest(raw, list(keys()) + list(ALIASES))}")
         section, name = key.split(".", 1)
         layer.setdefault(section, {})[name] = value
     return layer
@@ -317,8 +405,7 @@ def build(base: dict | None = None, yaml_path: str | None = None, overrides: dic
     for var, layer in _env_layers(os.environ if environ is None else environ):
         _apply(tree, layer, f"environment variable {var}", from_text=True)
     _apply(tree, _dotted(overrides or {}, "command line"), "command line", from_text=True)
-    classes = _section_classes()
-    cfg = Config(**{s: classes[s](**v) for s, v in tree.items()})
+    cfg = Config(**{s: SECTIONS[s](**v) for s, v in tree.items()})
     validate(cfg)
     return cfg
 
@@ -352,29 +439,28 @@ def from_dict(tree, origin: str = "saved config") -> Config:
     the others may be fixed by an override, and `build` checks the result."""
     if not isinstance(tree, dict):
         raise UserError(f"{origin}: not a mapping of sections")
-    known = {s: {k: v for k, v in values.items() if k in typing.get_type_hints(_section_classes()[s])}
+    known = {s: {k: v for k, v in values.items() if k in _types(s)}
              for s, values in tree.items() if s in SECTIONS and isinstance(values, dict)}
     tree = Config().to_dict()
     _apply(tree, known, origin)
-    classes = _section_classes()
-    cfg = Config(**{s: classes[s](**v) for s, v in tree.items()})
+    cfg = Config(**{s: SECTIONS[s](**v) for s, v in tree.items()})
     try:
-        validate(cfg, only=FROZEN_ON_RESUME)
+        validate(cfg, only=resume_keys("frozen"))
     except UserError as e:
         raise UserError(f"{origin}: {e}") from None
     return cfg
 
 
-def changed_keys(old: Config, new: Config, prefixes: tuple[str, ...]) -> dict[str, tuple]:
-    """{dotted key: (old value, new value)} for the keys under `prefixes` that differ."""
+def changed_keys(old: Config, new: Config, among: tuple[str, ...]) -> dict[str, tuple]:
+    """{dotted key: (old value, new value)} for the keys in `among` that differ."""
     a, b = old.to_dict(), new.to_dict()
     return {f"{section}.{key}": (a[section][key], b[section][key]) for section in a for key in a[section]
-            if f"{section}.{key}".startswith(prefixes) and a[section][key] != b[section][key]}
+            if f"{section}.{key}" in among and a[section][key] != b[section][key]}
 
 
 def changed_frozen_keys(old: Config, new: Config) -> list[str]:
     """Keys that define weights, token ids or batches and differ between two configs."""
-    return list(changed_keys(old, new, FROZEN_ON_RESUME))
+    return list(changed_keys(old, new, resume_keys("frozen")))
 
 
 def for_resume(saved: Config, cfg: Config) -> tuple[Config, dict[str, tuple]]:
@@ -387,7 +473,7 @@ def for_resume(saved: Config, cfg: Config) -> tuple[Config, dict[str, tuple]]:
                         "batches depend on them; start a new run (trainer train --run.name NEW) instead")
     if not cfg.run.threads and saved.run.threads:
         cfg = cfg.replace(run=dataclasses.replace(cfg.run, threads=saved.run.threads))
-    inexact = changed_keys(saved, cfg, INEXACT_ON_RESUME)
+    inexact = changed_keys(saved, cfg, resume_keys("inexact"))
     if cfg.train.schedule == "constant":
         inexact.pop("train.max_steps", None)  # only the cosine schedule depends on the length
     return cfg, inexact
@@ -398,86 +484,16 @@ def inexact_warning(inexact: dict[str, tuple]) -> str:
             + ": the run goes on, but no longer bit-exactly as an uninterrupted run would")
 
 
-@dataclass(frozen=True)
-class Range:
-    """Allowed values of a number: lo <= v <= hi, with open ends where lo_open/hi_open."""
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-    hi_open: bool = False
-
-    def holds(self, v) -> bool:
-        return ((self.lo is None or (v > self.lo if self.lo_open else v >= self.lo))
-                and (self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)))
-
-    def __str__(self) -> str:
-        def show(v) -> str:
-            return f"{v:g}" if isinstance(v, float) else str(v)
-
-        if self.hi is None:
-            return f"{'>' if self.lo_open else '>='} {show(self.lo)}"
-        return f"in {'(' if self.lo_open else '['}{show(self.lo)}, {show(self.hi)}{')' if self.hi_open else ']'}"
-
-
-def _min(lo, open_: bool = False) -> Range:
-    return Range(lo, None, lo_open=open_)
-
-
-PROB = Range(0, 1, hi_open=True)  # a dropout probability, a beta
-SEED = Range(0, 2**63 - 1)  # what torch, numpy's SeedSequence and Python's random all accept
-# every number a config may hold, and the values that make sense; `validate` checks them all
-# before any work starts, and tests/unit/test_config.py feeds each one a bad value
-RANGES = {
-    "run.seed": SEED, "run.threads": _min(0),
-    "model.n_layer": _min(1), "model.n_head": _min(1), "model.n_embd": _min(1), "model.block_size": _min(1),
-    "model.dropout": PROB, "model.lora_r": _min(1), "model.lora_alpha": _min(0, open_=True),
-    "model.lora_dropout": PROB,
-    "data.vocab_size": _min(1), "data.val_fraction": Range(0, 1, lo_open=True, hi_open=True),
-    "data.split_seed": SEED, "data.max_bytes": _min(0),
-    "train.max_steps": _min(1), "train.batch_size": _min(1), "train.grad_accum": _min(1),
-    "train.lr": _min(0, open_=True), "train.min_lr": _min(0), "train.warmup_steps": _min(0),
-    "train.weight_decay": _min(0), "train.beta1": PROB, "train.beta2": PROB, "train.grad_clip": _min(-1),
-    "train.eval_interval": _min(0), "train.eval_iters": _min(1), "train.log_interval": _min(1),
-    "checkpoint.interval": _min(0), "checkpoint.keep_last": _min(0),
-    "sample.max_new_tokens": _min(1), "sample.temperature": _min(0), "sample.top_k": _min(0), "sample.seed": SEED,
-    "eval.interval": _min(0), "eval.replicates": _min(1), "eval.num_problems": _min(1),
-    "eval.watch_interval": _min(0, open_=True),
-    "server.port": Range(1, 65535), "server.timeout": _min(0, open_=True), "server.retries": _min(0),
-    "grpo.sat_vars": _min(1), "grpo.sat_clauses": _min(1), "grpo.sat_k": _min(1), "grpo.arith_max": _min(0),
-    "grpo.repeat_length": _min(1), "grpo.iterations": _min(1), "grpo.prompts_per_iter": _min(1),
-    "grpo.group_size": _min(2), "grpo.max_tokens": _min(1), "grpo.temperature": _min(0),
-    "grpo.top_p": Range(0, 1, lo_open=True), "grpo.lr": _min(0, open_=True), "grpo.beta": _min(0),
-    "grpo.epsilon": _min(0, open_=True), "grpo.epsilon_high": _min(0), "grpo.entropy_coef": _min(0),
-    "grpo.ppo_epochs": _min(1), "grpo.minibatch_size": _min(1), "grpo.grad_clip": _min(0),
-    "grpo.rollout_batch": _min(1), "grpo.concurrency": _min(1), "grpo.is_cap": _min(0),
-    "grpo.request_prompts": _min(1), "grpo.sync_tolerance": _min(0), "grpo.rollout_timeout": _min(0),
-}
-CHOICES = {
-    "model.type": ("from_scratch", "gpt2"), "data.tokenizer": ("gpt2", "bpe", "char"),
-    "train.schedule": ("cosine", "constant"), "grpo.env": ("sat", "arithmetic", "repeat"),
-    "grpo.backend": ("local", "openai"), "grpo.sync": ("reload", "lora"),
-    "grpo.scale_rewards": ("group", "batch", "none"),
-    "grpo.loss_agg": ("token_mean", "sequence_mean"),
-}
-HINTS = {  # why a range is what it is, where the bare range would puzzle
-    "train.grad_clip": " (-1 = automatic, 0 = off)", "grpo.group_size": " (GRPO compares completions of one prompt)",
-}
-
 
 def validate(cfg: Config, only: tuple[str, ...] = ()) -> None:
-    """Collect every problem, raise once. `only`: just the problems of keys with these
-    prefixes (each problem text starts with the key it is about)."""
+    """Collect every problem, raise once. `only`: just the problems of these keys (each problem
+    text starts with the key it is about)."""
     tree = cfg.to_dict()
-    problems = []
-    for key, allowed in RANGES.items():
-        section, name = key.split(".")
-        value = tree[section][name]
-        if not allowed.holds(value):
-            problems.append(f"{key}={value} must be {allowed}{HINTS.get(key, '')}")
-    for key, options in CHOICES.items():
-        section, name = key.split(".")
-        if tree[section][name] not in options:
-            problems.append(f"{key}={tree[section][name]!r} must be one of {', '.join(options)}")
+    values = {key: tree[key.split(".")[0]][key.split(".")[1]] for key in keys()}
+    problems = [f"{key}={values[key]} must be {f.metadata['range']}" for key, f in keys().items()
+                if f.metadata["range"] and not f.metadata["range"].holds(values[key])]
+    problems += [f"{key}={values[key]!r} must be one of {', '.join(f.metadata['choices'])}" for key, f in keys().items()
+                 if f.metadata["choices"] and values[key] not in f.metadata["choices"]]
     m, d, t, g = cfg.model, cfg.data, cfg.train, cfg.grpo
     if m.type == "gpt2" and d.tokenizer != "gpt2":
         problems.append(f"model.type=gpt2 needs data.tokenizer=gpt2 (got {d.tokenizer!r})")
@@ -526,31 +542,18 @@ def grad_clip(cfg: Config) -> float:
 
 def reference_text() -> str:
     """Every config key with its default and meaning, for `trainer <command> --help`."""
-    lines = []
-    for row in reference_markdown().splitlines():
-        if row.startswith("**"):
-            section = row.split("`")[1]
-        elif row.startswith("| `"):
-            key, default, meaning = [c.strip() for c in row.strip("|").split(" | ", 2)]
-            lines.append(f"  --{section}.{key.strip('`')}={default.strip('`')}".ljust(44) + " " + meaning.replace("\\|", "|"))
-    return "\n".join(lines)
+    return "\n".join(f"  --{key}={default(f)!r}".ljust(44) + " " + f.metadata["help"] for key, f in keys().items())
 
 
 def reference_markdown() -> str:
-    """The config reference for the README, read from the field comments above."""
-    import inspect
-    import re
-
+    """The config reference for the README: a table per section, from the fields' metadata."""
     out = []
-    for section, cls in _section_classes().items():
-        out.append(f"\n**`{section}`**: {(cls.__doc__ or '').strip() if cls.__doc__ and 'Config(' not in cls.__doc__ else ''}"
-                   .rstrip(": ") + "\n\n| key | default | meaning |\n| --- | --- | --- |")
-        source = inspect.getsource(cls)
+    for section, cls in SECTIONS.items():
+        doc = (cls.__doc__ or "").strip() if cls.__doc__ and "Config(" not in cls.__doc__ else ""
+        out.append(f"\n**`{section}`**: {doc}".rstrip(": ") + "\n\n| key | default | meaning |\n| --- | --- | --- |")
         for f in dataclasses.fields(cls):
-            comment = re.search(rf"^\s+{f.name}: [^=]+= .*?  # (.*)$", source, re.M)
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            meaning = comment.group(1).replace("|", "\\|") if comment else ""
-            out.append(f"| `{f.name}` | `{default!r}` | {meaning} |")
+            meaning = f.metadata["help"].replace("|", "\\|")
+            out.append(f"| `{f.name}` | `{default(f)!r}` | {meaning} |")
     return "\n".join(out).strip() + "\n"
 
 
@@ -559,4 +562,4 @@ if __name__ == "__main__":
 
 
 __all__ = ["Config", "load", "build", "from_dict", "read_yaml", "changed_frozen_keys", "changed_keys", "grad_clip",
-           "UserError", "SECTIONS"]
+           "UserError", "SECTIONS", "keys", "resume_keys", "field", "Range"]

@@ -104,20 +104,23 @@ def _bad_values(allowed: C.Range) -> list:
     return out
 
 
+RANGES = {key: f.metadata["range"] for key, f in C.keys().items() if f.metadata["range"]}
+CHOICES = {key: f.metadata["choices"] for key, f in C.keys().items() if f.metadata["choices"]}
+
+
 def test_every_number_in_the_config_has_a_range():
-    import typing
+    numbers = {key for key, f in C.keys().items() if f.type in (int, float)}
+    assert numbers - set(RANGES) == set(), "give every numeric key a range: field(..., range=...)"
+    assert set(RANGES) - numbers == set()
+    assert all(f.metadata["help"] for f in C.keys().values()), "give every key its help"
+    assert set(CHOICES) == {key for key, f in C.keys().items() if f.type is str and f.metadata["choices"]}
 
-    numbers = {f"{s}.{k}" for s, cls in C._section_classes().items() for k, t in typing.get_type_hints(cls).items()
-               if t in (int, float)}
-    assert numbers - set(C.RANGES) == set(), "give every numeric key a range in config.RANGES"
-    assert set(C.RANGES) - numbers == set()
 
-
-@pytest.mark.parametrize("key", sorted(C.RANGES) + sorted(C.CHOICES))
+@pytest.mark.parametrize("key", sorted(RANGES) + sorted(CHOICES))
 def test_every_constrained_key_rejects_a_bad_value_when_loaded(key):
     """Loading is the first thing every command does, so a bad value stops it before step 1
     (tests/integration/test_bad_input.py shows it through the CLI for sample.top_k)."""
-    bad = _bad_values(C.RANGES[key]) if key in C.RANGES else ["no-such-choice"]
+    bad = _bad_values(RANGES[key]) if key in RANGES else ["no-such-choice"]
     assert bad, key
     for value in bad:
         with pytest.raises(UserError, match=key.replace(".", r"\.")):
@@ -155,7 +158,18 @@ def test_resume_rules():
     old = C.build(environ={})
     new = C.build(base=old.to_dict(), environ={}, overrides={"run.seed": 7, "run.threads": 3, "train.log_interval": 1})
     assert C.changed_frozen_keys(old, new) == ["run.seed"]
-    assert C.changed_keys(old, new, C.INEXACT_ON_RESUME) == {"run.threads": (0, 3)}
+    assert C.changed_keys(old, new, C.resume_keys("inexact")) == {"run.threads": (0, 3)}
+
+
+def test_which_keys_a_resume_may_change():
+    """model.* and data.* define the weights' shapes and token ids, run.seed the batches: frozen.
+    These change the numbers, so a resume with them is no longer bit-exact: inexact."""
+    frozen = {key for key in C.keys() if key.startswith(("model.", "data."))} | {"run.seed"}
+    assert set(C.resume_keys("frozen")) == frozen
+    assert set(C.resume_keys("inexact")) == {
+        "run.threads", "run.device", "run.compile", "train.batch_size", "train.grad_accum", "train.lr",
+        "train.min_lr", "train.warmup_steps", "train.schedule", "train.weight_decay", "train.beta1", "train.beta2",
+        "train.grad_clip", "train.max_steps"}
 
 
 def test_for_resume_keeps_the_recorded_threads_and_names_what_costs_exactness():
