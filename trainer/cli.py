@@ -76,61 +76,61 @@ def _check_repeats(argv: list[str]) -> None:
         seen[key] = flag
 
 
-def _parse(fn, argv: list[str], name: str) -> tuple[tuple, dict]:
-    """fire's parsing without fire's call: -> (args, kwargs) for fn. fire calls a function before
-    it notices a stray argument, and then prints its usage block; here a stray argument is one
-    line before anything runs."""
+def _parse(fn, argv: list[str], name: str) -> dict:
+    """fire reads argv against fn's signature -> {parameter: value}, the **overrides merged in.
+
+    fire.Fire has no parse-only mode: it calls what it is given and only then notices an
+    argument that nothing took, prints its usage block to stderr and raises FireExit(2). So it
+    is given a stand-in that records the call instead of running the command, its stderr is
+    dropped, and what went wrong is read from FireExit's trace (the error, and the arguments
+    it could not use) instead of from the text it printed."""
     import contextlib
     import functools
+    import inspect
     import io
 
     got: dict = {}
 
-    @functools.wraps(fn)
+    @functools.wraps(fn)  # fire reads fn's signature through __wrapped__
     def record(*args, **kwargs):
-        got["call"] = (args, kwargs)
+        got["call"] = inspect.signature(fn).bind(*args, **kwargs).arguments
 
-    captured = io.StringIO()
     try:
-        with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(captured):
-            fire.Fire(record, command=argv, name=name, serialize=lambda result: None)
-    except fire.core.FireExit:
-        error = next((line[len("ERROR: "):] for line in captured.getvalue().splitlines()
-                      if line.startswith("ERROR: ")), one_line(captured.getvalue()))
-        stray = error.split("Could not consume arg: ", 1)[-1] if "Could not consume arg" in error else None
-        raise UserError(f"unexpected argument {stray!r} for `{name}`; options look like --key=value "
-                        f"(`{name} --help` lists them)" if stray else f"{name}: {error} (`{name} --help`)") from None
-    if "call" not in got:
+        with contextlib.redirect_stderr(io.StringIO()):
+            fire.Fire(record, command=argv, name=name)
+    except fire.core.FireExit as e:
+        step = e.trace.elements[-1]
+        if "call" in got and step.HasError():  # the call took what it could; these were left over
+            raise UserError(f"unexpected argument {step.args[0]!r} for `{name}`; options look like --key=value "
+                            f"(`{name} --help` lists them)") from None
+        if step.HasError():  # before the call: a required argument missing, an ambiguous -x
+            raise UserError(f"{name}: {step.ErrorAsStr()} (`{name} --help`)") from None
+    if "call" not in got:  # fire's own flags after a lone `--` (--trace, --help): nothing to run
         raise UserError(f"{name}: could not read the arguments {' '.join(argv)!r} (`{name} --help`)")
-    return got["call"]
+    return _typed(fn, got["call"], name)
 
 
-def _typed(fn, args: tuple, kwargs: dict, name: str) -> dict:
+def _typed(fn, arguments: dict, name: str) -> dict:
     """Check each named argument against its annotation, as config keys are checked: a wrong
-    type is one line naming the argument before the command starts."""
+    type is one line naming the argument before the command starts. (fire reads `5` as an int
+    and `abc` as a string whatever the annotation says.)"""
     import inspect
     import typing
 
-    from trainer.config import _coerce
+    from trainer.config import coerce
 
     signature = inspect.signature(fn)
-    try:
-        bound = signature.bind(*args, **kwargs)
-    except TypeError as e:
-        raise UserError(f"{name}: {e} (`{name} --help`)") from None
     hints = typing.get_type_hints(fn)
     out = {}
-    for param, value in bound.arguments.items():
-        kind = signature.parameters[param].kind
-        if kind is inspect.Parameter.VAR_KEYWORD:
+    for param, value in arguments.items():
+        if signature.parameters[param].kind is inspect.Parameter.VAR_KEYWORD:
             out.update(value)  # config overrides: checked by the config loader
             continue
-        typ = hints.get(param)
-        options = [t for t in typing.get_args(typ) if t is not type(None)] if typing.get_args(typ) else [typ]
+        options = [t for t in typing.get_args(hints.get(param)) if t is not type(None)] or [hints.get(param)]
         if value is True and options != [bool]:  # fire's reading of a bare `--run` with no value
             raise UserError(f"--{param} needs a value, e.g. --{param}=VALUE (`{name} --help`)")
         if value is not None and len(options) == 1 and options[0] in (int, float, str, bool):
-            value = _coerce(value, options[0], f"--{param}", from_text=True)
+            value = coerce(value, options[0], f"--{param}", from_text=True)
         out[param] = value
     return out
 
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         name = f"trainer {argv[0]}"
         _check_repeats(argv[1:])
         fn = _load(argv[0])
-        fn(**_typed(fn, *_parse(fn, argv[1:], name), name))
+        fn(**_parse(fn, argv[1:], name))
     except UserError as e:
         if debug:
             raise

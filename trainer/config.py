@@ -301,7 +301,7 @@ def _closest(word: str, options) -> str:
     return f"; did you mean {match[0]!r}?" if match else f"; valid: {', '.join(sorted(options))}"
 
 
-def _coerce(value, typ, where: str, from_text: bool):
+def coerce(value, typ, where: str, from_text: bool):
     """Check (and, for env strings, parse) one value against a field's type."""
     if from_text and isinstance(value, str) and typ is not str:
         try:
@@ -347,7 +347,7 @@ def _apply(tree: dict, layer: dict, origin: str, from_text: bool = False) -> Non
             label = f"{section}.{key}"
             if key not in hints:
                 raise UserError(f"{origin}: unknown key {label}{_closest(key, hints)}")
-            tree[section][key] = _coerce(value, hints[key], f"{origin}: {label}", from_text)
+            tree[section][key] = coerce(value, hints[key], f"{origin}: {label}", from_text)
 
 
 def _dotted(overrides: dict, origin: str) -> dict:
@@ -489,11 +489,13 @@ def validate(cfg: Config, only: tuple[str, ...] = ()) -> None:
     """Collect every problem, raise once. `only`: just the problems of these keys (each problem
     text starts with the key it is about)."""
     tree = cfg.to_dict()
-    values = {key: tree[key.split(".")[0]][key.split(".")[1]] for key in keys()}
-    problems = [f"{key}={values[key]} must be {f.metadata['range']}" for key, f in keys().items()
-                if f.metadata["range"] and not f.metadata["range"].holds(values[key])]
-    problems += [f"{key}={values[key]!r} must be one of {', '.join(f.metadata['choices'])}" for key, f in keys().items()
-                 if f.metadata["choices"] and values[key] not in f.metadata["choices"]]
+    fields = keys()
+    value = {key: tree[key.split(".")[0]][key.split(".")[1]] for key in fields}
+    # each key's own limits from its field (every range first, then every choice), then the rules across keys
+    problems = [f"{key}={value[key]} must be {f.metadata['range']}" for key, f in fields.items()
+                if f.metadata["range"] and not f.metadata["range"].holds(value[key])]
+    problems += [f"{key}={value[key]!r} must be one of {', '.join(f.metadata['choices'])}" for key, f in fields.items()
+                 if f.metadata["choices"] and value[key] not in f.metadata["choices"]]
     m, d, t, g = cfg.model, cfg.data, cfg.train, cfg.grpo
     if m.type == "gpt2" and d.tokenizer != "gpt2":
         problems.append(f"model.type=gpt2 needs data.tokenizer=gpt2 (got {d.tokenizer!r})")
