@@ -57,6 +57,29 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def full_precision(device: torch.device):
+    """IEEE float32 inside, on CUDA too: no autocast and no TF32 (which `configure` turns on for the
+    whole process; TF32 keeps 10 mantissa bits, so a GPT-2 log-prob moves by ~1e-3, the size of
+    grpo.sync_tolerance). For numbers compared with another engine's float32: GRPO's weight-sync
+    probe, the sampler's log-probs and the importance weights. A no-op on CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast("cuda", enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def to_device(tensors: dict, device: torch.device) -> dict:
+    """{name: tensor} -> the same on `device` (a batch built on the CPU, for a model on `device`)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -122,9 +122,14 @@ class LinearLogProbs(torch.autograd.Function):
     forms the gradient in place:
 
         d log p_y / dz = (onehot_y - p) / tau        d H / dz = -p * (log p + H) / tau
+
+    Under bf16 autocast (the GRPO update on CUDA) both run in float32 with autocast off: the
+    log-softmax over the vocabulary is where bf16 would lose most, and backward must recompute
+    the very logits that forward normalised.
     """
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, states, weight, targets, temperature: float, rows: int, with_entropy: bool,
                 with_raw: bool):
         ctx.set_materialize_grads(False)
@@ -154,6 +159,7 @@ class LinearLogProbs(torch.autograd.Function):
         return logps, entropy, raw
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, g_logps, g_entropy, _):
         states, weight, targets, lse, entropy = ctx.saved_tensors
         tau, rows = ctx.temperature, ctx.rows

@@ -28,6 +28,20 @@ iteration, keeps the last checkpoint and exits 0 with the resume command.
 Sampling seeds, problem ids and minibatch orders are functions of (run.seed, iteration),
 and each iteration ends with a checkpoint (weights, AdamW state, RNG), so a resume
 continues bit-exactly on CPU with the local backend.
+
+On a GPU (run.device cuda, or auto on a GPU host) the policy, the reference, the sampler and
+every batch live on it: rollouts are built on the CPU and train_epoch moves them. As in
+pretraining, runtime.configure turns on TF32 (and run.deterministic's kernels) and AdamW is
+fused. Only the update runs under bf16 autocast: the policy's forward and backward, and the
+two things compared with it, pi_old for the ratio and the reference for the KL, so that the
+ratio is 1 and the KL 0 where the weights have not moved (bf16 moves a GPT-2 log-prob by
+~1e-2, enough to clip and to bias the KL if only one side had it); lm_head's log-softmax stays
+float32 inside (algorithm.LinearLogProbs). Full IEEE float32 (no autocast, no TF32:
+runtime.full_precision) where a log-prob is compared with another engine's float32: the
+weight-sync probe (tolerance 1e-3, while TF32 alone moves it by about that), pi_old^1 behind
+the importance weights and logprob_mismatch (one more no-grad pass), and the local sampler,
+whose log-probs those compare against. On CPU nothing changes: all of it is float32 and one
+pass serves both, so CPU runs stay bit-exact.
 """
 
 from __future__ import annotations
@@ -112,6 +126,13 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
     return ids, attn, comp, sampler
 
 
+def make_optimizer(policy, cfg, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the trainable weights, no weight decay; fused on CUDA, as pretraining's."""
+    return torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.grpo.lr,
+                             betas=(cfg.train.beta1, cfg.train.beta2), weight_decay=0.0,
+                             fused=device.type == "cuda")
+
+
 def _reference_logps(policy, ref, ids, attn, mask, temperature):
     if ref is not None:
         return token_logprobs(ref, ids, attn, mask, temperature).logps
@@ -136,35 +157,52 @@ def evaluate(backend, cfg, params, reward, tok) -> dict:
 
 
 def train_epoch(policy, ref, optimizer, batch, cfg, iteration: int, server: bool = False) -> dict:
-    """ppo_epochs passes of minibatch updates on one iteration's rollouts. `server`: they came from
-    a server, so the truncated importance weights (grpo.is_cap) apply.
+    """ppo_epochs passes of minibatch updates on one iteration's rollouts (a batch built on the CPU,
+    moved to the policy's device here). `server`: they came from a server, so the truncated
+    importance weights (grpo.is_cap) apply.
 
     pi_old's log-probs (and, at temperature 1, the ones compared with the sampler's) come from
     one no-grad pass before the first update. With a single update (ppo_epochs 1, one
     minibatch) that pass would score the very weights the update scores, so the update's own
-    forward, detached, is pi_old (TRL does the same) and the extra pass is skipped."""
+    forward, detached, is pi_old (TRL does the same) and the extra pass is skipped. Under bf16
+    autocast (CUDA) pi_old for the ratio and the reference are scored under it like the update,
+    and the sampler's basis (pi_old^1: importance weights, logprob_mismatch, the entropy logged)
+    by one more pass in full float32 (module docstring)."""
     g = cfg.grpo
+    device = next(policy.parameters()).device
+    mixed = device.type == "cuda"  # runtime.autocast is bf16 there; elsewhere float32, and one pass serves both
     tau = scoring_temperature(g.temperature)
+    batch = runtime.to_device(batch, device)
     ids, attn, adv, sampler = batch["ids"], batch["attn"], batch["adv"], batch["sampler"]
     sampled, mask = batch["sampled"], batch["mask"]  # (N, T-1): every sampled token / the loss's tokens
     single = g.ppo_epochs == 1 and g.minibatch_size >= len(ids)
     scored = sampled if single else mask  # the positions the update steps score
+    base = old = None  # pi_old^1 in float32 (raw, entropy) / pi_old for the ratio
     with torch.no_grad():
-        old = None if single else token_logprobs(policy, ids, attn, sampled, tau, with_entropy=True, with_raw=True)
-        ref_logps = _reference_logps(policy, ref, ids, attn, scored, tau) if g.beta else None
+        if mixed or not single:
+            with runtime.full_precision(device):
+                base = token_logprobs(policy, ids, attn, sampled, tau, with_entropy=True, with_raw=True)
+        with runtime.autocast(device):
+            if not single:
+                old = token_logprobs(policy, ids, attn, sampled, tau) if mixed else base
+            ref_logps = _reference_logps(policy, ref, ids, attn, scored, tau) if g.beta else None
     stats: dict[str, list] = {"loss": [], "kl": [], "clip_ratio": []}
     params = [p for p in policy.parameters() if p.requires_grad]
     weights = None
     for epoch in range(g.ppo_epochs):
         order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(_seed(cfg.run.seed, iteration, epoch)))
+        order = order.to(device)
         for at in range(0, len(ids), g.minibatch_size):
             mb = order[at: at + g.minibatch_size]
-            new = token_logprobs(policy, ids[mb], attn[mb], scored[mb], tau, with_entropy=single or g.entropy_coef > 0,
-                                 with_raw=single)
+            with runtime.autocast(device):
+                new = token_logprobs(policy, ids[mb], attn[mb], scored[mb], tau,
+                                     with_entropy=(single and not mixed) or g.entropy_coef > 0,
+                                     with_raw=single and not mixed)
             if single:
                 old = _in_batch_order(new, mb)
+                base = old if base is None else base
             if server and g.is_cap and weights is None:
-                weights = importance_weights(old.raw, sampler, mask, g.is_cap)
+                weights = importance_weights(base.raw, sampler, mask, g.is_cap)
             loss, s = grpo_loss(new.logps, (old.logps * mask)[mb], adv[mb], mask[mb], g.epsilon,
                                 g.epsilon_high or None, g.beta, None if ref_logps is None else ref_logps[mb],
                                 new.entropy, g.entropy_coef, g.loss_agg, None if weights is None else weights[mb])
@@ -181,8 +219,8 @@ def train_epoch(policy, ref, optimizer, batch, cfg, iteration: int, server: bool
     n = sampled.sum().clamp(min=1)
     # entropy of the policy that sampled (pi_old at the scoring temperature) over the sampled
     # tokens, from the pass that records pi_old: the update steps need not compute it
-    out["entropy"] = float((old.entropy * sampled).sum() / n)
-    out["logprob_mismatch"] = logprob_mismatch(old.raw, sampler, sampled)
+    out["entropy"] = float((base.entropy * sampled).sum() / n)
+    out["logprob_mismatch"] = logprob_mismatch(base.raw, sampler, sampled)
     if weights is not None:  # over the loss's tokens, as TRL logs its importance_sampling_ratio
         on = weights[mask.bool()]
         out["is_weight_mean"] = float(on.mean()) if len(on) else None
@@ -276,6 +314,7 @@ def _grpo(cfg, resume_dir: Path | None) -> dict:
     # recorded in the config, so a resume runs with the same count (bit-exact)
     cfg = cfg.replace(run=dataclasses.replace(cfg.run, threads=runtime.pin_threads(cfg.run.threads)))
     device = runtime.pick_device(cfg.run.device)
+    runtime.configure(device, cfg.run.deterministic)  # CUDA: TF32, and deterministic kernels when asked
     tok = load_tokenizer(cfg)
     eos = tk.eot_id(tok)
     reward = envs.get_reward(g.env, g.reward)
@@ -286,8 +325,9 @@ def _grpo(cfg, resume_dir: Path | None) -> dict:
     ref = None
     if g.beta and not cfg.model.lora:
         ref = copy.deepcopy(policy).requires_grad_(False)  # the initial weights, also after a resume
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=g.lr,
-                                  betas=(cfg.train.beta1, cfg.train.beta2), weight_decay=0.0)
+    optimizer = make_optimizer(policy, cfg, device)
+    log.info(f"run {cfg.run.name}: GRPO on {device}" + (" (update in bf16 autocast, log-probs compared with the "
+                                                        "sampler's in float32)" if device.type == "cuda" else ""))
     start, tracker = 0, {"best_eval": None, "evals": []}
     if resume_dir is not None:
         start = ckpt.resume_training(resume_dir, policy, optimizer, tracker, map_location=device,
@@ -316,7 +356,8 @@ def _grpo(cfg, resume_dir: Path | None) -> dict:
     def ensure_pushed(version: int) -> dict:
         if sync is None or pushed["version"] == version:
             return {"sync_s": 0.0}
-        info = sync.push(policy, version)
+        with runtime.full_precision(device):  # the probe compares with the server's float32
+            info = sync.push(policy, version)
         pushed.update(adapter=info["adapter"], version=version, sha256=info["adapter_sha256"],
                       probe=info["sync_probe_diff"])
         log.info(f"synced version {version} to {cfg.server.url} in {info['sync_s']:.2f}s (probe mean |d logprob| "

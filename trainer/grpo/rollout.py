@@ -20,7 +20,7 @@ groups, 0.25 with all 16 prompts in one request). Servers batch concurrent reque
 themselves (vLLM, `trainer serve`): `concurrency` requests in flight fill their batches.
 
 - `LocalBackend`: batched KV-cache sampling with the policy in this process
-  (trainer.generate.sample).
+  (trainer.generate.sample), in IEEE float32 on a GPU too (runtime.full_precision).
 - `OpenAIBackend`: any OpenAI-compatible /v1/completions server that returns token ids
   the way vLLM does (vLLM, `trainer serve`). Each request carries a list of prompts (token
   ids) with `n`; `concurrency` requests are in flight at once and the groups come back in
@@ -75,6 +75,7 @@ from typing import Protocol
 
 import httpx
 
+from trainer import runtime
 from trainer import tokenizer as tk
 from trainer.errors import UserError
 from trainer.signals import STOP, Stopped
@@ -199,9 +200,11 @@ class LocalBackend:
         was_training = self.model.training
         self.model.eval()
         samples = []
-        for at in range(0, len(rows), self.batch_size):
-            samples += sample(self.model, rows[at:at + self.batch_size], seeds[at:at + self.batch_size],
-                              params.max_tokens, params.temperature, params.top_p, stop_ids, self.eos_id)
+        # IEEE float32 on a GPU too: the log-probs it records are compared with the trainer's (loop.py)
+        with runtime.full_precision(next(self.model.parameters()).device):
+            for at in range(0, len(rows), self.batch_size):
+                samples += sample(self.model, rows[at:at + self.batch_size], seeds[at:at + self.batch_size],
+                                  params.max_tokens, params.temperature, params.top_p, stop_ids, self.eos_id)
         self.model.train(was_training)
         out = []
         for s in samples:
