@@ -125,6 +125,10 @@ tensorboard *args: _ready
 evaluate *args: _ready
     docker compose run --rm evaluator {{run_flag}} {{args}}
 
+# the runs under volumes/: status, step, best/last val loss or eval reward, checkpoint, disk (--json for scripts)
+runs *args: _ready
+    docker compose run --rm {{service}} runs {{args}}
+
 # sample from the newest checkpoint of `run`
 sample *args: _ready
     docker compose run --rm {{service}} sample {{run_flag}} {{args}}

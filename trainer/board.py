@@ -81,9 +81,14 @@ def _lock_held(lock_file: Path) -> bool:
         table = Path("/proc/locks").read_text()
     except OSError:
         return _probe(lock_file)
-    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    # "3: FLOCK  ADVISORY  WRITE 3211 fe:00:1499665 0 EOF"; a waiter's line has "->" after the id
-    return any(parts[1:3] == ["FLOCK", "ADVISORY"] and dev in parts for parts in map(str.split, table.splitlines()))
+    # "3: FLOCK  ADVISORY  WRITE 3211 fe:00:1499665 0 EOF" (device in hex, inode); a waiter's has "->" after the id
+    held = [parts[5] for parts in map(str.split, table.splitlines())
+            if len(parts) > 5 and parts[1:3] == ["FLOCK", "ADVISORY"]]
+    if f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}" in held:
+        return True
+    # overlayfs and other filesystems without a device of their own (major 0) may show the
+    # underlying one there: then the inode alone
+    return os.major(st.st_dev) == 0 and any(h.rsplit(":", 1)[-1] == str(st.st_ino) for h in held)
 
 
 def _probe(lock_file: Path) -> bool:
