@@ -140,6 +140,14 @@ def _number(text) -> float | None:
     return value if value == value else None  # NaN is no value
 
 
+def _rows(path: Path) -> list[dict]:
+    """A metrics CSV's rows; [] when it is missing or not a CSV (a damaged file is no error here)."""
+    try:
+        return metrics.read_rows(path)
+    except (OSError, ValueError, csv.Error):  # ValueError: UnicodeDecodeError of a file that is not text
+        return []
+
+
 def _step_of(name: str | None) -> int | None:
     return int(name.rsplit("_", 1)[1]) if name and ckpt.STEP_DIR.match(name) else None
 
@@ -169,7 +177,7 @@ def curve(metrics_dir: Path, kind: str) -> list[tuple[int, float]]:
             start = json.loads((metrics_dir / "eval_iter_000.json").read_text())
             if _number(start.get("mean_reward")) is not None:
                 points[0] = float(start["mean_reward"])
-    for row in metrics.read_rows(metrics_dir / "metrics.csv"):
+    for row in _rows(metrics_dir / "metrics.csv"):
         key = row.get("step") or row.get("iteration")
         value = _number(row.get(column))
         if key is not None and str(key).isdigit() and value is not None:
@@ -184,10 +192,9 @@ def _sweeps(metrics_root: Path) -> dict[str, str]:
         table = metrics_root / name / "summary.csv"
         if not table.is_file():
             continue
-        with contextlib.suppress(OSError, csv.Error):
-            for row in metrics.read_rows(table):
-                if row.get("run"):
-                    member[row["run"]] = name
+        for row in _rows(table):
+            if row.get("run"):
+                member[row["run"]] = name
     return member
 
 
@@ -196,7 +203,7 @@ def run_info(out_dir, name: str, sweep: str | None = None, now: float | None = N
     paths = RunPaths(Path(out_dir), name)
     run_dir, metrics_dir = paths.checkpoints, paths.metrics
     now = time.time() if now is None else now
-    rows = metrics.read_rows(metrics_dir / "metrics.csv") if (metrics_dir / "metrics.csv").is_file() else []
+    rows = _rows(metrics_dir / "metrics.csv")
     steps = ckpt.step_dirs(run_dir)
     latest, problem = ckpt._read_latest(run_dir)
     if latest and not (run_dir / latest).is_dir():
@@ -277,8 +284,13 @@ def list_runs(out_dir) -> list[Run]:
         folder = metrics_root / name
         if any((folder / f).exists() for f in ("metrics.csv", "train.log", ckpt.CONFIG)):
             names.add(name)
-    now = time.time()
-    return [run_info(out_dir, name, sweeps.get(name), now) for name in sorted(names)]
+    now, runs = time.time(), []
+    for name in sorted(names):
+        try:
+            runs.append(run_info(out_dir, name, sweeps.get(name), now))
+        except Exception as e:  # run_info reads every file defensively; this is the last guard of the listing
+            runs.append(Run(name=name, kind="?", status="unreadable", detail=f"{type(e).__name__}: {e}"))
+    return runs
 
 
 # ---------------------------------------------------------------- the table

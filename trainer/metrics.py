@@ -136,13 +136,12 @@ class Events:
 
     def scalars(self, step: int, row: dict) -> None:
         """Every number of `row` (column -> value) at `step`, as one event."""
-        from torch.utils.tensorboard.summary import scalar
+        from tensorboard.compat.proto.summary_pb2 import Summary
 
-        values = [v for column, value in row.items() if (x := _scalar(value)) is not None
-                  for v in scalar(tag(column), x).value]
+        values = [Summary.Value(tag=tag(column), simple_value=x) for column, value in row.items()
+                  if (x := _scalar(value)) is not None]
         if values:
-            summary = type(scalar("x", 0.0))(value=values)
-            self._write(self._Event(wall_time=time.time(), step=int(step), summary=summary))
+            self._write(self._Event(wall_time=time.time(), step=int(step), summary=Summary(value=values)))
 
     def text(self, step: int, name: str, text: str) -> None:
         """`text` under TensorBoard's Text tab, as SummaryWriter.add_text writes it."""
@@ -286,7 +285,7 @@ def failure(log_file: Path) -> str | None:
 # dense bf16 tensor-core peak of one GPU in TFLOP/s (the vendors' data sheets), by a part of its
 # name; the first match wins, so longer names come first. AIRLOCK_PEAK_TFLOPS sets any other.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0),
-               ("L4", 121.0), ("A10", 125.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0))
+               ("L40", 181.0), ("L4", 121.0), ("A10", 125.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0))
 
 
 def peak_tflops(device_name: str) -> float | None:

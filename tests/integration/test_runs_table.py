@@ -3,7 +3,7 @@ train`, named by its pid and host), stopped (the same run after SIGTERM), finish
 resume whose loss became NaN: the error is the row's detail), damaged (`latest` naming no step
 dir, and one that is a directory), one with no checkpoints, and the GRPO runs of a sweep. Each
 is listed with the right status, step and values, with `--json` for scripts and never a
-traceback. `trainer evaluate --compare` draws the runs' curves into compare.png with a
+traceback, also when its files are not what they claim (binary CSV, log, YAML, JSON, `latest`). `trainer evaluate --compare` draws the runs' curves into compare.png with a
 markdown table of best and last values; an unknown run is one line and exit 2."""
 
 from __future__ import annotations
@@ -177,3 +177,18 @@ def test_an_empty_or_missing_volume(tmp_path):
     assert board.table([]) == "no runs"
     os.makedirs(tmp_path / "v" / "checkpoints" / "x")
     assert board.list_runs(tmp_path / "v") == []  # an empty folder is no run
+
+
+def test_files_that_are_not_what_they_claim_are_a_row(tmp_path):
+    metrics_dir = tmp_path / "metrics" / "junk"
+    metrics_dir.mkdir(parents=True)
+    (metrics_dir / "metrics.csv").write_bytes(b"\xff\xfe\x00step,loss\n\x80\x81")
+    (metrics_dir / "train.log").write_bytes(b"\xff\x00")
+    (metrics_dir / "config.yaml").write_bytes(b"{[: \xff")
+    (metrics_dir / "summary.json").write_bytes(b"[1, 2")
+    run_dir = tmp_path / "checkpoints" / "junk"
+    (run_dir / "step_000003").mkdir(parents=True)  # no manifest: `trainer runs` lists, it does not verify
+    (run_dir / ckpt.LATEST).write_bytes(b"\xff" * 5000)
+    (junk,) = board.list_runs(tmp_path)
+    assert (junk.status, junk.checkpoint, junk.max_steps) == ("damaged", "step_000003", None)
+    assert "`latest` is unreadable" in junk.detail or "not a step directory" in junk.detail, junk.detail
