@@ -121,9 +121,9 @@ tensorboard *args: _ready
     @echo "TensorBoard: http://127.0.0.1:{{dashboard_port}} (every run under volumes/metrics)"
     docker compose --profile dashboard up {{args}} dashboard
 
-# evaluate a checkpoint once (default: the newest of `run`); --watch DIR follows a run
+# evaluate a checkpoint once (default: the newest of `run`); --watch DIR follows a run; --compare=RUN,RUN plots runs
 evaluate *args: _ready
-    docker compose run --rm evaluator {{run_flag}} {{args}}
+    docker compose run --rm evaluator evaluate {{run_flag}} {{args}}
 
 # the runs under volumes/: status, step, best/last val loss or eval reward, checkpoint, disk (--json for scripts)
 runs *args: _ready

@@ -103,9 +103,7 @@ def test_close_records_the_error_that_ends_a_loop_and_not_a_stop(tmp_path):
         finally:
             m.close()
     assert metrics.failure(tmp_path / "train.log") is None
-    for handler in logging.getLogger("trainer").handlers:
-        handler.flush()
-    assert "ERROR" in (tmp_path / "train.log").read_text()
+    assert (tmp_path / "train.log").read_text().count(" ERROR ") == 1  # the stop added none
 
 
 def test_mfu_arithmetic(monkeypatch):
