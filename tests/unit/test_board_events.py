@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import signal
-import logging
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
