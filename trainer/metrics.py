@@ -236,9 +236,14 @@ class Metrics:
             self._jsonl.flush()
         except OSError as e:
             raise _write_error(self.csv_path, e) from None
+        self.last = int(row[self.key])
+        self.scalars(self.last, {k: v for k, v in row.items() if k != self.key})
+
+    def scalars(self, step: int, values: dict) -> None:
+        """Numbers at `step` for TensorBoard only, with no CSV row: GRPO's evaluation before its
+        first update (iteration 0) is one."""
         try:
-            self.last = int(row[self.key])
-            self.events.scalars(self.last, {k: v for k, v in row.items() if k != self.key})
+            self.events.scalars(step, values)
             self.events.flush()
         except OSError as e:
             raise _write_error(self.events.path, e) from None

@@ -1,7 +1,8 @@
 """TensorBoard event files from the metrics writer, read back by TensorBoard's own
 EventAccumulator: every row's numbers under their tags; a resume purges what lay past the
 resumed step, so each step appears once, even when the resume comes within the second of the
-kill; a full disk under the event file is one line; an error that ends a loop is the last line
+kill, and a fresh start hides an attempt that saved nothing (TensorBoard-only scalars, such as
+GRPO's evaluation at iteration 0, included); a full disk under the event file is one line; an error that ends a loop is the last line
 of train.log (what `trainer runs` reads), a stop is not; MFU's arithmetic."""
 
 from __future__ import annotations
@@ -48,13 +49,17 @@ def test_resume_purges_past_the_resumed_step_and_each_step_appears_once(tmp_path
 
 
 def test_a_fresh_start_hides_an_earlier_attempt(tmp_path):
-    m = Metrics(tmp_path, resume_step=0)
-    rows(m, range(1, 4))
+    m = Metrics(tmp_path, ("iteration", "loss"), resume_step=0, key="iteration")
+    m.scalars(0, {"eval_reward": 0.25})  # GRPO's evaluation before its first update: no CSV row
+    for i in (1, 2, 3):
+        m.log({"iteration": i, "loss": 1.0})
     m.close()
-    m = Metrics(tmp_path, resume_step=0)  # the attempt before saved no checkpoint
-    rows(m, range(1, 3), loss=lambda s: 7.0)
+    m = Metrics(tmp_path, ("iteration", "loss"), resume_step=0, key="iteration")  # the attempt before saved no checkpoint
+    m.scalars(0, {"eval_reward": 0.5})
+    m.log({"iteration": 1, "loss": 7.0})
     m.close()
-    assert scalars(tmp_path)["train/loss"] == [(1, 7.0), (2, 7.0)]
+    got = scalars(tmp_path)
+    assert got["train/loss"] == [(1, 7.0)] and got["eval/reward"] == [(0, 0.5)]
 
 
 def test_one_off_events_and_tags(tmp_path):
