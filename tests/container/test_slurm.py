@@ -24,7 +24,6 @@ import re
 import shlex
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
@@ -177,7 +176,7 @@ def test_scancel_term_saves_once_completes_and_the_resubmitted_job_matches(clust
     again = cluster.submit("stop")
     info, log = cluster.wait(again), cluster.log(again)
     ended_well(info, log)
-    assert f"resumed stop from" in log, log
+    assert "resumed stop from" in log, log
     assert cluster.sha("stop") == reference
     assert cluster.rows("stop") == list(range(1, STEPS + 1))  # every step once
 

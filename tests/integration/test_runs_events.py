@@ -9,7 +9,6 @@ each iteration once."""
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import pytest
