@@ -235,3 +235,9 @@ _ready-pair: _ready
 [private]
 _tools: _vendored
     [ -x vendor/.tools/venv/bin/python ]
+
+# scripts/gpu_check.py on the host (no Docker): a table in gpu-check-out/gpu-check.md (or $OUT),
+# exit 1 if a row failed; about 5 minutes on one H100/H200; `--device cpu` runs every row on the CPU
+# every GPU path once through the real CLI, one verdict per row (--device cpu: the same, small, on CPU)
+gpu-check *args:
+    python3 scripts/gpu_check.py {{args}}

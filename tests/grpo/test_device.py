@@ -14,7 +14,8 @@ indices of advanced indexing. With the policy there:
 - AdamW is fused on CUDA and runtime.configure gets run.device and run.deterministic.
 
 The tests marked `gpu` run the same on a real GPU (`pytest -m gpu`; they skip without CUDA):
-bf16 autocast in the update, float32 where log-probs meet the sampler's and the probe's.
+bf16 autocast in the update, float32 where log-probs meet the sampler's and the probe's. The
+last test runs scripts/gpu_check.py (`just gpu-check`) on the CPU, one row.
 """
 
 from __future__ import annotations
@@ -175,7 +176,8 @@ def test_update_runs_on_the_policys_device(tok, how, lora):
         if lora:
             from peft import LoraConfig, get_peft_model
 
-            policy = get_peft_model(policy, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0))
+            policy = get_peft_model(policy, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0,
+                                                    fan_in_fan_out=True))
             for name, p in policy.named_parameters():  # B = 0 would leave the first update without a ratio != 1
                 if "lora_B" in name:
                     torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(1))
@@ -240,9 +242,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @cuda
 def test_cuda_update_keeps_the_sampler_basis_in_float32(tok):
     """On CUDA the update is bf16, yet pi_old^1 is IEEE float32: against the CPU's float32 log-probs
-    as the sampler's, the importance weights are 1 and logprob_mismatch ~1e-6 (bf16 would give
-    ~1e-2); and with pi_old and the reference under the same autocast as the update, the first
-    (single) update sees ratio 1 and KL 0."""
+    as the sampler's, the importance weights are 1 and logprob_mismatch ~1e-6 (TF32 gives ~1e-3,
+    bf16 ~1e-2); and with pi_old and the reference under the same autocast as the update, the first
+    (single) update sees ratio 1 and KL ~0 (a float32 reference against a bf16 policy: ~1e-4)."""
     cfg = configs.load(None, **{**CFG, "grpo.ppo_epochs": 1, "grpo.minibatch_size": 64})
     batch = cpu_batch(cfg, tok)
     policy = tiny_model(tok.get_vocab_size(), n_embd=64)
@@ -254,9 +256,9 @@ def test_cuda_update_keeps_the_sampler_basis_in_float32(tok):
     policy.to(device)
     ref = copy.deepcopy(policy).requires_grad_(False)
     stats = loop.train_epoch(policy, ref, loop.make_optimizer(policy, cfg, device), batch, cfg, 1, server=True)
-    assert stats["logprob_mismatch"] < 1e-5
-    assert abs(stats["is_weight_mean"] - 1) < 1e-5 and abs(stats["is_weight_max"] - 1) < 1e-4
-    assert stats["clip_ratio"] == 0.0 and stats["kl"] < 1e-6
+    assert stats["logprob_mismatch"] < 1e-4
+    assert abs(stats["is_weight_mean"] - 1) < 1e-4 and abs(stats["is_weight_max"] - 1) < 1e-3
+    assert stats["clip_ratio"] == 0.0 and stats["kl"] < 1e-5
 
 
 @pytest.mark.gpu
@@ -269,7 +271,7 @@ def test_grpo_on_cuda(tmp_path):
     assert out["iteration"] == 2
     for i in (1, 2):
         row = json.loads((tmp_path / "metrics" / "cuda" / f"train_iter_{i:03d}.json").read_text())
-        assert row["logprob_mismatch"] < 1e-5 and row["loss"] == row["loss"]
+        assert row["logprob_mismatch"] < 1e-4 and row["loss"] == row["loss"]
 
 
 @pytest.mark.gpu
@@ -286,3 +288,25 @@ def test_probe_in_full_precision_matches_the_cpu(tok):
     with runtime.full_precision(device):
         gpu = probe_logprobs(policy, ids)
     assert float((gpu - cpu).abs().mean()) < 1e-5
+
+
+def test_gpu_check_script_runs_on_the_cpu(tmp_path):
+    """scripts/gpu_check.py (`just gpu-check`) with --device cpu, one row: the real CLI in a
+    subprocess, the markdown table with a verdict per row, the JSON and the log (the whole
+    script on the CPU takes about 4 minutes: too long for a test)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "gpu_check.py"), "--device", "cpu", "--only",
+                           "grpo local", "--out", str(out), "--work", str(tmp_path / "work")],
+                          cwd=root, text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = (out / "gpu-check.md").read_text()
+    assert "| grpo local | GRPO, local backend | pass |" in table and "mismatch <=" in table
+    assert "| bench | bench/throughput.py, short | skip |" in table
+    rows = {r["row"]: r for r in json.loads((out / "gpu-check.json").read_text())["rows"]}
+    assert rows["grpo local"]["status"] == "pass" and len(rows) == 14
+    assert "-m trainer grpo --config configs/grpo_repeat.yaml" in (out / "gpu-check.log").read_text()
