@@ -6,20 +6,25 @@
 Each row runs `python -m trainer ...` (or a bench script) in subprocesses with a timeout and
 checks a number, not only an exit code:
 
-| row | what it runs | passes when |
-| --- | --- | --- |
-| doctor | `trainer doctor` on configs/default.yaml | exit 0, and the device is visible |
-| main job | configs/default.yaml, shortened (steps, corpus bytes) | val loss falls below the first train loss |
-| resume | run.deterministic + run.compile, a dropout model; the run uninterrupted, then resumed from its middle checkpoint in a new process | the same weights sha256 |
-| lora, full | a tiny random GPT-2 with the real GPT-2 tokenizer (vendor/tokenizers/gpt2), fine-tuned | val loss falls |
-| grpo local | configs/grpo_repeat.yaml, 3 iterations | finite, ran on the device, sampler/trainer log-prob mismatch < 1e-4 |
-| grpo serve | configs/grpo_server.yaml (run.device auto), 3 iterations against `trainer serve` on the device on loopback, LoRA merged and reloaded each version | every probe check passed (in the run) |
-| export | the LoRA run, `trainer export --merge`; transformers loads the folder on the device | max abs logit difference against the checkpoint < 1e-4 |
-| evaluate | `trainer evaluate` of the main job's checkpoint on the device | a finite val loss in eval.jsonl |
-| sample | `trainer sample` of the main job's checkpoint | text came out |
-| ddp | `trainer train --nproc N`: NCCL with N = 2 GPUs when there are two; on one GPU the launcher with one worker (no process group); gloo with 2 processes on CPU | world size in the run's manifest |
-| gpu tests | `pytest -m gpu tests/grpo/test_device.py` | pytest passes (on CPU: every test skips) |
-| bench | bench/throughput.py, few steps (on cuda the GPT-2 124M shape), alone at the end | trainer and bare loop losses identical |
+- doctor: `trainer doctor` on configs/default.yaml; exit 0 and the GPU visible.
+- main job: configs/default.yaml, fewer steps and corpus bytes; val loss below the first loss.
+- resume: run.deterministic + run.compile, dropout 0.1; the run uninterrupted, then resumed from
+  its middle checkpoint in a new process; the same weights sha256.
+- lora, full: a tiny random GPT-2 with the real GPT-2 tokenizer (vendor/tokenizers/gpt2),
+  fine-tuned; the val loss clearly below the first loss.
+- grpo local: configs/grpo_repeat.yaml, 3 iterations; finite, on the device, sampler/trainer
+  log-prob mismatch < 1e-4.
+- grpo serve: configs/grpo_server.yaml as shipped (run.device auto), 3 iterations against
+  `trainer serve` on the device on loopback, each version merged, reloaded and probe-checked.
+- export: the LoRA run, `trainer export --merge`; transformers loads it on the device with the
+  checkpoint's logits (max abs difference < 1e-4).
+- evaluate: `trainer evaluate` of the main job's checkpoint on the device; a finite val loss.
+- sample: `trainer sample` of that checkpoint; text came out (it has no device option: CPU).
+- ddp: `trainer train --nproc N`; NCCL with 2 GPUs when there are two, else the torchrun launcher
+  with one worker (no process group); on CPU gloo with 2 processes; the world size in manifest.json.
+- gpu tests: `pytest -m gpu tests/grpo/test_device.py`; passes (on CPU every test skips).
+- bench: bench/throughput.py, few steps (on cuda the GPT-2 124M shape), alone at the end;
+  trainer and bare loop losses identical.
 
 Writes gpu-check.md (the table), gpu-check.json and gpu-check.log (every command and its
 output) under --out (default $OUT when set, else gpu-check-out/) and exits 1 if any row failed.
@@ -61,17 +66,17 @@ class Skipped(Exception):
     """The row does not apply here; the message says why."""
 
 
-# per device: sizes that keep the GPU run within ~5 minutes and the CPU run within a few
+# per device: sizes that keep the GPU run within ~5 minutes and the CPU run within a few; timeout: seconds per command
 SIZES = {
-    "cuda": dict(main_steps=300, main_bytes=4_000_000, main_eval=100, resume_steps=60, resume_layers=4, resume_embd=192,
-                 ft_steps=60, grpo_iters=3, grpo_cpu_shrink={}, timeout=300, bench=["--gpt2-124m", "--steps", "12",
-                                                                                  "--warmup", "4"]),
+    "cuda": dict(main_steps=300, main_bytes=4_000_000, main_eval=100, resume_steps=60, resume_layers=4,
+                 resume_embd=192, ft_steps=60, grpo_iters=3, grpo_shrink={}, timeout=300,
+                 bench=["--gpt2-124m", "--steps", "12", "--warmup", "4"]),
     "cpu": dict(main_steps=16, main_bytes=600_000, main_eval=8, resume_steps=8, resume_layers=2, resume_embd=32,
-                ft_steps=12, grpo_iters=2,
-                grpo_cpu_shrink={"grpo.prompts_per_iter": 4, "grpo.group_size": 4, "eval.num_problems": 4,
-                                 "eval.replicates": 2},
-                timeout=420, bench=["--steps", "6", "--warmup", "2", "--n-layer", "2", "--n-embd", "64",
-                                    "--max-bytes", "300000", "--vocab-size", "512"]),
+                ft_steps=12, grpo_iters=2, timeout=420,
+                grpo_shrink={"grpo.prompts_per_iter": 4, "grpo.group_size": 4, "eval.num_problems": 4,
+                             "eval.replicates": 2},
+                bench=["--steps", "6", "--warmup", "2", "--n-layer", "2", "--n-embd", "64", "--max-bytes", "300000",
+                       "--vocab-size", "512"]),
 }
 
 
@@ -108,8 +113,10 @@ class Check:
                     "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                     "PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
         self.volumes = self.work / "volumes"
-        self.results: dict[str, Result] = {}
+        self.results: dict[str, Result] = {}  # the rows done so far
         self.lock = threading.Lock()
+        self.t0 = time.perf_counter()
+        self.header = ""
 
     # ------------------------------------------------------------ running things
 
@@ -138,8 +145,8 @@ class Check:
     def where(self, name: str, threads: int = 0) -> list[str]:
         """Overrides that put run `name` and its prepared data (a folder per row: rows run at once) in the
         scratch folder, with this row's share of the CPUs."""
-        return [f"--run.name={name}", f"--run.out_dir={self.volumes}", f"--data.prepared_dir={self.work / 'prepared' / name}",
-                f"--run.threads={threads or self.threads}"]
+        return [f"--run.name={name}", f"--run.out_dir={self.volumes}",
+                f"--data.prepared_dir={self.work / 'prepared' / name}", f"--run.threads={threads or self.threads}"]
 
     def metrics(self, run: str) -> Path:
         return self.volumes / "metrics" / run
@@ -172,6 +179,9 @@ class Check:
 
 
 def _short(argv: list[str]) -> str:
+    """The command in a few words: `-m trainer grpo --config`, `throughput.py --device`, `-c (a script)`."""
+    if "-c" in argv[:2]:
+        return "`python -c (the row's script)`"
     words = [Path(a).name if "/" in a and not a.startswith("--") else a for a in argv[:4]]
     return "`" + " ".join(w for w in words if not w.endswith("python") and not w.startswith("python3")) + "`"
 
@@ -250,7 +260,7 @@ torch.manual_seed(0)
 model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128, initializer_range=0.1))
 model.save_pretrained({str(c.work / 'gpt2')!r}, safe_serialization=True)
 tk.load_gpt2({str(GPT2_TOKENIZER)!r}).save({str(c.work / 'gpt2' / 'tokenizer.json')!r})
-open({str(c.work / 'gpt2' / 'FIXTURE.txt')!r}, 'w').write('tiny random GPT-2 for the GPU check; not the real weights\\n')
+open({str(c.work / 'gpt2' / 'FIXTURE.txt')!r}, 'w').write('tiny random GPT-2 (GPU check); not the real weights\\n')
 """
     if not GPT2_TOKENIZER.is_dir():
         raise Failed(f"{GPT2_TOKENIZER} is missing: copy vendor/tokenizers/gpt2 from a host that has it")
@@ -293,7 +303,7 @@ def _grpo_figures(c: Check, run: str, iters: int) -> tuple[list[dict], list[floa
 
 def row_grpo_local(c: Check, res: Result) -> str:
     iters = c.size["grpo_iters"]
-    shrink = [f"--{k}={v}" for k, v in c.size["grpo_cpu_shrink"].items()]
+    shrink = [f"--{k}={v}" for k, v in c.size["grpo_shrink"].items()]
     c.trainer(res, "grpo", "--config", "configs/grpo_repeat.yaml", *c.where("grpo-local"),
               f"--run.device={c.device}", f"--grpo.iterations={iters}", *shrink)
     c.on_device("grpo-local")
@@ -311,11 +321,11 @@ def _free_port() -> int:
 
 
 def row_grpo_serve(c: Check, res: Result) -> str:
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as e:
-        raise Failed(f"`trainer serve` needs fastapi and uvicorn ({e}); carry their wheels") from None
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise Failed(f"`trainer serve` needs {' and '.join(missing)} (pip install -e .[serve]), or carry their wheels")
     iters, port, model = c.size["grpo_iters"], _free_port(), c.work / "gpt2"
     log = open(c.work / "serve.log", "w")
     argv = [sys.executable, "-m", "trainer", "serve", str(model), "--port", str(port), "--device", c.device,
@@ -332,7 +342,7 @@ def row_grpo_serve(c: Check, res: Result) -> str:
                 if server.poll() is not None or time.time() > deadline:
                     raise Failed(f"`trainer serve` did not come up: {_last_line((c.work / 'serve.log').read_text())}")
                 time.sleep(0.5)
-        shrink = [f"--{k}={v}" for k, v in c.size["grpo_cpu_shrink"].items()]
+        shrink = [f"--{k}={v}" for k, v in c.size["grpo_shrink"].items()]
         c.trainer(res, "grpo", "--config", "configs/grpo_server.yaml", *c.where("grpo-serve"),
                   f"--server.url=http://127.0.0.1:{port}/v1", f"--model.path={model}",
                   f"--data.tokenizer_path={GPT2_TOKENIZER}", f"--grpo.sync_dir={c.work / 'sync'}",
@@ -464,13 +474,11 @@ ORDER = ["doctor", "main job", "resume", "gpt2 fixture", "lora", "full", "grpo l
 
 def run_row(c: Check, row: Row, waits: dict) -> Result:
     res = Result(row.name)
-    for need in row.needs:
-        dep = waits[need].result()
-        if dep.status != "pass":
-            res.status, res.figure = "skip", f"needs `{need}`, which did not pass"
-            return res
     t0 = time.perf_counter()
     try:
+        for need in row.needs:
+            if waits[need].result().status != "pass":
+                raise Skipped(f"needs `{need}`, which did not pass")
         res.figure, res.status = row.fn(c, res), "pass"
     except Failed as e:
         res.figure = str(e)
@@ -485,22 +493,35 @@ def run_row(c: Check, row: Row, waits: dict) -> Result:
     with c.lock:
         print(f"{res.status.upper():<5} {row.name:<13} {res.seconds:6.1f} s  {res.figure}", flush=True)
         with open(c.out / "gpu-check.log", "a") as f:
-            f.write(f"\n===== {row.name}: {res.status} in {res.seconds:.1f} s: {res.figure}\n" + "\n".join(res.log) + "\n")
+            f.write(f"\n===== {row.name}: {res.status} in {res.seconds:.1f} s: {res.figure}\n"
+                    + "\n".join(res.log) + "\n")
+        c.results[row.name] = res
+        report(c)  # after every row: a run cut short still leaves its table
     return res
 
 
-def table(c: Check, results: dict[str, Result], total: float, header: str) -> str:
-    lines = [header, "", "| row | what | verdict | seconds | key figure |", "| --- | --- | --- | --- | --- |"]
+def report(c: Check, final: bool = False) -> str:
+    """gpu-check.md and gpu-check.json: every row, those not done yet as `pending` (`skip` at the end)."""
+    total = time.perf_counter() - c.t0
     whats = {r.name: r.what for r in ROWS}
-    for name in ORDER:
-        r = results[name]
+    rows = {n: c.results.get(n) or Result(n, "skip" if final else "pending", figure="not run (--only)" if final else "")
+            for n in ORDER}
+    lines = [c.header, "", "| row | what | verdict | seconds | key figure |", "| --- | --- | --- | --- | --- |"]
+    for name, r in rows.items():
         figure = r.figure.replace("|", "\\|")  # a pipe in a markdown cell
         lines.append(f"| {name} | {whats[name]} | {r.status} | {r.seconds:.0f} | {figure} |")
-    passed = sum(r.status == "pass" for r in results.values())
-    failed = [n for n in ORDER if results[n].status == "fail"]
-    lines += ["", f"{passed} passed, {len(failed)} failed, {len(results) - passed - len(failed)} skipped in "
-                  f"{total:.0f} s" + (f"; failed: {', '.join(failed)}" if failed else "")]
-    return "\n".join(lines) + "\n"
+    count = {k: sum(r.status == k for r in rows.values()) for k in ("pass", "fail", "skip", "pending")}
+    failed = [n for n, r in rows.items() if r.status == "fail"]
+    lines += ["", f"{count['pass']} passed, {count['fail']} failed, {count['skip']} skipped"
+                  + (f", {count['pending']} pending" if count["pending"] else "") + f" in {total:.0f} s"
+                  + (f"; failed: {', '.join(failed)}" if failed else "")]
+    text = "\n".join(lines) + "\n"
+    (c.out / "gpu-check.md").write_text(text)
+    (c.out / "gpu-check.json").write_text(json.dumps(
+        {"device": c.device, "machine": c.header.splitlines()[-1], "seconds": round(total, 1), "final": final,
+         "rows": [{"row": n, "status": r.status, "seconds": round(r.seconds, 1), "figure": r.figure}
+                  for n, r in rows.items()]}, indent=1) + "\n")
+    return text
 
 
 def machine(device: str) -> tuple[str, int]:
@@ -514,7 +535,8 @@ def machine(device: str) -> tuple[str, int]:
         raise SystemExit(f"cannot import torch, transformers and peft: {_last_line(out.stderr)}")
     m = json.loads(out.stdout.strip().splitlines()[-1])
     gpus = f" x {m['gpus']}" if m["gpus"] > 1 else ""
-    line = (f"{m['name']}{gpus}; python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}; "
+    line = (f"{m['name']}{gpus}; python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, "
+            f"peft {m['peft']}; "
             f"{os.cpu_count()} CPUs")
     if device == "cuda" and not m["gpus"]:
         raise SystemExit(f"--device cuda, but torch {m['torch']} sees no GPU; use --device cpu")
@@ -550,8 +572,9 @@ def main(argv=None) -> int:
         for row in ROWS:  # what the chosen rows need
             if row.name in wanted:
                 wanted |= set(row.needs)
-    t0 = time.perf_counter()
-    results: dict[str, Result] = {}
+    c.header = (f"# Airlock GPU check: {args.device}\n\n{about}; {time.strftime('%Y-%m-%d %H:%M')}; "
+                f"{args.jobs} row(s) at a time")
+    c.t0 = time.perf_counter()
     waits: dict = {}
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for row in ROWS:  # in ROWS order: a row's needs were submitted before it, so the pool cannot deadlock
@@ -559,25 +582,15 @@ def main(argv=None) -> int:
                 waits[row.name] = pool.submit(run_row, c, row, waits)
     for row in ROWS:
         if row.name in wanted and row.exclusive:
-            results[row.name] = run_row(c, row, waits)
-    results.update({name: f.result() for name, f in waits.items()})
-    for name in ORDER:
-        results.setdefault(name, Result(name, "skip", figure="not asked for (--only)"))
-    total = time.perf_counter() - t0
-    header = (f"# Airlock GPU check: {args.device}\n\n{about}; {time.strftime('%Y-%m-%d %H:%M')}; "
-              f"{args.jobs} row(s) at a time")
-    text = table(c, results, total, header)
-    (c.out / "gpu-check.md").write_text(text)
-    (c.out / "gpu-check.json").write_text(json.dumps(
-        {"device": args.device, "machine": about, "seconds": round(total, 1),
-         "rows": [{"row": n, "status": results[n].status, "seconds": round(results[n].seconds, 1),
-                   "figure": results[n].figure} for n in ORDER]}, indent=1) + "\n")
+            run_row(c, row, waits)
+    with c.lock:
+        text = report(c, final=True)
     print("\n" + text, flush=True)
     if own_work and not args.keep_work:
         import shutil
 
         shutil.rmtree(c.work, ignore_errors=True)
-    return 1 if any(r.status == "fail" for r in results.values()) else 0
+    return 1 if any(r.status == "fail" for r in c.results.values()) else 0
 
 
 if __name__ == "__main__":
