@@ -226,8 +226,10 @@ def launch(options: Launch, argv: list[str], run_name: str) -> int:
     for name in ["torch.distributed.elastic", *logging.root.manager.loggerDict]:
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
-    if not options.rdzv_endpoint:
+    host = options.rdzv_endpoint.rpartition(":")[0]
+    if not options.rdzv_endpoint or host in ("127.0.0.1", "localhost", "::1"):
         # one host: the workers meet on loopback, which is all a `network_mode: none` container has
+        # (where the host's name resolves to nothing, so gloo must not look it up)
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     what = "the launch failed"
     try:

@@ -47,7 +47,7 @@ def test_slurm_and_kubernetes_start_the_same_launcher():
 def test_the_kubernetes_flags_parse_to_launcher_options():
     fn = cli._load("train")
     args = k8s_command()[2:]
-    kwargs = cli._typed(fn, *cli._parse(fn, args, "trainer train"), "trainer train")
+    kwargs = cli._parse(fn, args, "trainer train")
     launch = distributed.Launch(kwargs["nproc"], kwargs["nnodes"], kwargs["rdzv_endpoint"], kwargs["rdzv_id"],
                                 kwargs["max_restarts"])
     assert (launch.nnodes, launch.nproc, launch.max_restarts) == (2, 1, 3)
