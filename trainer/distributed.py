@@ -227,7 +227,8 @@ def launch(options: Launch, argv: list[str], run_name: str) -> int:
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     host = options.rdzv_endpoint.rpartition(":")[0]
-    if not options.rdzv_endpoint or host in ("127.0.0.1", "localhost", "::1"):
+    loopback = not options.rdzv_endpoint or host in ("127.0.0.1", "localhost", "::1")
+    if loopback:
         # one host: the workers meet on loopback, which is all a `network_mode: none` container has
         # (where the host's name resolves to nothing, so gloo must not look it up)
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -237,7 +238,7 @@ def launch(options: Launch, argv: list[str], run_name: str) -> int:
             endpoint, run_id = options.rendezvous(attempt, run_name)
             config = LaunchConfig(min_nodes=options.nnodes, max_nodes=options.nnodes, nproc_per_node=options.nproc,
                                   run_id=run_id, rdzv_backend="c10d", rdzv_endpoint=endpoint,
-                                  local_addr=None if options.rdzv_endpoint else "127.0.0.1", max_restarts=0,
+                                  local_addr="127.0.0.1" if loopback else None, max_restarts=0,
                                   monitor_interval=0.2, start_method="spawn", logs_specs=DefaultLogsSpecs(),
                                   shutdown_timeout=STOP_GRACE)
             try:
