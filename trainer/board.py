@@ -69,55 +69,6 @@ def _dirs(root: Path) -> list[str]:
         return []
 
 
-def _lock_held(lock_file: Path) -> bool:
-    """Whether a process holds the flock on lock_file, read from /proc/locks: taking the lock,
-    even shared and for a moment, could make a starting writer refuse the run. Where
-    /proc/locks cannot be read (not Linux), a non-blocking shared flock probes it."""
-    try:
-        st = os.stat(lock_file)
-    except OSError:
-        return False
-    try:
-        table = Path("/proc/locks").read_text()
-    except OSError:
-        return _probe(lock_file)
-    # "3: FLOCK  ADVISORY  WRITE 3211 fe:00:1499665 0 EOF" (device in hex, inode); a waiter's has "->" after the id
-    held = [parts[5] for parts in map(str.split, table.splitlines())
-            if len(parts) > 5 and parts[1:3] == ["FLOCK", "ADVISORY"]]
-    if f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}" in held:
-        return True
-    # overlayfs and other filesystems without a device of their own (major 0) may show the
-    # underlying one there: then the inode alone
-    return os.major(st.st_dev) == 0 and any(h.rsplit(":", 1)[-1] == str(st.st_ino) for h in held)
-
-
-def _probe(lock_file: Path) -> bool:
-    import fcntl
-
-    try:
-        fd = os.open(lock_file, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except OSError:
-        return True
-    finally:
-        os.close(fd)  # releases the probe's lock with the descriptor
-
-
-def _holder(lock_file: Path) -> str:
-    try:
-        fd = os.open(lock_file, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return "holder unknown"
-    try:
-        return runlock._holder(fd)
-    finally:
-        os.close(fd)
-
-
 def _config(paths: RunPaths) -> dict:
     """The run's config as last started (metrics/<run>/config.yaml), or {} when unreadable."""
     import yaml
@@ -205,7 +156,7 @@ def run_info(out_dir, name: str, sweep: str | None = None, now: float | None = N
     now = time.time() if now is None else now
     rows = _rows(metrics_dir / "metrics.csv")
     steps = ckpt.step_dirs(run_dir)
-    latest, problem = ckpt._read_latest(run_dir)
+    latest, problem = ckpt.read_latest(run_dir)
     if latest and not (run_dir / latest).is_dir():
         latest, problem = None, f"`latest` names {latest}, which is missing"
     newest = run_dir / latest if latest else (steps[0] if steps else None)
@@ -225,10 +176,10 @@ def run_info(out_dir, name: str, sweep: str | None = None, now: float | None = N
         with contextlib.suppress(OSError):
             info.checkpoint_age_s = max(0.0, now - newest.stat().st_mtime)
 
-    lock = run_dir / runlock.LOCK
     failed = metrics.failure(metrics_dir / "train.log")
-    if _lock_held(lock):
-        info.status, info.detail = "running", f"held by {_holder(lock)}"
+    holder = runlock.holder(run_dir)
+    if holder is not None:
+        info.status, info.detail = "running", f"held by {holder}"
         logged = next((_number(r.get("step") or r.get("iteration")) for r in reversed(rows)), None)
         if logged is not None:
             info.step = int(logged)

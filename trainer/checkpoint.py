@@ -284,7 +284,7 @@ def _set_latest(run_dir: Path, name: str) -> None:
     atomic.replace_file(Path(run_dir) / LATEST, (name + "\n").encode())
 
 
-def _read_latest(run_dir: Path) -> tuple[str | None, str | None]:
+def read_latest(run_dir: Path) -> tuple[str | None, str | None]:
     """(the step dir `latest` names, what is wrong with `latest`): at most one is not None."""
     pointer = Path(run_dir) / LATEST
     kind = _not_a_file(pointer)
@@ -308,7 +308,7 @@ def _read_latest(run_dir: Path) -> tuple[str | None, str | None]:
 
 def latest_name(run_dir: Path) -> str | None:
     """The step dir name `latest` holds; None when it is missing or damaged."""
-    return _read_latest(run_dir)[0]
+    return read_latest(run_dir)[0]
 
 
 def _listdir(path: Path) -> list[Path]:
@@ -481,7 +481,7 @@ def find_valid(run_dir: Path, attempt: int = 0) -> Path:
     is read (a live writer pruned it) is no damage: the list is read again."""
     run_dir = Path(run_dir)
     candidates = step_dirs(run_dir)
-    named, problem = _read_latest(run_dir)
+    named, problem = read_latest(run_dir)
     problems = [problem] if problem else []
     if problem:
         log.warning(f"{run_dir}: {problem}; using the newest valid step directory")

@@ -68,6 +68,58 @@ def _holder(fd: int) -> str:
     return " ".join("".join(c if c.isprintable() else " " for c in text).split())[:160]
 
 
+def _lock_held(lock_file: Path) -> bool:
+    """Whether a process holds the flock on lock_file, read from /proc/locks: taking the lock,
+    even shared and for a moment, could make a starting writer refuse the run. Where
+    /proc/locks cannot be read (not Linux), a non-blocking shared flock probes it."""
+    try:
+        st = os.stat(lock_file)
+    except OSError:
+        return False
+    try:
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return _probe(lock_file)
+    # "3: FLOCK  ADVISORY  WRITE 3211 fe:00:1499665 0 EOF" (device in hex, inode); a waiter's has "->" after the id
+    held = [parts[5] for parts in map(str.split, table.splitlines())
+            if len(parts) > 5 and parts[1:3] == ["FLOCK", "ADVISORY"]]
+    if f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}" in held:
+        return True
+    # overlayfs and other filesystems without a device of their own (major 0) may show the
+    # underlying one there: then the inode alone
+    return os.major(st.st_dev) == 0 and any(h.rsplit(":", 1)[-1] == str(st.st_ino) for h in held)
+
+
+def _probe(lock_file: Path) -> bool:
+    try:
+        fd = os.open(lock_file, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # releases the probe's lock with the descriptor
+
+
+def holder(run_dir: Path) -> str | None:
+    """Who holds the run's lock (pid, host, since, command), or None when nobody does; read
+    without taking the lock (`trainer runs`)."""
+    lock_file = Path(run_dir) / LOCK
+    if not _lock_held(lock_file):
+        return None
+    try:
+        fd = os.open(lock_file, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return "holder unknown"
+    try:
+        return _holder(fd)
+    finally:
+        os.close(fd)
+
+
 def lock_run(run_dir: Path) -> RunLock:
     """Take the run's writer lock (creating run_dir if needed), or raise a UserError naming the
     process that holds it. Hold it for as long as the process may write the run."""
