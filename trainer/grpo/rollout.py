@@ -326,6 +326,7 @@ class OpenAIBackend:
         server.timeout of wall clock (and by the deadline), however slowly the server sends: the
         waiting side leaves it then and hangs up its socket, which ends the thread's read."""
         end = min(time.monotonic() + self.timeout, deadline.at)
+        late = f"no complete answer within server.timeout={self.timeout:g}s"
         box: dict = {}
         done = threading.Event()
         sockets: list = []
@@ -335,12 +336,12 @@ class OpenAIBackend:
             while not done.wait(POLL):
                 deadline.check()
                 if time.monotonic() >= end:
-                    raise _Failed(f"no complete answer within server.timeout={self.timeout:g}s")
+                    raise _Failed(late)
         finally:
             if not done.is_set():
                 _hang_up(sockets)
-        if "error" in box:
-            raise _Failed(_describe(box["error"]))
+        if "error" in box:  # one cause, one message, whichever side saw the time run out first
+            raise _Failed(late if time.monotonic() >= end else _describe(box["error"]))
         return box["answer"]
 
     def _fetch(self, method: str, url: str, body, end: float, box: dict, done: threading.Event,
