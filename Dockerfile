@@ -45,6 +45,8 @@ COPY vendor/MANIFEST.json vendor/requirements.in vendor/${VARIANT}.lock vendor/
 COPY tests/ tests/
 # the SLURM script and Kubernetes manifest, for running the image under a scheduler (apptainer, pods)
 COPY deploy/ deploy/
+# just gpu-check runs every GPU path of the image once (scripts/gpu_check.py)
+COPY scripts/gpu_check.py scripts/
 
 # Prepare the default and smoke corpora now, so `just train` starts training at once.
 # The guard is on (run.offline=true in the configs): preparing proves nothing needs a network.

@@ -532,6 +532,16 @@ def recorded_sha256(step_dir: Path, fname: str) -> str | None:
     return None if problem or fname not in files else files[fname]["sha256"]
 
 
+def training_state(step: int, tracker: dict, rngs: list) -> dict:
+    """state.pt's dict, the one builder both loops use: the step (or iteration), the loop's
+    tracker and every RNG (`rngs`: one state per rank, rank 0's first), read back by
+    `resume_training`."""
+    state = {STEP: step, RNG: rngs[0], TRACKER: tracker}
+    if len(rngs) > 1:
+        state[RNG_RANKS] = list(rngs)
+    return state
+
+
 def _upgrade_state(state: dict) -> dict:
     """The one place where older checkpoint layouts are brought up to FORMAT_VERSION."""
     version = state.get("format_version", 1)

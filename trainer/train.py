@@ -392,9 +392,7 @@ def save(run: Run, state: TrainState, saver: ckpt.AsyncSaver, reason: str, best:
     if not cfg.checkpoint.enabled or not run.ranks.writer:
         return
     now = state.train_loss
-    saved = {ckpt.STEP: step, ckpt.RNG: rngs[0], ckpt.TRACKER: state.saved()}
-    if len(rngs) > 1:
-        saved[ckpt.RNG_RANKS] = rngs
+    saved = ckpt.training_state(step, state.saved(), rngs)
     trainer_state = {"step": step, "max_steps": cfg.train.max_steps, "reason": reason, "train_loss": now,
                      "val_loss": state.last_val, "best_val": state.best_val, "tokens": state.tokens,
                      "run": cfg.run.name, "saved_at": time.time(), ckpt.DATA: dict(run.meta["sha256"]),
