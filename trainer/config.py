@@ -92,8 +92,9 @@ class RunConfig:
 # every model.* and data.* key is frozen on resume: they define the weights' shapes and the token ids
 @dataclass(frozen=True)
 class ModelConfig:
-    type: str = field("from_scratch", choices=("from_scratch", "gpt2"), resume="frozen")
-    path: str = field("vendor/models/gpt2", "local HF folder for type=gpt2 (loaded with local_files_only)",
+    type: str = field("from_scratch", "from_scratch | gpt2 | hf (any local AutoModelForCausalLM folder)",
+                      choices=("from_scratch", "gpt2", "hf"), resume="frozen")
+    path: str = field("vendor/models/gpt2", "local HF folder for type=gpt2 or hf (loaded with local_files_only)",
                       resume="frozen")
     n_layer: int = field(4, "transformer blocks (from_scratch)", range=atleast(1), resume="frozen")
     n_head: int = field(4, "attention heads (from_scratch)", range=atleast(1), resume="frozen")
@@ -106,7 +107,8 @@ class ModelConfig:
     lora_r: int = field(8, "LoRA rank", range=atleast(1), resume="frozen")
     lora_alpha: int = field(16, "LoRA scaling numerator (scale = alpha / r)", range=above(0), resume="frozen")
     lora_dropout: float = field(0.05, "dropout on the LoRA branch", range=PROB, resume="frozen")
-    lora_targets: list = field(["c_attn", "c_proj", "c_fc"], "module names", resume="frozen")
+    lora_targets: list = field(["c_attn", "c_proj", "c_fc"], "module names; a model without these default "
+                               "(GPT-2's) ones: its linear layers", resume="frozen")
 
 
 @dataclass(frozen=True)
@@ -116,9 +118,10 @@ class DataConfig:
     name: str = field("", 'prepared folder name under prepared_dir; "" derives it from source and tokenizer',
                       resume="frozen")
     prepared_dir: str = field("data/prepared", "where prepared folders live", resume="frozen")
-    tokenizer: str = field("bpe", choices=("gpt2", "bpe", "char"), resume="frozen")
-    tokenizer_path: str = field("vendor/tokenizers/gpt2", "gpt2 files (vocab.json + merges.txt or tokenizer.json)",
-                                resume="frozen")
+    tokenizer: str = field("bpe", "gpt2 | bpe | char | model (the model folder's own tokenizer)",
+                           choices=("gpt2", "bpe", "char", "model"), resume="frozen")
+    tokenizer_path: str = field("vendor/tokenizers/gpt2", "gpt2 files (vocab.json + merges.txt or tokenizer.json); "
+                                "tokenizer=model: the folder, model.path when left at this default", resume="frozen")
     vocab_size: int = field(4096, "bpe only: target vocabulary size", range=atleast(1), resume="frozen")
     text_field: str = field("text", "jsonl: the field holding the text", resume="frozen")
     val_fraction: float = field(0.05, "share of documents (or token chunks) held out for validation",
@@ -405,6 +408,9 @@ def build(base: dict | None = None, yaml_path: str | None = None, overrides: dic
     for var, layer in _env_layers(os.environ if environ is None else environ):
         _apply(tree, layer, f"environment variable {var}", from_text=True)
     _apply(tree, _dotted(overrides or {}, "command line"), "command line", from_text=True)
+    data, default_path = tree["data"], default(DataConfig.__dataclass_fields__["tokenizer_path"])
+    if data["tokenizer"] == "model" and data["tokenizer_path"] == default_path:  # the model's own folder
+        data["tokenizer_path"] = tree["model"]["path"]
     cfg = Config(**{s: SECTIONS[s](**v) for s, v in tree.items()})
     validate(cfg)
     return cfg
@@ -499,8 +505,10 @@ def validate(cfg: Config, only: tuple[str, ...] = ()) -> None:
     m, d, t, g = cfg.model, cfg.data, cfg.train, cfg.grpo
     if m.type == "gpt2" and d.tokenizer != "gpt2":
         problems.append(f"model.type=gpt2 needs data.tokenizer=gpt2 (got {d.tokenizer!r})")
-    if m.lora and m.type != "gpt2":
-        problems.append("model.lora=true needs model.type=gpt2 (LoRA adapts pretrained weights)")
+    if m.type == "hf" and d.tokenizer not in ("model", "gpt2"):
+        problems.append(f"model.type=hf needs data.tokenizer=model, the model's own tokenizer (got {d.tokenizer!r})")
+    if m.lora and m.type == "from_scratch":
+        problems.append("model.lora=true needs model.type=gpt2 or hf (LoRA adapts pretrained weights)")
     if g.backend == "openai" and g.sync == "lora" and not m.lora:
         problems.append("grpo.sync=lora sends the policy as a LoRA adapter and needs model.lora=true; use "
                         "grpo.sync=reload (full weights, any model) or set model.lora=true")

@@ -172,8 +172,10 @@ def _read_tokens(path: Path) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- prepare
 
-def prepared_name(source: str, kind: str, vocab_size: int) -> str:
+def prepared_name(source: str, kind: str, vocab_size: int, tokenizer_path: str = "") -> str:
     stem = STDLIB if source == STDLIB else Path(source.rstrip("/")).stem or "data"
+    if kind == "model":  # the model folder's name: two models' tokenizers are two folders
+        return f"{stem}-model-{Path(os.path.normpath(tokenizer_path)).name or 'tokenizer'}"
     return f"{stem}-{kind}{vocab_size if kind == 'bpe' else ''}"
 
 
@@ -190,11 +192,31 @@ def settings(data_cfg) -> dict:
     out = {"source": source, "tokenizer": data_cfg.tokenizer}
     if data_cfg.tokenizer == "bpe":
         out["vocab_size"] = data_cfg.vocab_size
-    if data_cfg.tokenizer == "gpt2":
+    if data_cfg.tokenizer in ("gpt2", "model"):
         out["tokenizer_path"] = os.path.normpath(data_cfg.tokenizer_path)
+    if data_cfg.tokenizer == "model":  # which tokenizer, not only where: a folder's files may be replaced
+        out["tokenizer_sha256"] = _tokenizer_sha256(data_cfg.tokenizer_path)
     out.update(text_field=data_cfg.text_field, val_fraction=data_cfg.val_fraction,
                split_seed=data_cfg.split_seed, max_bytes=data_cfg.max_bytes)
     return json.loads(json.dumps(out))  # as meta.json will hold them
+
+
+_tokenizer_hashed: dict[tuple, str | None] = {}  # (folder, its files' stats) -> model_tokenizer_sha256
+
+
+def _tokenizer_sha256(folder: str) -> str | None:
+    """tk.model_tokenizer_sha256 of a model folder, hashed again only when its files change."""
+    stats = []
+    for name in tk.MODEL_TOKENIZER_FILES:
+        try:
+            st = (Path(folder) / name).stat()
+        except OSError:
+            continue
+        stats.append((name, st.st_size, st.st_mtime_ns, st.st_ino))
+    key = (os.path.abspath(folder), tuple(stats))
+    if key not in _tokenizer_hashed:
+        _tokenizer_hashed[key] = tk.model_tokenizer_sha256(folder) if stats else None
+    return _tokenizer_hashed[key]
 
 
 def _names(data_cfg, want: dict) -> list[str]:
@@ -202,7 +224,7 @@ def _names(data_cfg, want: dict) -> list[str]:
     derived name plus the settings hash (where the derived name holds other data)."""
     if data_cfg.name:
         return [data_cfg.name]
-    derived = prepared_name(data_cfg.source, data_cfg.tokenizer, data_cfg.vocab_size)
+    derived = prepared_name(data_cfg.source, data_cfg.tokenizer, data_cfg.vocab_size, data_cfg.tokenizer_path)
     digest = hashlib.sha256(json.dumps(want, sort_keys=True).encode()).hexdigest()[:8]
     return [derived, f"{derived}-{digest}"]
 
@@ -344,6 +366,10 @@ def prepare(data_cfg, log=print) -> Path:
     tok = tk.build(data_cfg.tokenizer, docs, data_cfg.vocab_size, data_cfg.tokenizer_path)
     vocab = tok.get_vocab_size()
     eot = tk.eot_id(tok)
+    declared = tk.declared_eos(data_cfg.tokenizer_path) if data_cfg.tokenizer == "model" else None
+    if declared and tok.token_to_id(declared) not in (None, eot):
+        log(f"documents are joined with {tok.id_to_token(eot)} (the tokenizer's end-of-text token); the model "
+            f"folder's eos_token is {declared}")
     n_chars = sum(len(d) for d in docs) if docs else 0
     if docs is not None:
         ids = [i for enc in tok.encode_batch(docs) for i in (*enc.ids, eot)]

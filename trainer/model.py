@@ -1,4 +1,14 @@
-"""Build or load GPT-2 / from-scratch GPT models, wrap them with LoRA, export HF folders."""
+"""Build or load models (from-scratch GPTs, GPT-2, any local HF causal LM), wrap them with LoRA,
+export HF folders.
+
+model.type=gpt2 loads a GPT-2 folder as it always has. model.type=hf loads any folder
+`AutoModelForCausalLM` reads, from local files only: model.dropout goes to that architecture's
+own dropout keys (its config names them; none and dropout > 0 is refused), the weights are
+float32 for training (on the CPU that keeps a resume bit-exact), except the frozen base of a
+LoRA run on a GPU, which keeps the folder's bf16/fp16 (`build_model(device=...)`). LoRA targets
+the architecture's linear layers unless model.lora_targets names others, and uses
+fan_in_fan_out only for GPT-2-style Conv1D layers, whose weights are stored (in, out).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -14,15 +25,24 @@ from trainer.errors import UserError
 
 log = logging.getLogger("trainer")
 
+GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]  # model.lora_targets' default: GPT-2's Conv1D layers
+# config keys that hold a dropout probability, e.g. resid_pdrop (GPT-2), attention_dropout (Llama,
+# Qwen2), hidden_dropout (GPT-NeoX), embed_dropout (GPT-Neo); not the heads' or LayerDrop's
+DROPOUT_KEY = re.compile(r"(dropout|pdrop|dropout_prob|dropout_rate)$")
+NOT_DROPOUT = ("classifier", "summary", "layerdrop", "lora", "rope")
+
+
 def positions(model) -> int:
     """How many positions the model embeds: n_positions (GPT-2), or max_position_embeddings."""
     config = model.config
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024)
 
 
-def build_model(model_cfg, vocab_size: int, eot_id: int, seed: int):
-    """-> (model, block_size). from_scratch is initialised from `seed`; gpt2 is read from a
-    local folder only. The block size is capped at the model's positions, with a warning."""
+def build_model(model_cfg, vocab_size: int, eot_id: int, seed: int, device=None):
+    """-> (model, block_size). from_scratch is initialised from `seed`; gpt2 and hf are read
+    from a local folder only. The block size is capped at the model's positions, with a
+    warning. `device`, where the model will run, only picks the dtype of a frozen LoRA base
+    (the folder's own on CUDA; float32 otherwise)."""
     from transformers import GPT2Config, GPT2LMHeadModel  # here: errors found before the model need not wait for it
 
     block_size = model_cfg.block_size
@@ -34,15 +54,19 @@ def build_model(model_cfg, vocab_size: int, eot_id: int, seed: int):
                             bos_token_id=eot_id, eos_token_id=eot_id)
         model = GPT2LMHeadModel(config)
     else:
-        model = load_pretrained(model_cfg.path, dropout=model_cfg.dropout)
+        keep_dtype = model_cfg.lora and device is not None and torch.device(device).type == "cuda"
+        model = load_pretrained(model_cfg.path, dropout=model_cfg.dropout, kind=model_cfg.type,
+                                dtype="auto" if keep_dtype else None)
         model_vocab = model.get_input_embeddings().weight.shape[0]
         if vocab_size > model_vocab:
+            own = "gpt2" if model_cfg.type == "gpt2" else "model"
             raise UserError(f"vocab mismatch: the tokenizer has {vocab_size} tokens but the model at "
                             f"{model_cfg.path} has {model_vocab}; prepare the data with the model's tokenizer "
-                            "(data.tokenizer=gpt2)")
+                            f"(data.tokenizer={own})")
         embedded = positions(model)
         if block_size > embedded:
-            log.warning(f"model.block_size={block_size} is more than the model's {embedded} positions; using {embedded}")
+            log.warning(f"model.block_size={block_size} is more than the model's {embedded} positions "
+                        f"(max_position_embeddings); using {embedded}")
             block_size = embedded
     if model_cfg.lora:
         model = add_lora(model, model_cfg)
@@ -61,8 +85,69 @@ def check_pretrained(path: str | Path) -> Path:
     return path
 
 
-def load_pretrained(path: str | Path, dropout: float | None = None):
-    """A local HF folder, never the Hub. A folder that is not a loadable model is one line."""
+def model_type(path: str | Path) -> str | None:
+    """config.json's model_type ("gpt2", "llama" ...), None when it is unreadable or has none."""
+    try:
+        found = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return found if isinstance(found, str) else None
+
+
+def dropout_keys(config) -> list[str]:
+    """The keys of an HF config that are its architecture's dropout probabilities."""
+    return sorted(k for k, v in config.to_dict().items()
+                  if DROPOUT_KEY.search(k) and not k.startswith(NOT_DROPOUT)
+                  and isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+def _load_config(path: Path):
+    """AutoConfig from the folder, or a UserError that says what is wrong with its config.json."""
+    import transformers
+    from transformers import AutoConfig
+
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.path={str(path)!r}: config.json is not readable JSON ({_first_line(e)}); copy the "
+                        "model's config.json again") from None
+    kind = raw.get("model_type") if isinstance(raw, dict) else None
+    if not isinstance(kind, str) or not kind:
+        raise UserError(f"model.path={str(path)!r}: config.json names no model_type; it is not a transformers "
+                        "model config (copy the model's own config.json)")
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises ValueError, KeyError, OSError ... here
+        if "auto_map" in raw or "trust_remote_code" in str(e):
+            raise UserError(f"model.path={str(path)!r} holds a {kind!r} model that needs its own Python code "
+                            "(auto_map, trust_remote_code), which Airlock does not run; use a model whose "
+                            f"architecture transformers {transformers.__version__} has built in") from None
+        raise UserError(f"model.path={str(path)!r}: its config.json (model_type {kind!r}) cannot be read by "
+                        f"transformers {transformers.__version__} ({e.__class__.__name__}: {_first_line(e)}); the "
+                        "architecture may be newer than this transformers, or the file is damaged") from None
+
+
+def set_dropout(config, dropout: float, path: Path) -> list[str]:
+    """model.dropout into the config's own dropout keys; -> the keys set. An architecture with
+    none cannot apply a dropout above 0: that is refused rather than silently ignored."""
+    found = dropout_keys(config)
+    if not found and dropout > 0:
+        raise UserError(f"model.dropout={dropout} but the {config.model_type} model at {path} has no dropout setting "
+                        "in its config; set model.dropout=0 (LoRA has its own model.lora_dropout)")
+    for key in found:
+        setattr(config, key, dropout)
+    return found
+
+
+def load_pretrained(path: str | Path, dropout: float | None = None, kind: str = "gpt2", dtype=None):
+    """A local HF folder, never the Hub. A folder that is not a loadable model is one line.
+    kind="gpt2": a GPT-2 folder, with model.dropout in resid/embd/attn_pdrop (as Airlock always
+    loaded it). kind="hf": any AutoModelForCausalLM folder, dropout through its own keys, in
+    `dtype` (None: float32; "auto": the folder's)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -70,32 +155,87 @@ def load_pretrained(path: str | Path, dropout: float | None = None):
 
     hf_logging.disable_progress_bar()  # a "Loading weights" bar on stderr would bury a one-line error
     path = check_pretrained(path)
-    kwargs = {}
+    if kind == "gpt2":
+        found = model_type(path)
+        if found not in (None, "gpt2"):
+            raise UserError(f"model.path={str(path)!r} holds a {found!r} model, not GPT-2; load it with "
+                            "model.type=hf (and data.tokenizer=model for its own tokenizer)")
+        kwargs = {}
+        if dropout is not None:
+            kwargs = dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+        try:
+            return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kwargs)
+        except NetworkBlocked:
+            raise
+        except Exception as e:  # transformers raises OSError, ValueError, KeyError... for a broken folder
+            raise UserError(f"model.path={str(path)!r} cannot be loaded ({e.__class__.__name__}: {e}); check its "
+                            "config.json and weight files, or run `just vendor` again") from None
+    config = _load_config(path)
     if dropout is not None:
-        kwargs = dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+        keys = set_dropout(config, dropout, path)
+        if dropout > 0:
+            log.info(f"model.dropout={dropout} set {', '.join(keys)} of the {config.model_type} config")
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(str(path), config=config, local_files_only=True,
+                                                           dtype=dtype or torch.float32, output_loading_info=True)
     except NetworkBlocked:
         raise
-    except Exception as e:  # transformers raises OSError, ValueError, KeyError... for a broken folder
-        raise UserError(f"model.path={str(path)!r} cannot be loaded ({e.__class__.__name__}: {e}); check its "
-                        "config.json and weight files, or run `just vendor` again") from None
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e):
+            raise UserError(f"model.path={str(path)!r} holds a {config.model_type!r} model, which is not a causal "
+                            "language model (AutoModelForCausalLM has no class for it); use a model that generates "
+                            "text") from None
+        raise UserError(f"model.path={str(path)!r}: the {config.model_type} weights cannot be loaded "
+                        f"({e.__class__.__name__}: {_first_line(e)}); check its weight files") from None
+    except Exception as e:  # noqa: BLE001 - a size mismatch, a damaged safetensors file, a missing shard...
+        raise UserError(f"model.path={str(path)!r}: the {config.model_type} weights cannot be loaded "
+                        f"({e.__class__.__name__}: {_first_line(e)}); check its weight files against its "
+                        "config.json, or copy the model again") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise UserError(f"model.path={str(path)!r}: its weight files lack {len(missing)} tensor(s) the "
+                        f"{config.model_type} config needs (e.g. {missing[0]}); copy every weight file "
+                        "(model*.safetensors and its index) again")
+    return model
+
+
+def _linear_layers(model) -> dict[str, torch.nn.Module]:
+    """{module path: module} of the linear layers (nn.Linear, transformers' Conv1D) LoRA may
+    adapt: every one but the output head, as peft's "all-linear" picks them."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head}
+
+
+def lora_targets(model, model_cfg) -> list[str]:
+    """The module names LoRA adapts: model.lora_targets, except that its default (GPT-2's
+    layers) on a model without them means the architecture's linear layers."""
+    targets = list(model_cfg.lora_targets)
+    leaves = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if not list(module.children())}
+    if model_cfg.type != "gpt2" and targets == GPT2_TARGETS and not set(targets) <= leaves:
+        found = sorted({name.rsplit(".", 1)[-1] for name in _linear_layers(model)})
+        log.info(f"LoRA adapts the model's linear layers: {', '.join(found)} (model.lora_targets names others)")
+        return found
+    unknown = [t for t in targets if t not in leaves]
+    if unknown:
+        raise UserError(f"model.lora_targets names {', '.join(unknown)}, which the model at {model_cfg.path} does "
+                        f"not have; its layers are {', '.join(sorted(leaves))}")
+    return targets
 
 
 def add_lora(model, model_cfg):
     import warnings
 
     from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
 
-    targets = list(model_cfg.lora_targets)
-    leaves = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if not list(module.children())}
-    unknown = [t for t in targets if t not in leaves]
-    if unknown:
-        raise UserError(f"model.lora_targets names {', '.join(unknown)}, which the model at {model_cfg.path} does "
-                        f"not have; its layers are {', '.join(sorted(leaves))}")
+    targets = lora_targets(model, model_cfg)
+    # GPT-2's Conv1D stores weights as (in, out): peft must transpose its delta there, and only there
+    conv1d = any(isinstance(m, Conv1D) for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in targets)
     config = LoraConfig(r=model_cfg.lora_r, lora_alpha=model_cfg.lora_alpha, lora_dropout=model_cfg.lora_dropout,
-                        target_modules=targets, task_type="CAUSAL_LM",
-                        fan_in_fan_out=True)  # GPT-2's Conv1D stores weights as (in, out)
+                        target_modules=targets, task_type="CAUSAL_LM", fan_in_fan_out=conv1d)
     with warnings.catch_warnings():
         # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing`; nothing for a user to act on
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
