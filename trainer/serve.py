@@ -185,7 +185,10 @@ class Engine:
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(device).eval()
         config = self.model.config
-        self.eos_id = config.eos_token_id
+        # one id (GPT-2) or several (Llama 3 lists its end-of-text and end-of-turn tokens): any of them stops
+        eos = config.eos_token_id
+        self.eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos} - {None}
+        self.eos_id = (eos[0] if eos else None) if isinstance(eos, (list, tuple)) else eos
         self.pad_id = config.pad_token_id if config.pad_token_id is not None else (self.eos_id or 0)
         self.max_len = models.positions(self.model)
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
@@ -349,7 +352,7 @@ class Engine:
             raise ServeError(400, f"stop_token_ids must be token ids below {self.vocab_size}", param="stop_token_ids")
         # stop strings of one token stop the sampler early; longer ones are cut afterwards
         single = {ids[0] for s in stops if len(ids := self.tokenizer.encode(s, add_special_tokens=False).ids) == 1}
-        eos = {self.eos_id} if self.eos_id is not None else set()
+        eos = set(self.eos_ids)
         temperature = 1.0 if req.temperature is None else req.temperature
         if temperature < SAMPLING_EPS:  # greedy: top_p and top_k change nothing, so let such requests batch
             temperature, top_p, top_k = 0.0, 1.0, 0
@@ -390,7 +393,8 @@ class Engine:
                     raise ServeError(400, f"prompt {i} has {len(text)} characters; this model's context of "
                                      f"{self.max_len} tokens holds at most {self.max_prompt_chars}. Shorten the "
                                      "prompt.", param="prompt")
-            prompts = [self.tokenizer.encode(p, add_special_tokens=False).ids for p in prompt]
+            # as vLLM: with the tokenizer's own special tokens (a Llama tokenizer's BOS; GPT-2's adds none)
+            prompts = [self.tokenizer.encode(p).ids for p in prompt]
         else:
             prompts = prompt
         for i, ids in enumerate(prompts):
@@ -415,7 +419,7 @@ class Engine:
             text = self.decode(body)
             at, stop_reason = min((text.find(stop), stop) for stop in stops if stop in text)
             text, finish = text[:at], "stop"
-        elif finish == "stop" and tokens[-1] != self.eos_id:
+        elif finish == "stop" and tokens[-1] not in self.eos_ids:
             last = tokens[-1]
             stop_reason = last if last in stop_token_ids else self.decode([last])
         choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish,
