@@ -365,9 +365,9 @@ def row_grpo_serve(c: Check, res: Result) -> str:
 COMPARE = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM
-from trainer import checkpoint as ckpt
+from trainer import runs
 export, step_dir, device = sys.argv[1:4]
-model, tok, cfg, _ = ckpt.restore(step_dir, device)
+model, tok, cfg, _ = runs.restore(step_dir, device)
 ids = torch.tensor([tok.encode("def main():\\n    return sorted(items, key=len)\\n").ids], device=device)
 loaded = AutoModelForCausalLM.from_pretrained(export, local_files_only=True).to(device).eval()
 with torch.no_grad():

@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 from trainer.errors import UserError
 
 TMP_TAG = ".airlock-"
+LEFTOVER = re.compile(r"^\.(.+)\.airlock-[0-9a-f]+\.(tmp|old)$")  # what a killed build leaves beside its target
 
 
 def fsync_dir(path: Path) -> None:
@@ -64,17 +66,22 @@ def cause(e: OSError) -> str:
     return f"{text}: {os.fsdecode(name)!r}" if name is not None else text
 
 
+def _write_synced(path: Path, data: bytes) -> None:
+    """A new file holding `data`, on disk before this returns (O_EXCL: never someone else's)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask's mode, as open() gives
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def replace_file(path: Path, data: bytes) -> None:
     """Replace `path` with `data`: temp file in the same folder, fsync, rename, fsync the folder.
     An error is the OSError itself (the old file stays, the temp file is removed)."""
     path = Path(path)
     tmp = path.parent / f"{_tmp_prefix(path)}{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask's mode, as open() gives
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_synced(tmp, data)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -152,3 +159,37 @@ def replace_dir(new: Path, dst: Path) -> None:
     fsync_dir(dst.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_dir(dst: Path, files: dict[str, bytes]) -> None:
+    """Replace the folder `dst` with one holding `files` (name -> bytes), written in their
+    order and each fsynced: built in a `staging_dir` and put in place by `replace_dir`, so
+    a reader, a crash or a kill sees the previous `dst` (or none) or the whole new one."""
+    with staging_dir(dst) as tmp:
+        for name, data in files.items():
+            _write_synced(tmp / name, data)
+        replace_dir(tmp, dst)
+
+
+def tidy(parent: Path) -> None:
+    """Clear what killed builds left in `parent` (any target's, where `staging_dir` clears one
+    target's): staging copies and temp files go; an old version parked by `replace_dir` goes
+    when its target is back, and is put back when the kill left it the only copy. Call it
+    where no other process builds in `parent` (under the lock that guards it)."""
+    parent = Path(parent)
+    try:
+        entries = sorted(os.scandir(parent), key=lambda e: e.name)
+    except OSError:  # missing or unreadable: nothing to tidy
+        return
+    for entry in entries:
+        found = LEFTOVER.match(entry.name)
+        if not found:
+            continue
+        path, target = Path(entry.path), parent / found.group(1)
+        if found.group(2) == "old" and not os.path.lexists(target):
+            os.rename(path, target)
+        elif entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(path)

@@ -1,4 +1,4 @@
-"""Crash-safe checkpoints: atomic save, verification, `latest`, keep-last-K, best, mirror, run lock.
+"""Crash-safe checkpoints, the format: save, verification, reading, `latest`, keep-last-K, best, mirror.
 
 Only this module lists, reads or writes checkpoint directories. A checkpoint is named data:
 
@@ -16,10 +16,11 @@ trainer_state.json); older checkpoints lack them (older ones also carry the unus
 "sampler" and "scheduler", which are ignored).
 `_upgrade_state` is the one place older layouts are handled.
 
-Save order: files into step_N.tmp/, each fsynced -> MANIFEST -> fsync dir -> rename ->
-fsync parent -> replace `latest` (trainer.atomic). A kill -9 at any point leaves either no
-step_N or a complete one (plus a step_N.tmp that the next save or prune removes). `latest` is a
-regular file or nothing: anything else there is set aside by `set_aside_latest` (resume, save).
+Save order (trainer.atomic.write_dir): files into a hidden staging folder beside step_N, each
+fsynced -> MANIFEST -> fsync dir -> rename to step_N -> fsync parent -> replace `latest`. A
+kill -9 at any point leaves either no step_N or a complete one (plus a staging folder that the
+next save removes: atomic.tidy). `latest` is a regular file or nothing: anything else there
+is set aside by `set_aside_latest` (resume, save).
 
 Every file read back is untrusted (a damaged disk, a hand edit, a copy from elsewhere):
 `verify` checks the manifest, the hashes, and parses every file cheaply; anything wrong is a
@@ -46,7 +47,7 @@ import torch
 
 from trainer import atomic
 from trainer.atomic import fsync_dir
-from trainer.errors import UserError
+from trainer.errors import UserError, reason
 from trainer.runlock import lock_run
 
 log = logging.getLogger("trainer")
@@ -71,7 +72,7 @@ DATA, THREADS, WORLD = "data", "threads", "world_size"  # prepared files' sha256
 REQUIRED = (CONFIG, STATE, TRAINER_STATE, OPTIMIZER)  # plus MODEL, or ADAPTER + ADAPTER_CONFIG
 KNOWN = {MODEL, ADAPTER, ADAPTER_CONFIG, OPTIMIZER, STATE, TRAINER_STATE, CONFIG, TOKENIZER}
 STEP_DIR = re.compile(r"^(step|iter)_(\d+)$")  # completed checkpoints; best/, final/, export_* are not
-LEFTOVER = re.compile(r"^(step|iter)_(\d+)\.(tmp|old)$")  # an interrupted save's partial or previous copy
+LEFTOVER = re.compile(r"^(step|iter)_(\d+)\.(tmp|old)$")  # what a save killed by Airlock before 2026-12 left
 ABANDONED = re.compile(r"^(step|iter)_(\d+)\.abandoned(?:\.(\d+))?$")  # set aside by a resume from older
 FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # what a manifest may name: no paths, no odd bytes
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -79,25 +80,6 @@ SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 def step_name(step: int, prefix: str = "step") -> str:
     return f"{prefix}_{step:06d}"
-
-
-def _reason(e: BaseException) -> str:
-    """A library error as one short line. torch's unpickler explains at length how to turn its
-    safety off, which is wrong advice for a file from disk: keep only what it refused."""
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    text = str(e).split("WeightsUnpickler error:", 1)[-1]
-    chunks = [c for c in re.split(r"\n\s*\n", text) if c.strip()]
-    text = " ".join("".join(ch if ch.isprintable() else " " for ch in (chunks or [""])[0]).split())
-    return text.split(". ", 1)[0][:200] or type(e).__name__
-
-
-def _write(path: Path, data: bytes) -> dict:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
 def _torch_bytes(obj) -> bytes:
@@ -140,47 +122,28 @@ def serialize(model, optimizer, state: dict, trainer_state: dict, config_yaml: s
     return files
 
 
-def _undo(tmp: Path, old: Path, dst: Path) -> None:
-    """After a failed or interrupted swap: drop the partial copy, put the previous one back."""
-    shutil.rmtree(tmp, ignore_errors=True)
-    if old.exists() and not dst.exists():
-        try:
-            os.replace(old, dst)
-        except OSError:
-            pass  # old stays; prune leaves a step_N.old alone while step_N is missing
-
-
 def write_checkpoint(run_dir: Path, name: str, files: dict[str, bytes], keep_last: int = 0,
                      mirror_dir: str = "", best: dict | None = None) -> Path:
-    """Write run_dir/name atomically and point `latest` at it; then prune, update best/ (when
-    `best` gives its metric) and mirror. On a write error (disk full, read-only) or an
-    interrupt the partial directory is removed and older checkpoints stay intact; an OSError
-    becomes a UserError saying what happened. Takes the run lock (free if the caller holds it)."""
+    """Write run_dir/name with its MANIFEST (atomic.write_dir) and point `latest` at it; then
+    prune, update best/ (when `best` gives its metric) and mirror. On a write error (disk
+    full, read-only) or an interrupt nothing partial is left and older checkpoints stay
+    intact; an OSError becomes a UserError saying what happened. Takes the run lock (free if
+    the caller holds it)."""
     run_dir = Path(run_dir)
-    final, tmp, old = run_dir / name, run_dir / (name + ".tmp"), run_dir / (name + ".old")
-    with lock_run(run_dir):  # fixed temp names are safe: no other process writes this run
+    final = run_dir / name
+    manifest = {"format_version": FORMAT_VERSION, "name": name,
+                "files": {fname: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+                          for fname, data in files.items()}}
+    with lock_run(run_dir):
         try:
-            shutil.rmtree(tmp, ignore_errors=True)  # a save of this step killed earlier
-            tmp.mkdir()
-            manifest = {"format_version": FORMAT_VERSION, "name": name,
-                        "files": {fname: _write(tmp / fname, data) for fname, data in files.items()}}
-            _write(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
-            fsync_dir(tmp)
-            if final.exists():  # re-saving a step: keep the old copy until the new one is in place
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-            os.replace(tmp, final)
-            fsync_dir(run_dir)
+            atomic.tidy(run_dir)  # what an earlier killed save left, whatever its keep_last
+            atomic.write_dir(final, {**files, MANIFEST: (json.dumps(manifest, indent=2) + "\n").encode()})
             _set_latest(run_dir, name)
-        except BaseException as e:  # KeyboardInterrupt too: never leave a partial folder behind
-            _undo(tmp, old, final)
-            if not isinstance(e, OSError):
-                raise
+        except OSError as e:
             good = latest_name(run_dir)
             todo = atomic.advice(e, space="free disk space or lower checkpoint.keep_last")
             raise UserError(f"could not save checkpoint {final} ({atomic.cause(e)}); the older checkpoints are "
                             f"intact{f' (newest: {good})' if good else ''}; {todo}, then `trainer resume`") from None
-        shutil.rmtree(old, ignore_errors=True)
         if keep_last:
             prune(run_dir, keep_last, keep=final)
         if best is not None:
@@ -206,7 +169,7 @@ class AsyncSaver:
     """Writes checkpoints on one background thread, so the training loop stalls only for
     `serialize`. At most one write is in flight: the next save, and `wait()` (called on
     signals, at the end and on errors), first finish the previous one and re-raise its error.
-    A kill -9 mid-write leaves a step_N.tmp that loading ignores, exactly as a synchronous save."""
+    A kill -9 mid-write leaves a staging folder that loading ignores, exactly as a synchronous save."""
 
     def __init__(self) -> None:
         import concurrent.futures
@@ -300,7 +263,7 @@ def read_latest(run_dir: Path) -> tuple[str | None, str | None]:
     except FileNotFoundError:
         return None, None
     except (OSError, UnicodeDecodeError) as e:  # unreadable, a symlink put there since, not text
-        return None, f"`latest` is unreadable ({_reason(e)})"
+        return None, f"`latest` is unreadable ({reason(e)})"
     if not STEP_DIR.match(name):  # never a path: `../x` must not lead a reader out of the run
         return None, f"`latest` names {name[:60]!r}, which is not a step directory"
     return name, None
@@ -311,7 +274,7 @@ def latest_name(run_dir: Path) -> str | None:
     return read_latest(run_dir)[0]
 
 
-def _listdir(path: Path) -> list[Path]:
+def listdir(path: Path) -> list[Path]:
     try:
         return list(Path(path).iterdir())
     except OSError:  # missing, a file, or unreadable: nothing to list
@@ -325,7 +288,7 @@ def _rank(path: Path) -> tuple[int, ...]:
 
 def step_dirs(run_dir: Path) -> list[Path]:
     """Completed step/iter directories, newest first."""
-    return sorted((p for p in _listdir(run_dir) if STEP_DIR.match(p.name) and p.is_dir()), key=_rank, reverse=True)
+    return sorted((p for p in listdir(run_dir) if STEP_DIR.match(p.name) and p.is_dir()), key=_rank, reverse=True)
 
 
 def has_checkpoints(run_dir: Path) -> bool:
@@ -336,9 +299,11 @@ def has_checkpoints(run_dir: Path) -> bool:
 def prune(run_dir: Path, keep_last: int, keep: Path | None = None) -> None:
     """Keep `keep_last` checkpoints: `keep` (the one just written) and the newest others.
     Folders set aside by a resume (*.abandoned) count as the oldest, so they go first, and
-    leftovers of interrupted saves (step_N.tmp, step_N.old) go too: the disk stays bounded.
-    Call it under the run lock; best/ is separate and unaffected."""
-    entries = _listdir(run_dir)
+    leftovers of interrupted saves go too (atomic.tidy; step_N.tmp and step_N.old are what
+    Airlock before 2026-12 left): the disk stays bounded. Call it under the run lock; best/ is
+    separate and unaffected."""
+    atomic.tidy(run_dir)
+    entries = listdir(run_dir)
     abandoned = sorted((p for p in entries if ABANDONED.match(p.name) and p.is_dir()), key=_rank, reverse=True)
     others = [d for d in step_dirs(run_dir) if keep is None or d.name != Path(keep).name] + abandoned
     doomed = others[max(keep_last - (keep is not None), 0):]
@@ -372,7 +337,7 @@ def _manifest_files(step_dir: Path) -> tuple[dict, str | None]:
     except FileNotFoundError:
         return {}, "no MANIFEST.json (the save did not finish)"
     except (OSError, ValueError) as e:
-        return {}, f"unreadable MANIFEST.json ({_reason(e)})"
+        return {}, f"unreadable MANIFEST.json ({reason(e)})"
     if not isinstance(manifest, dict):
         return {}, "MANIFEST.json is not a JSON object"
     files = manifest.get("files")
@@ -451,7 +416,7 @@ def _check_contents(step_dir: Path, files: dict) -> str | None:
                 if fname == TRAINER_STATE and wrong_step(doc.get(key)):
                     return f"{TRAINER_STATE} does not hold {key} {number if named else '(a number)'}"
         except Exception as e:  # untrusted bytes: whatever a parser raises means the file is damaged
-            return f"{fname} is unreadable ({_reason(e)})"
+            return f"{fname} is unreadable ({reason(e)})"
     return None
 
 
@@ -503,26 +468,28 @@ def find_valid(run_dir: Path, attempt: int = 0) -> Path:
                     "or pass a run that has one (--run NAME or CHECKPOINT_PATH=<step dir>)")
 
 
-def _corrupt(step_dir: Path, problem: str) -> UserError:
+def corrupt(step_dir: Path, problem: str) -> UserError:
     return UserError(f"checkpoint {step_dir} is corrupt: {problem}; pick an older step or its run "
                      "(a run falls back to its newest valid checkpoint)")
 
 
-def read_config(step_dir: Path) -> str:
-    """config.yaml's text (parse it with yaml.safe_load; `verify` has checked it does)."""
+def read_config(step_dir: Path):
+    """config.yaml as parsed YAML (runs.saved_config makes it a Config)."""
     try:
-        return (Path(step_dir) / CONFIG).read_bytes().decode("utf-8")
+        return _load_yaml((Path(step_dir) / CONFIG).read_bytes().decode("utf-8"))
     except (OSError, UnicodeDecodeError) as e:
-        raise _corrupt(step_dir, f"{CONFIG} is unreadable ({_reason(e)})") from None
+        raise corrupt(step_dir, f"{CONFIG} is unreadable ({reason(e)})") from None
+    except Exception as e:  # yaml's errors: changed since `verify` parsed it
+        raise corrupt(step_dir, f"{CONFIG} is not YAML ({reason(e)})") from None
 
 
 def read_trainer_state(step_dir: Path) -> dict:
     try:
         doc = json.loads((Path(step_dir) / TRAINER_STATE).read_bytes())
     except (OSError, ValueError) as e:
-        raise _corrupt(step_dir, f"{TRAINER_STATE} is unreadable ({_reason(e)})") from None
+        raise corrupt(step_dir, f"{TRAINER_STATE} is unreadable ({reason(e)})") from None
     if not isinstance(doc, dict):
-        raise _corrupt(step_dir, f"{TRAINER_STATE} is not a JSON object")
+        raise corrupt(step_dir, f"{TRAINER_STATE} is not a JSON object")
     return doc
 
 
@@ -558,16 +525,16 @@ def load_checkpoint(step_dir: Path, model, optimizer=None, map_location="cpu", v
     step_dir = Path(step_dir)
     problem = None if verified else verify(step_dir)
     if problem:
-        raise _corrupt(step_dir, problem)
+        raise corrupt(step_dir, problem)
 
     def read(fname, load):
         try:
             return load(step_dir / fname)
         except Exception as e:  # it verified a moment ago: changed since (damage, or another writer)
-            raise _corrupt(step_dir, f"{fname} is unreadable ({_reason(e)})") from None
+            raise corrupt(step_dir, f"{fname} is unreadable ({reason(e)})") from None
 
     def misfit(e: Exception) -> UserError:
-        return UserError(f"checkpoint {step_dir} does not fit the model ({_reason(e)}); the architecture changed")
+        return UserError(f"checkpoint {step_dir} does not fit the model ({reason(e)}); the architecture changed")
 
     lora = hasattr(model, "peft_config")
     if (step_dir / ADAPTER).is_file() != lora:
@@ -614,11 +581,11 @@ def resume_training(step_dir: Path, model, optimizer, tracker: dict, map_locatio
     state = load_checkpoint(step_dir, model, optimizer, map_location=map_location)
     saved = state.get(TRACKER)
     if not isinstance(saved, dict):
-        raise _corrupt(step_dir, f"{STATE} has no {TRACKER} mapping")
+        raise corrupt(step_dir, f"{STATE} has no {TRACKER} mapping")
     for key, value in saved.items():
         default = tracker.get(key)
         if key in tracker and default is not None and value is not None and not _same_kind(default, value):
-            raise _corrupt(step_dir, f"{STATE} {TRACKER}.{key} is {value!r}, not a {type(default).__name__}")
+            raise corrupt(step_dir, f"{STATE} {TRACKER}.{key} is {value!r}, not a {type(default).__name__}")
     per_rank = state.get(RNG_RANKS)
     try:
         if rank == 0:
@@ -626,7 +593,7 @@ def resume_training(step_dir: Path, model, optimizer, tracker: dict, map_locatio
         elif isinstance(per_rank, list) and rank < len(per_rank):
             runtime.set_rng_state(per_rank[rank])
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
-        raise _corrupt(step_dir, f"{STATE} has no usable {RNG} ({_reason(e)})") from None
+        raise corrupt(step_dir, f"{STATE} has no usable {RNG} ({reason(e)})") from None
     tracker.update({k: v for k, v in saved.items() if k in tracker})
     if rank != 0:
         return state[STEP]
@@ -691,36 +658,12 @@ def mirror(step_dir: Path, mirror_run_dir: Path, keep_last: int = 0) -> None:
             if keep_last:
                 prune(mirror_run_dir, keep_last, keep=step_dir)
     except (OSError, UserError) as e:
-        log.warning(f"could not mirror {step_dir} to {mirror_run_dir}: {_reason(e)}; the primary checkpoint is intact")
+        log.warning(f"could not mirror {step_dir} to {mirror_run_dir}: {reason(e)}; the primary checkpoint is intact")
 
 
 def storage_report(run_dir: Path) -> str:
     """'3 checkpoints, 12.1 MB each, 36.3 MB in all' for the log."""
-    sizes = [sum(f.stat().st_size for f in _listdir(d)) for d in step_dirs(run_dir)]
+    sizes = [sum(f.stat().st_size for f in listdir(d)) for d in step_dirs(run_dir)]
     if not sizes:
         return "no checkpoints"
     return f"{len(sizes)} checkpoint(s) kept, {sizes[0] / 1e6:.1f} MB each, {sum(sizes) / 1e6:.1f} MB in all"
-
-
-def restore(step_dir: Path, device="cpu"):
-    """A checkpoint as (model, tokenizer, config, state) for sampling, export and evaluation."""
-    from tokenizers import Tokenizer
-
-    from trainer import config as configs
-    from trainer import model as models
-
-    step_dir = Path(step_dir)
-    problem = verify(step_dir)
-    if problem:
-        raise _corrupt(step_dir, problem)
-    try:
-        cfg = configs.from_dict(_load_yaml(read_config(step_dir)), str(step_dir / CONFIG))
-    except (TypeError, ValueError, AttributeError) as e:  # parsed, but not a config this trainer knows
-        raise _corrupt(step_dir, f"{CONFIG} is not a valid config ({_reason(e)})") from None
-    try:
-        tok = Tokenizer.from_file(str(step_dir / TOKENIZER))
-    except Exception as e:  # missing (a hand-made checkpoint) or not a tokenizer: any error says so
-        raise _corrupt(step_dir, f"{TOKENIZER} is missing or unreadable ({_reason(e)})") from None
-    model, _ = models.build_model(cfg.model, tok.get_vocab_size(), tok.token_to_id("<|endoftext|>"), cfg.run.seed)
-    state = load_checkpoint(step_dir, model, map_location=device, verified=True)
-    return model.to(device).eval(), tok, cfg, state

@@ -66,10 +66,11 @@ def train_command(config: str | None = None, resume: str = "", nproc: int = 1, n
     if resume not in ("", "auto"):
         raise UserError(f"--resume={resume!r}: use --resume=auto, or `trainer resume --run NAME` for a named run")
     launch = distributed.Launch(nproc, nnodes, rdzv_endpoint, rdzv_id, max_restarts)
-    cfg = configs.load(config, **overrides)  # bad input is one line here, before any worker starts
-    if resume == "auto" and not configs.build(yaml_path=config, overrides=overrides).run.name:
+    cfg = configs.build(yaml_path=config, overrides=overrides)  # bad input is one line here, before any worker starts
+    if resume == "auto" and not cfg.run.name:
         raise UserError("--resume=auto continues the run named by run.name; set it (--run.name=NAME), since a "
                         "derived name holds the start time and is new every time")
+    cfg = configs.named(cfg, config)
     if launch.wanted:
         if resume != "auto" and ckpt.has_checkpoints(runs.RunPaths.of(cfg).checkpoints):
             raise UserError(f"run {cfg.run.name!r} already has checkpoints; continue it with `trainer train --nproc "
@@ -79,8 +80,8 @@ def train_command(config: str | None = None, resume: str = "", nproc: int = 1, n
                 *(f"--{k}={_flag_value(v)}" for k, v in overrides.items() if k not in ("run.name", "name"))]
         sys.exit(distributed.launch(launch, argv, cfg.run.name))
     if (resume == "auto" or distributed.restarted()) and ckpt.has_checkpoints(runs.RunPaths.of(cfg).checkpoints):
-        with runs.resume_point(cfg.run.name, None, cfg.run.out_dir) as step_dir:
-            return _resume_train(step_dir, 0, config, overrides)
+        with runs.continuation(cfg.run.name, None, config, overrides) as (cfg, step_dir):
+            return _train_on(cfg, step_dir)
     return train.train(cfg)
 
 
@@ -112,7 +113,7 @@ def resume_command(run: str | None = None, checkpoint: str | None = None, extra_
     from trainer import config as configs
     from trainer import distributed, runs
 
-    probe = configs.build(overrides={k: v for k, v in overrides.items() if k.startswith("run.out_dir")})
+    probe = configs.build(overrides={k: v for k, v in overrides.items() if k == "run.out_dir"})
     checkpoint = checkpoint or (None if run else os.environ.get("CHECKPOINT_PATH"))
     launch = distributed.Launch(nproc, nnodes, rdzv_endpoint, rdzv_id, max_restarts)
     if launch.wanted:
@@ -124,26 +125,16 @@ def resume_command(run: str | None = None, checkpoint: str | None = None, extra_
                  else ["--run", str(runs.run_folder(run, None, probe.run.out_dir))])
         argv = ["resume", *where, *(f"--{k}={_flag_value(v)}" for k, v in overrides.items())]
         sys.exit(distributed.launch(launch, argv, step_dir.parent.name))
-    with runs.resume_point(run, checkpoint, probe.run.out_dir) as step_dir:
-        return _resume_train(step_dir, extra_steps, None, overrides)
+    with runs.continuation(run, checkpoint, None, overrides, extra_steps=extra_steps) as (cfg, step_dir):
+        return _train_on(cfg, step_dir)
 
 
-def _resume_train(step_dir: Path, extra_steps: int, config: str | None, overrides: dict) -> dict:
+def _train_on(cfg, step_dir: Path) -> dict:
+    """Train the continued run `cfg` from `step_dir` (runs.continuation), unless it is done."""
     from trainer import checkpoint as ckpt
-    from trainer import config as configs
-    from trainer import runs, train
+    from trainer import train
 
-    if step_dir.name.startswith("iter_"):
-        raise UserError(f"{step_dir} is a GRPO iteration; continue that run with "
-                        f"`trainer grpo --resume {step_dir.parent.name}`")
-    saved = runs.saved_config(step_dir)
-    cfg = configs.build(base=saved.to_dict(), yaml_path=config, overrides=overrides)
     step = ckpt.read_trainer_state(step_dir)["step"]
-    if extra_steps < 0:
-        raise UserError(f"--extra_steps={extra_steps} must not be negative")
-    if extra_steps:
-        cfg = cfg.replace(train=dataclasses.replace(cfg.train, max_steps=step + extra_steps))
-    cfg = runs.resumed(saved, cfg, step_dir)
     if step >= cfg.train.max_steps and train.run_complete(cfg, step):
         raise UserError(f"run {cfg.run.name} already reached step {step} of train.max_steps={cfg.train.max_steps}; "
                         "pass --train.max_steps=N (larger) or --extra_steps=N to train further")
@@ -413,15 +404,9 @@ def grpo_command(config: str | None = None, resume: str = "", **overrides) -> di
             return grpo(cfg)
     if not resume:
         return grpo(configs.load(config, **overrides))
-    probe = configs.build(yaml_path=config, overrides={k: v for k, v in overrides.items() if k == "run.out_dir"})
     is_dir = Path(resume).is_dir()
-    with runs.resume_point(None if is_dir else resume, resume if is_dir else None, probe.run.out_dir) as step_dir:
-        if not step_dir.name.startswith("iter_"):
-            raise UserError(f"{step_dir} is a pretraining checkpoint, not a GRPO iteration; continue it with "
-                            f"`trainer resume --run {step_dir.parent.name}`, or start GRPO from it with model.path")
-        saved = runs.saved_config(step_dir)
-        cfg = runs.resumed(saved, configs.build(base=saved.to_dict(), yaml_path=config, overrides=overrides),
-                           step_dir)
+    with runs.continuation(None if is_dir else resume, resume if is_dir else None, config, overrides,
+                           kind="iter") as (cfg, step_dir):
         return grpo(cfg, resume_dir=step_dir)
 
 

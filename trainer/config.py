@@ -417,8 +417,13 @@ def build(base: dict | None = None, yaml_path: str | None = None, overrides: dic
 
 
 def load(config: str | None = None, **overrides) -> Config:
-    """defaults < YAML < env < CLI. The config name (for run names) is the YAML's stem."""
-    cfg = build(yaml_path=config, overrides=overrides)
+    """defaults < YAML < env < CLI, with a run name derived when none is given."""
+    return named(build(yaml_path=config, overrides=overrides), config)
+
+
+def named(cfg: Config, config: str | None = None) -> Config:
+    """`cfg` with run.name set: the given one, or one derived from the config's stem (`config`,
+    the YAML), the model, the data source and the time."""
     if not cfg.run.name:
         import time
 
@@ -476,7 +481,7 @@ def for_resume(saved: Config, cfg: Config) -> tuple[Config, dict[str, tuple]]:
     changed = changed_frozen_keys(saved, cfg)
     if changed:
         raise UserError(f"cannot change {', '.join(changed)} on resume: the checkpoint's weights, token ids and "
-                        "batches depend on them; start a new run (trainer train --run.name NEW) instead")
+                        "batches depend on them; start a new run (another run.name) instead")
     if not cfg.run.threads and saved.run.threads:
         cfg = cfg.replace(run=dataclasses.replace(cfg.run, threads=saved.run.threads))
     inexact = changed_keys(saved, cfg, resume_keys("inexact"))

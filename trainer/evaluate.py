@@ -31,6 +31,7 @@ from trainer import checkpoint as ckpt
 from trainer import data, metrics
 from trainer import model as models
 from trainer.errors import UserError
+from trainer import runs
 from trainer.runs import RunPaths
 
 log = logging.getLogger("trainer")
@@ -80,7 +81,7 @@ def evaluate_checkpoint(step_dir: Path, device: torch.device, force: bool = Fals
         if not force and (step_dir.name, manifest_sha) in done(out):
             return None
         t0 = time.time()
-        model, tok, cfg, state = ckpt.restore(step_dir, device=device)
+        model, tok, cfg, state = runs.restore(step_dir, device=device)
         expect = expected_data(step_dir, out)  # the data it was trained on, hashed: no val loss on other data
         prepared = data.find_prepared(cfg.data, expect)
         check_same_data(expect, prepared, step_dir, step_dir.parent.name)

@@ -5,10 +5,11 @@
     <out_dir>/sync/<run>/          GRPO policy versions for the generation server (trainer/grpo/sync.py)
 
 `RunPaths` is the only code that spells this layout. `locate` picks the checkpoint a command
-reads (a step dir, a run's newest valid one, or the most recent run's). `resume_point`,
-`saved_config` and `resumed` are the one resume recipe: lock a run that is resumed where it
-lies (runlock.lock_run, which saving and pruning take too), locate the step to continue
-from, and rebuild its config with this command's changes.
+reads (a step dir, a run's newest valid one, or the most recent run's); `restore` builds the
+model, tokenizer and config of one for sampling, export and evaluation. `continuation` is the
+one resume recipe every command that continues a run calls: lock a run that is resumed where
+it lies (runlock.lock_run, which saving and pruning take too), locate the step to continue
+from, and rebuild its config with this command's changes under the resume rules.
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ from pathlib import Path
 
 from trainer import checkpoint as ckpt
 from trainer import distributed
-from trainer.checkpoint import (LATEST, MANIFEST, _corrupt, _listdir, find_valid, has_checkpoints, step_dirs,
-                                verify)
-from trainer.errors import UserError
+from trainer.checkpoint import LATEST, MANIFEST, find_valid, has_checkpoints, listdir, step_dirs, verify
+from trainer.errors import UserError, reason
 from trainer.runlock import lock_run
 
 log = logging.getLogger("trainer")
@@ -108,7 +108,7 @@ def _resolve(run: str | None, checkpoint: str | None, out_dir: str) -> tuple[Pat
         if not run_dir.is_dir():
             raise UserError(f"no run {run!r} in {root}; `ls {root}` lists the runs")
         return run_dir, False
-    runs = [p for p in _listdir(root) if p.is_dir() and has_checkpoints(p)]
+    runs = [p for p in listdir(root) if p.is_dir() and has_checkpoints(p)]
     if not runs:
         raise UserError(f"no checkpoint to resume in {root}; start with `trainer train --config ...` "
                         "or pass --run NAME / CHECKPOINT_PATH=<step dir>")
@@ -132,7 +132,7 @@ def locate(run: str | None = None, checkpoint: str | None = None, out_dir: str =
         return find_valid(path)
     problem = verify(path)
     if problem:
-        raise _corrupt(path, problem)
+        raise ckpt.corrupt(path, problem)
     return path
 
 
@@ -150,6 +150,37 @@ def resume_point(run: str | None, checkpoint: str | None, out_dir: str):
         yield locate(run or (None if checkpoint else str(source)), checkpoint, out_dir)
 
 
+def saved_config(step_dir: Path):
+    """The config a checkpoint was written with (config.yaml), read back as untrusted input."""
+    from trainer import config as configs
+
+    try:
+        return configs.from_dict(ckpt.read_config(step_dir), f"{Path(step_dir) / ckpt.CONFIG}")
+    except (TypeError, ValueError, AttributeError) as e:  # parsed, but not a config this trainer knows
+        raise ckpt.corrupt(step_dir, f"{ckpt.CONFIG} is not a valid config ({reason(e)})") from None
+
+
+def restore(step_dir: Path, device="cpu"):
+    """A checkpoint as (model, tokenizer, config, state) for sampling, export and evaluation."""
+    from tokenizers import Tokenizer
+
+    from trainer import model as models
+    from trainer import tokenizer as tk
+
+    step_dir = Path(step_dir)
+    problem = verify(step_dir)
+    if problem:
+        raise ckpt.corrupt(step_dir, problem)
+    cfg = saved_config(step_dir)
+    try:
+        tok = Tokenizer.from_file(str(step_dir / ckpt.TOKENIZER))
+    except Exception as e:  # missing (a hand-made checkpoint) or not a tokenizer: any error says so
+        raise ckpt.corrupt(step_dir, f"{ckpt.TOKENIZER} is missing or unreadable ({reason(e)})") from None
+    model, _ = models.build_model(cfg.model, tok.get_vocab_size(), tk.eot_id(tok), cfg.run.seed)
+    state = ckpt.load_checkpoint(step_dir, model, map_location=device, verified=True)
+    return model.to(device).eval(), tok, cfg, state
+
+
 def locate_and_restore(run: str | None = None, checkpoint: str | None = None, out_dir: str = "volumes",
                        device="cpu"):
     """-> (step_dir, (model, tokenizer, config, state)) for the checkpoint `locate` picks. A
@@ -158,29 +189,49 @@ def locate_and_restore(run: str | None = None, checkpoint: str | None = None, ou
     for attempt in range(4):
         step_dir = locate(run, checkpoint, out_dir)
         try:
-            return step_dir, ckpt.restore(step_dir, device)
+            return step_dir, restore(step_dir, device)
         except UserError:
             if os.path.lexists(step_dir) or attempt == 3:
                 raise
 
 
-def saved_config(step_dir: Path):
-    """The config a checkpoint was written with (config.yaml), read back as untrusted input."""
-    import yaml
+KINDS = {"step": "a pretraining checkpoint; continue that run with `trainer resume --run {run}`, or start GRPO "
+                 "from it with model.path",
+         "iter": "a GRPO iteration; continue that run with `trainer grpo --resume {run}`"}
 
+
+@contextlib.contextmanager
+def continuation(run: str | None = None, checkpoint: str | None = None, config: str | None = None,
+                 overrides: dict | None = None, kind: str = "step", extra_steps: int = 0):
+    """The one way a command continues a run. -> (cfg, step_dir), as a context in which the run
+    stays locked.
+
+    `run` names a run (or a run folder; None: the most recent run) and `checkpoint` a step dir
+    (also $CHECKPOINT_PATH): `resume_point` locks the run where it is resumed in place, then
+    locates the step to continue from. Its saved config is the base; `config` (a YAML) and
+    `overrides` go on top. The resume rules follow: `kind` ("step" for pretraining, "iter" for
+    GRPO) refuses the other loop's checkpoint with the command that continues it; a changed
+    frozen key is refused, a change that costs bit-exactness is warned about, the run section
+    points at the checkpoint's own run (config.for_resume, run_config_for); `extra_steps` sets
+    train.max_steps that far past the saved step. The data checks need the prepared data, so
+    the loop makes them (train.setup)."""
     from trainer import config as configs
 
-    return configs.from_dict(yaml.safe_load(ckpt.read_config(step_dir)), f"{Path(step_dir) / ckpt.CONFIG}")
-
-
-def resumed(saved, cfg, step_dir: Path):
-    """`cfg` (the saved config with this command's changes) as the resume of `step_dir` runs it:
-    written to the checkpoint's own run when it lies in the run layout, a changed frozen key
-    refused, and a warning for each change that costs bit-exactness."""
-    from trainer import config as configs
-
-    cfg = cfg.replace(run=run_config_for(step_dir, cfg.run))
-    cfg, inexact = configs.for_resume(saved, cfg)
-    if inexact:
-        log.warning(configs.inexact_warning(inexact))
-    return cfg
+    overrides = overrides or {}
+    if extra_steps < 0:
+        raise UserError(f"--extra_steps={extra_steps} must not be negative")
+    out_dir = configs.build(yaml_path=config, overrides={k: v for k, v in overrides.items() if k == "run.out_dir"})
+    with resume_point(run, checkpoint, out_dir.run.out_dir) as step_dir:
+        found = ckpt.STEP_DIR.match(step_dir.name)
+        if found and found.group(1) != kind:
+            raise UserError(f"{step_dir} is {KINDS[found.group(1)].format(run=step_dir.parent.name)}")
+        saved = saved_config(step_dir)
+        cfg = configs.build(base=saved.to_dict(), yaml_path=config, overrides=overrides)
+        if extra_steps:
+            step = ckpt.read_trainer_state(step_dir)["step"]
+            cfg = cfg.replace(train=dataclasses.replace(cfg.train, max_steps=step + extra_steps))
+        cfg = cfg.replace(run=run_config_for(step_dir, cfg.run))
+        cfg, inexact = configs.for_resume(saved, cfg)
+        if inexact:
+            log.warning(configs.inexact_warning(inexact))
+        yield cfg, step_dir

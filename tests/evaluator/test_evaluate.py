@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer import checkpoint as ckpt
+from trainer import runs
 from trainer import config, evaluate, train
 
 
@@ -57,12 +57,12 @@ def test_pruned_while_evaluating_is_skipped(run, monkeypatch, caplog):
     victim = run / "checkpoints" / "ev" / "step_000003"
     copy = victim.with_name("step_000009")  # a new checkpoint that keep_last prunes mid-read
     shutil.copytree(victim, copy)
-    real = ckpt.restore
+    real = runs.restore
 
     def prune_then_restore(step_dir, **kw):
         shutil.rmtree(step_dir)
         return real(step_dir, **kw)
 
-    monkeypatch.setattr(ckpt, "restore", prune_then_restore)
+    monkeypatch.setattr(runs, "restore", prune_then_restore)
     assert evaluate.evaluate_checkpoint(copy, torch.device("cpu")) is None
     assert "pruned" in caplog.text

@@ -12,6 +12,7 @@ import torch
 
 from tests.conftest import run_cli, tiny_args
 from trainer import checkpoint as ckpt
+from trainer import runs
 from trainer.metrics import read_rows
 
 
@@ -50,7 +51,7 @@ def test_final_export_loads_with_transformers(scratch_run):
     run_dir = out / "volumes" / "checkpoints" / "tiny"
     final = AutoModelForCausalLM.from_pretrained(run_dir / "final", local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(run_dir / "final", local_files_only=True)
-    model, _, _, _ = ckpt.restore(ckpt.find_valid(run_dir))
+    model, _, _, _ = runs.restore(ckpt.find_valid(run_dir))
     ids = torch.tensor([tok.encode("def fib_1(n):")])
     with torch.no_grad():
         assert torch.equal(final(ids).logits, model(ids).logits)

@@ -136,7 +136,7 @@ def test_damaged_file_with_matching_manifest_is_corrupt(tmp_path, damage, caplog
     assert "falling back to step_000001" in caplog.text
     assert str(bad) in one_line_user_error(lambda: runs.locate(checkpoint=str(bad)))
     assert "corrupt" in one_line_user_error(lambda: ckpt.load_checkpoint(bad, tiny(lora)[0]))
-    assert "corrupt" in one_line_user_error(lambda: ckpt.restore(bad))
+    assert "corrupt" in one_line_user_error(lambda: runs.restore(bad))
     assert ckpt.verify(good) is None  # a clean checkpoint beside it still verifies
     shutil.rmtree(good)
     assert "no valid checkpoint" in one_line_user_error(lambda: ckpt.find_valid(run_dir))
@@ -174,4 +174,4 @@ def test_restore_reports_an_unusable_tokenizer_in_one_line(tmp_path):
     model, opt = tiny()
     step_dir = save(tmp_path, 1, model, opt)  # its tokenizer.json is valid JSON but no tokenizer
     assert ckpt.verify(step_dir) is None
-    assert ckpt.TOKENIZER in one_line_user_error(lambda: ckpt.restore(step_dir))
+    assert ckpt.TOKENIZER in one_line_user_error(lambda: runs.restore(step_dir))

@@ -144,7 +144,7 @@ def test_a_resume_sets_aside_a_damaged_latest_before_reading(tmp_path, caplog):
 def test_a_failed_save_names_its_cause_and_asks_for_space_only_when_space_ran_out(tmp_path, monkeypatch):
     model, opt = tiny()
     good = save(tmp_path, 1, model, opt)
-    real_write = ckpt._write
+    real_write = atomic._write_synced
     for code, expected, advice in [
             (errno.ENOSPC, "No space left on device", "free disk space"),
             (errno.EDQUOT, "Disk quota exceeded", "free disk space"),
@@ -153,13 +153,13 @@ def test_a_failed_save_names_its_cause_and_asks_for_space_only_when_space_ran_ou
             (errno.EISDIR, "Is a directory", "in the way")]:
         def failing(path, data, code=code):
             raise OSError(code, os.strerror(code), str(path))
-        monkeypatch.setattr(ckpt, "_write", failing)
+        monkeypatch.setattr(atomic, "_write_synced", failing)
         message = one_line_user_error(lambda: save(tmp_path, 2, model, opt))
         assert expected in message and advice in message and "step_000002" in message, message
         assert ("free disk space" in message) == (code in (errno.ENOSPC, errno.EDQUOT)), message
         assert "newest: step_000001" in message and ckpt.verify(good) is None
-        assert not (tmp_path / "step_000002").exists() and not (tmp_path / "step_000002.tmp").exists()
-    monkeypatch.setattr(ckpt, "_write", real_write)
+        assert not (tmp_path / "step_000002").exists() and not list(tmp_path.glob(".step_000002*"))
+    monkeypatch.setattr(atomic, "_write_synced", real_write)
     save(tmp_path, 2, model, opt)
 
     # the shared writer too: a file where a folder should be is no full disk

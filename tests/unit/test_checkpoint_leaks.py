@@ -128,3 +128,24 @@ def test_mirror_follows_the_primary_onto_a_new_branch(tmp_path):
         save(run_dir, step, model, opt, keep_last=2, mirror_dir=str(mirror_root))
     assert names(run_dir, "step_*") == names(mirror_root / "run", "step_*") == ["step_000305", "step_000310"]
     assert ckpt.find_valid(mirror_root / "run") == mirror_root / "run" / "step_000310"
+
+
+def test_a_save_clears_what_a_killed_save_left_and_puts_back_an_only_copy(tmp_path):
+    """A kill inside atomic.write_dir leaves a hidden staging folder; one between replace_dir's
+    two renames (where RENAME_EXCHANGE is missing) leaves the old step parked beside its empty
+    place. The next save, whatever keep_last, removes the first and puts the second back."""
+    from trainer import atomic
+
+    model, opt = tiny()
+    save(tmp_path, 1, model, opt)
+    staged = tmp_path / f".step_000002{atomic.TMP_TAG}0a1b.tmp"
+    staged.mkdir()
+    (staged / "model.safetensors").write_bytes(b"half a file")
+    (tmp_path / "step_000001").rename(tmp_path / f".step_000001{atomic.TMP_TAG}2c3d.old")
+    stranger = tmp_path / ".step_000003.airlock-notes"  # not what a build leaves: a user's
+    stranger.mkdir()
+    save(tmp_path, 2, model, opt)  # keep_last=0: nothing is pruned
+    assert not staged.exists() and stranger.exists()
+    assert names(tmp_path, "step_*") == ["step_000001", "step_000002"]
+    assert ckpt.verify(tmp_path / "step_000001") is None and ckpt.verify(tmp_path / "step_000002") is None
+    assert names(tmp_path, f"*{atomic.TMP_TAG}*") == [stranger.name]

@@ -90,13 +90,14 @@ def plan(config: str | None, grid: list[tuple[str, list]], overrides: dict) -> t
     runs = []
     for combo in itertools.product(*[values for _, values in grid]):
         try:
-            cfg = configs.build(yaml_path=config, overrides={**overrides, **dict(zip(keys, combo))})
+            given = {**overrides, **dict(zip(keys, combo))}
+            cfg = configs.build(yaml_path=config, overrides=given)
         except UserError as e:
             raise UserError(f"--grid {dict(zip(keys, combo))}: {e}") from None
         typed = {k: getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in keys}
         name = base + "".join(f"-{labels[k]}{_value_text(v)}" for k, v in typed.items())
         cfg = cfg.replace(run=dataclasses.replace(cfg.run, name=name))
-        runs.append({"name": name, "values": typed, "cfg": cfg})
+        runs.append({"name": name, "values": typed, "cfg": cfg, "overrides": {**given, "run.name": name}})
     names = [r["name"] for r in runs]
     if len(set(names)) != len(names):
         raise UserError(f"--grid gives two runs the same name ({names}); use distinct values")
@@ -171,16 +172,16 @@ def run(config: str | None, grid: str, overrides: dict) -> tuple[list[dict], tup
                 continue
             if STOP:
                 break
-            if step_dir is not None:
-                saved = runs_.saved_config(step_dir)
-                changed = configs.changed_frozen_keys(saved, cfg)
-                if changed:
-                    raise UserError(f"run {r['name']} was started with other {', '.join(changed)}; "
-                                    f"remove {RunPaths.of(cfg).checkpoints} or pick another run.name")
-                cfg = runs_.resumed(saved, cfg, step_dir)  # e.g. the thread count it was started with
             print(f"[{i}/{len(runs)}] {r['name']}: " + (f"resuming from iteration {done}" if done else "starting"),
                   flush=True)
-            result = grpo(cfg, resume_dir=step_dir)
+            if step_dir is None:
+                result = grpo(cfg)
+            else:
+                try:
+                    with runs_.continuation(r["name"], None, config, r["overrides"], kind="iter") as (cfg, step_dir):
+                        result = grpo(cfg, resume_dir=step_dir)
+                except UserError as e:
+                    raise UserError(f"sweep run {r['name']}: {e}") from None
             write_summary(out_dir, summary_rows(runs))
             if result["iteration"] < cfg.grpo.iterations:  # the run saw SIGTERM/SIGINT and saved
                 break
