@@ -87,6 +87,9 @@ class RunConfig:
     deterministic: bool = field(False, "CUDA: deterministic kernels, so resume is bit-exact there too (slower); "
                                        "CPU always is")
     threads: int = field(0, "torch intra-op threads; 0 keeps torch's default", range=atleast(0), resume="inexact")
+    dtype: str = field("auto", "matmul dtype (autocast; weights stay float32): auto = bf16 on CUDA, fp32 on CPU | "
+                               "fp32 | bf16 (on a CPU fast only with native bf16: AVX512-BF16 or AMX)",
+                       choices=("auto", "fp32", "bf16"), resume="inexact")
 
 
 # every model.* and data.* key is frozen on resume: they define the weights' shapes and the token ids

@@ -25,7 +25,7 @@ def lm_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def estimate_loss(model, batches: data.Batches, iters: int, device) -> float:
+def estimate_loss(model, batches: data.Batches, iters: int, device, dtype: str = "auto") -> float:
     """Mean val loss over the same `iters` batches every time, so evaluations compare. Under
     torchrun the ranks share the batches (rank r takes i = r, r + world, ...) and the mean is
     all-reduced, so every rank returns the same number."""
@@ -35,7 +35,7 @@ def estimate_loss(model, batches: data.Batches, iters: int, device) -> float:
     losses = []
     for i in range(r.rank, iters, r.world):
         x, y = batches.get_batch("val", i)
-        with runtime.autocast(device):
+        with runtime.autocast(device, dtype):
             losses.append(lm_loss(model, x.to(device), y.to(device)).item())
     model.train(was_training)
     if r.world == 1:

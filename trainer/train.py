@@ -203,6 +203,7 @@ def setup(cfg, resume_dir: Path | None, paths: RunPaths) -> tuple[Run, TrainStat
         logging.getLogger("trainer").setLevel(logging.WARNING)  # one voice: rank 0's
     device = distributed.device_for(runtime.pick_device(cfg.run.device))
     runtime.configure(device, cfg.run.deterministic)
+    runtime.check_dtype(device, cfg.run.dtype)
     distributed.init(device)  # before the guard: it lets through the rendezvous host only
     if cfg.run.offline:
         offline.go_offline(allow_hosts=[h for h in [distributed.master_host()] if h])
@@ -305,7 +306,7 @@ def train_step(run: Run, step: int) -> StepResult:
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
         last = micro == t.grad_accum - 1
         with run.model.no_sync() if run.ranks.world > 1 and not last else contextlib.nullcontext():
-            with runtime.autocast(run.device):
+            with runtime.autocast(run.device, run.cfg.run.dtype):
                 loss = lm.lm_loss(run.model, x, y) / t.grad_accum
             loss.backward()
         loss_sum += loss.detach().double()
@@ -324,7 +325,7 @@ def evaluate(run: Run, state: TrainState, step: int) -> float | None:
     t = run.cfg.train
     if not ((t.eval_interval and step % t.eval_interval == 0) or step == t.max_steps):
         return None
-    val = lm.estimate_loss(run.module, run.batches, t.eval_iters, run.device)
+    val = lm.estimate_loss(run.module, run.batches, t.eval_iters, run.device, run.cfg.run.dtype)
     state.last_val = val
     return val
 

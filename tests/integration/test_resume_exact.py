@@ -1,7 +1,8 @@
 """Bit-exact resume: a run interrupted by SIGTERM at a step, or by SIGKILL after a periodic
 checkpoint, and then resumed, ends with the same weights sha256 as the uninterrupted run,
 and its metrics.csv holds every step once with identical losses. Proven with dropout > 0
-(from-scratch) and with LoRA (tiny GPT-2), through the real CLI in subprocesses."""
+(from-scratch, in float32 and in bf16 autocast) and with LoRA (tiny GPT-2), through the real CLI
+in subprocesses."""
 
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ STEPS = 40
 
 
 def variant_args(kind: str, corpus: Path, gpt2: Path, out: Path, name: str) -> list[str]:
-    if kind == "dropout":
+    if kind in ("dropout", "bf16"):
+        dtype = {"run.dtype": "bf16"} if kind == "bf16" else {}
         return tiny_args(corpus, out, name, **{"model.dropout": 0.2, "train.max_steps": STEPS,
-                                               "checkpoint.interval": 10})
+                                               "checkpoint.interval": 10, **dtype})
     return tiny_args(corpus, out, name, **{
         "model.type": "gpt2", "model.path": str(gpt2), "data.tokenizer": "gpt2", "model.lora": True,
         "model.lora_r": 4, "model.lora_alpha": 8, "model.lora_dropout": 0.1, "train.lr": 5e-3,
@@ -42,14 +44,21 @@ def references(tmp_path_factory, corpus_dir, gpt2_dir):
     """The uninterrupted runs, once per variant."""
     out = tmp_path_factory.mktemp("reference")
     refs = {}
-    for kind in ("dropout", "lora"):
+    for kind in ("dropout", "lora", "bf16"):
         run_cli(["train", *variant_args(kind, corpus_dir, gpt2_dir, out, f"ref-{kind}")], cwd=out)
         refs[kind] = (summary(out, f"ref-{kind}"), losses(out, f"ref-{kind}"))
     return refs
 
 
-@pytest.mark.parametrize("kind", ["dropout", "lora"])
-@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_bf16_autocast_changes_the_numbers(references):
+    """run.dtype=bf16 runs the matmuls in bf16 on the CPU too (the resume cases below then prove
+    it bit-exact there): its losses are not the float32 run's."""
+    assert references["bf16"][1] != references["dropout"][1]
+    assert references["bf16"][0]["weights_sha256"] != references["dropout"][0]["weights_sha256"]
+
+
+@pytest.mark.parametrize("kind,how", [("dropout", "sigterm"), ("dropout", "sigkill"), ("lora", "sigterm"),
+                                      ("lora", "sigkill"), ("bf16", "sigterm")])
 def test_interrupted_run_resumes_bit_exact(tmp_path, corpus_dir, gpt2_dir, references, kind, how):
     name = f"{how}-{kind}"
     metrics_csv = tmp_path / "volumes" / "metrics" / name / "metrics.csv"
@@ -87,6 +96,7 @@ def test_interrupted_run_resumes_bit_exact(tmp_path, corpus_dir, gpt2_dir, refer
     assert f"weights sha256: {ref_summary['weights_sha256']}" in resumed.stdout
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: what resume guarantees on CUDA")
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_cuda_resume(tmp_path, corpus_dir, deterministic):

@@ -167,7 +167,7 @@ def test_which_keys_a_resume_may_change():
     frozen = {key for key in C.keys() if key.startswith(("model.", "data."))} | {"run.seed"}
     assert set(C.resume_keys("frozen")) == frozen
     assert set(C.resume_keys("inexact")) == {
-        "run.threads", "run.device", "run.compile", "train.batch_size", "train.grad_accum", "train.lr",
+        "run.threads", "run.device", "run.compile", "run.dtype", "train.batch_size", "train.grad_accum", "train.lr",
         "train.min_lr", "train.warmup_steps", "train.schedule", "train.weight_decay", "train.beta1", "train.beta2",
         "train.grad_clip", "train.max_steps"}
 
