@@ -96,7 +96,7 @@ def evaluate_checkpoint(step_dir: Path, device: torch.device, force: bool = Fals
         log.warning(f"evaluate: skipped {step_dir}: {why}")
         return None
 
-    val_loss = estimate_loss(model, batches, cfg.train.eval_iters, device)
+    val_loss = estimate_loss(model, batches, cfg.train.eval_iters, device, cfg.run.dtype)  # as the run measured it
     s = cfg.sample
     text = sample_text(model, tok, prompt, s.max_new_tokens, s.temperature, s.top_k, s.seed, device)
     row = {
