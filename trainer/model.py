@@ -65,8 +65,9 @@ def build_model(model_cfg, vocab_size: int, eot_id: int, seed: int, device=None)
                             f"(data.tokenizer={own})")
         embedded = positions(model)
         if block_size > embedded:
-            log.warning(f"model.block_size={block_size} is more than the model's {embedded} positions "
-                        f"(max_position_embeddings); using {embedded}")
+            key = "n_positions" if getattr(model.config, "n_positions", None) else "max_position_embeddings"
+            log.warning(f"model.block_size={block_size} is more than the model's {embedded} positions; using "
+                        f"{embedded} (its config.json's {key})")
             block_size = embedded
     if model_cfg.lora:
         model = add_lora(model, model_cfg)
