@@ -162,6 +162,7 @@ def sample_command(run: str | None = None, checkpoint: str | None = None, prompt
     from trainer import checkpoint as ckpt
     from trainer import config as configs
     from trainer import runs
+    from trainer import tokenizer as tk
     from trainer.generate import sample_text
     from trainer.offline import go_offline
 
@@ -180,7 +181,7 @@ def sample_command(run: str | None = None, checkpoint: str | None = None, prompt
         raise UserError(f"{e} (from {step_dir / ckpt.CONFIG}; pass it as an option, e.g. --top_k=50)") from None
     if prompt is None:
         prompt = s.prompt or ("QUESTION: " if cfg.model.type == "gpt2" else "")
-    ids = tok.encode(str(prompt)).ids if prompt else [tok.token_to_id("<|endoftext|>")]
+    ids = tok.encode(str(prompt)).ids if prompt else [tk.eot_id(tok)]  # the model's own end-of-text token
     if not ids:
         raise UserError(f"--prompt={prompt!r} encodes to no tokens with this run's tokenizer; use text it knows")
     texts = []
@@ -341,17 +342,20 @@ def doctor(cfg) -> int:
         report(False, "data", str(e))
     except (OSError, ValueError) as e:
         report(False, "data", f"{e} (run `trainer prepare` with this config)")
-    if tok is None and cfg.data.tokenizer == "gpt2":
+    if tok is None and cfg.data.tokenizer in ("gpt2", "model"):
         try:
-            tok = tk.load_gpt2(cfg.data.tokenizer_path)
-            report(True, "tokenizer", f"gpt2 from local files: {tok.get_vocab_size()} tokens")
+            tok = tk.build(cfg.data.tokenizer, None, cfg.data.vocab_size, cfg.data.tokenizer_path)
+            report(True, "tokenizer", f"{cfg.data.tokenizer} from local files ({cfg.data.tokenizer_path}): "
+                                      f"{tok.get_vocab_size()} tokens, end of text {tok.id_to_token(tk.eot_id(tok))}")
         except (UserError, NetworkBlocked) as e2:
             report(False, "tokenizer", str(e2))
-    if cfg.model.type == "gpt2":
-        try:
-            m = models.load_pretrained(cfg.model.path)
+    if cfg.model.type in ("gpt2", "hf"):
+        try:  # hf: with model.dropout, whose refusal (no dropout setting) shows here too
+            m = models.load_pretrained(cfg.model.path, **({"dropout": cfg.model.dropout, "kind": "hf"}
+                                                          if cfg.model.type == "hf" else {}))
             fixture = (os.path.exists(os.path.join(cfg.model.path, "FIXTURE.txt")))
-            report(True, "weights", f"{cfg.model.path}: {sum(p.numel() for p in m.parameters()):,} parameters"
+            kind = f"{m.config.model_type}, " if cfg.model.type == "hf" else ""
+            report(True, "weights", f"{cfg.model.path}: {kind}{sum(p.numel() for p in m.parameters()):,} parameters"
                                     + (" (FIXTURE: tiny random GPT-2 for tests, not the real weights)" if fixture else ""))
         except (UserError, NetworkBlocked, OSError, ValueError) as e:
             report(False, "weights", str(e))
