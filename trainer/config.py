@@ -432,7 +432,8 @@ def named(cfg: Config, config: str | None = None) -> Config:
 
         # the run (and so every checkpoint path) names the config, model, data source and time
         stem = Path(config).stem if config else "run"
-        model = "gpt2" if cfg.model.type == "gpt2" else "scratch"
+        model = {"gpt2": "gpt2", "hf": Path(os.path.normpath(cfg.model.path)).name or "hf"}.get(cfg.model.type,
+                                                                                             "scratch")
         model += "-lora" if cfg.model.lora else ""
         source = Path(cfg.data.source.rstrip("/")).stem or "data"
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
