@@ -13,6 +13,7 @@ import json
 import os
 import sysconfig
 from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 
 from trainer import atomic
 from trainer import tokenizer as tk
-from trainer.errors import UserError
+from trainer.errors import UserError, one_line
 
 CHUNK = 1024  # tokens per split unit: val takes a seeded sample of these chunks
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
@@ -40,8 +41,7 @@ def _read_text(path: Path) -> str:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
 
 
-def _read_jsonl(path: Path, field: str) -> list[str]:
-    docs = []
+def _jsonl(path: Path):
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
@@ -51,11 +51,74 @@ def _read_jsonl(path: Path, field: str) -> list[str]:
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise UserError(f"{path}:{lineno}: broken JSONL line ({e.__class__.__name__}: "
                                 f"{str(e).splitlines()[0]}); fix or delete that line") from None
-            if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
-                raise UserError(f"{path}:{lineno}: no string field {field!r} (has: {keys}); "
-                                f"set data.text_field to the field holding the text")
-            docs.append(row[field])
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{lineno}: a JSON {type(row).__name__}, not an object of fields; write one "
+                                "object per line")
+            yield f"{path}:{lineno}", row
+
+
+def _arrow_batches(path: Path):
+    """Record batches of a parquet file, or of the .arrow files a `datasets` save_to_disk
+    folder lists in its state.json (Arrow IPC streams): pyarrow reads both, `datasets` is not needed."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{path}: reading parquet and `datasets` folders needs pyarrow (pip install pyarrow; the "
+                        "image has it)") from None
+    try:
+        if path.is_file():
+            yield from pq.ParquetFile(path).iter_batches(batch_size=1024)
+            return
+        state = json.loads((path / "state.json").read_text())
+        for entry in state["_data_files"]:
+            with pa.memory_map(str(path / Path(entry["filename"]).name)) as source:
+                yield from pa.ipc.open_stream(source)
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as e:
+        raise UserError(f"{path}: not a readable {'parquet file' if path.is_file() else 'datasets folder'} "
+                        f"({one_line(e, 200)})") from None
+
+
+def is_dataset_dir(path: Path) -> bool:
+    """A folder `datasets`' save_to_disk wrote (one split: state.json + dataset_info.json)."""
+    return (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+
+
+def read_records(path) -> Iterator[tuple[str, dict]]:
+    """(where, row) for each row of a .jsonl file, a .parquet file, a `datasets` save_to_disk
+    folder, or a folder of .parquet files; `where` names the file and line or row for messages.
+    Streams: one batch of rows in memory at a time."""
+    path = Path(path)
+    if path.is_dir() and (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        raise UserError(f"{path} holds several splits ({', '.join(splits)}); name one split's folder, e.g. "
+                        f"{path / (splits[0] if splits else 'train')}")
+    if path.is_dir() and not is_dataset_dir(path):
+        files = sorted(path.glob("*.parquet"))
+        if not files:
+            raise UserError(f"{path}: no .parquet files and not a `datasets` save_to_disk folder")
+    else:
+        files = [path]
+    for file in files:
+        if file.suffix == ".jsonl":
+            yield from _jsonl(file)
+            continue
+        if file.is_file() and file.suffix != ".parquet":
+            raise UserError(f"{file}: read .jsonl, .parquet or a `datasets` save_to_disk folder")
+        n = 0
+        for batch in _arrow_batches(file):
+            for row in batch.to_pylist():
+                n += 1
+                yield f"{file} row {n}", row
+
+
+def _read_jsonl(path: Path, field: str) -> list[str]:
+    docs = []
+    for where, row in read_records(path):
+        if not isinstance(row.get(field), str):
+            raise UserError(f"{where}: no string field {field!r} (has: {', '.join(row)}); "
+                            f"set data.text_field to the field holding the text")
+        docs.append(row[field])
     return docs
 
 
