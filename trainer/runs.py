@@ -162,6 +162,7 @@ def saved_config(step_dir: Path):
 
 def restore(step_dir: Path, device="cpu"):
     """A checkpoint as (model, tokenizer, config, state) for sampling, export and evaluation."""
+    import torch
     from tokenizers import Tokenizer
 
     from trainer import model as models
@@ -176,7 +177,8 @@ def restore(step_dir: Path, device="cpu"):
         tok = Tokenizer.from_file(str(step_dir / ckpt.TOKENIZER))
     except Exception as e:  # missing (a hand-made checkpoint) or not a tokenizer: any error says so
         raise ckpt.corrupt(step_dir, f"{ckpt.TOKENIZER} is missing or unreadable ({reason(e)})") from None
-    model, _ = models.build_model(cfg.model, tok.get_vocab_size(), tk.eot_id(tok), cfg.run.seed)
+    model, _ = models.build_model(cfg.model, tok.get_vocab_size(), tk.eot_id(tok), cfg.run.seed,
+                                  device=torch.device(device))
     state = ckpt.load_checkpoint(step_dir, model, map_location=device, verified=True)
     return model.to(device).eval(), tok, cfg, state
 

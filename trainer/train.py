@@ -124,7 +124,7 @@ def provenance(cfg, meta: dict, device, model_cfg, world: int = 1) -> dict:
            "host": socket.gethostname(), "platform": platform.platform(), "device": str(device),
            "world_size": world, "seed": cfg.run.seed, "image_id": os.environ.get("AIRLOCK_IMAGE_ID"),
            "git_commit": os.environ.get("AIRLOCK_GIT_COMMIT") or _git_commit()}
-    if model_cfg.type == "gpt2":
+    if model_cfg.type in ("gpt2", "hf"):
         fixture = Path(model_cfg.path) / "FIXTURE.txt"
         out["weights"] = {"path": model_cfg.path, "fixture": fixture.exists()}
     return out
@@ -214,7 +214,7 @@ def setup(cfg, resume_dir: Path | None, paths: RunPaths) -> tuple[Run, TrainStat
     if threads > (os.cpu_count() or threads):
         log.warning(f"run.threads={threads} but this host has {os.cpu_count()} CPUs: kept so that the run stays "
                     "bit-exact (slower); pass --run.threads=N to trade exactness for speed")
-    if cfg.model.type == "gpt2":
+    if cfg.model.type in ("gpt2", "hf"):
         models.check_pretrained(cfg.model.path)  # before minutes of data preparation, not after
 
     expect = lm.expected_data(resume_dir, paths.metrics) if resume_dir is not None else None
@@ -226,7 +226,8 @@ def setup(cfg, resume_dir: Path | None, paths: RunPaths) -> tuple[Run, TrainStat
     prompt_ids = lm.sample_prompt(cfg, tok)  # an end-of-run sample that cannot run is refused before step 1
 
     runtime.seed_everything(cfg.run.seed)
-    module, block_size = models.build_model(cfg.model, meta["vocab_size"], meta["eot_id"], cfg.run.seed)
+    module, block_size = models.build_model(cfg.model, meta["vocab_size"], meta["eot_id"], cfg.run.seed,
+                                            device=device)
     if block_size != cfg.model.block_size:
         cfg = cfg.replace(model=dataclasses.replace(cfg.model, block_size=block_size))
     if r.rank:  # dropout differs between ranks; rank 0 keeps the stream a single process has
