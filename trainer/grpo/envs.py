@@ -6,10 +6,10 @@ live in separate seed namespaces and can never produce each other's instances, w
 ids either side uses. Held-out evaluation uses `eval_ids(n)` = ids 0..n-1 of split "eval";
 training draws ids from split "train".
 
-Every reward has the signature `reward(problem, completion) -> float` in [0, 1] and is
-picked by name from REWARDS; training and evaluation call the same function. A
-completion is the text the policy produced after the prompt (stop string removed).
-`passed(problem, completion)` is reward == 1.
+Each env's scorer, `score(problem, completion) -> float` in [0, 1], is picked by name from
+REWARDS; rewards.py turns it into the batch signature every reward has (TRL's), so training
+and evaluation call the same function. A completion is the text the policy produced after
+the prompt (stop string removed). `passed(reward)` is reward >= 1.
 
 Environments
 - `sat`: random k-SAT with a planted solution (so every instance is satisfiable). The
@@ -22,11 +22,18 @@ Environments
   the first L characters equal to c, divided by max(L, len) so overlong answers lose
   credit. A uniform random policy over ~20 symbols scores about 0.05 and a copying one
   scores 1, which is what the learning test uses.
+- `dataset`: your prompts, from a JSONL or parquet file (grpo.dataset; data.read_records):
+  grpo.prompt_field is the prompt, grpo.answer_field becomes the `answer` column the
+  built-in rewards compare with, and every other field is passed to the rewards as a
+  column. grpo.eval_dataset is the held-out set, or else EVAL_FRACTION of the rows, the same
+  rows for every run (`splits`). Training ids walk a per-epoch shuffle of the rest.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
+import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -77,10 +84,86 @@ def _repeat(rng: random.Random, chars: str = "abcd", length: int = 6) -> tuple[s
 GENERATORS = {"sat": _sat, "arithmetic": _arithmetic, "repeat": _repeat}
 
 
+# ---------------------------------------------------------------- a dataset of prompts
+
+DATASET = "dataset"
+EVAL_FRACTION = 0.1  # of a dataset's rows held out for evaluation when no eval file is given
+
+
+def _read_rows(path: str, prompt_field: str, answer_field: str) -> list[dict]:
+    """A dataset's rows as {"prompt": ..., "answer": ..., every other column}."""
+    from trainer import data
+
+    rows = []
+    for where, row in data.read_records(path):
+        prompt = row.get(prompt_field)
+        if not isinstance(prompt, str) or not prompt:
+            raise UserError(f"{where}: no text field {prompt_field!r} (has: {', '.join(row) or 'nothing'}); set "
+                            "grpo.prompt_field to the field that holds the prompt")
+        extra = {k: v for k, v in row.items() if k not in (prompt_field, answer_field)}
+        rows.append({**extra, "prompt": prompt, **({"answer": row[answer_field]} if answer_field in row else {})})
+    if not rows:
+        raise UserError(f"grpo.dataset={path!r} holds no rows; give a JSONL or parquet file of prompts")
+    return rows
+
+
+def _stamp(path: str, key: str) -> tuple:
+    """(path, mtime, size): a changed file is read again."""
+    if not path:
+        raise UserError("grpo.env=dataset needs grpo.dataset=PATH (a JSONL or parquet file with a prompt field)")
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise UserError(f"grpo.{key}={path!r}: {e.strerror}; give a JSONL or parquet file of prompts") from None
+    return path, st.st_mtime_ns, st.st_size
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_splits(train: tuple, held: tuple | None, prompt_field: str, answer_field: str) -> dict:
+    rows = _read_rows(train[0], prompt_field, answer_field)
+    if held is not None:
+        return {"train": rows, "eval": _read_rows(held[0], prompt_field, answer_field)}
+    if len(rows) < 2:
+        raise UserError(f"grpo.dataset={train[0]!r} has {len(rows)} row; holding rows out for evaluation needs at "
+                        "least 2 (or give grpo.eval_dataset)")
+    order = list(range(len(rows)))
+    random.Random(f"dataset:eval:{len(rows)}").shuffle(order)
+    held_out = sorted(order[:min(max(1, round(len(rows) * EVAL_FRACTION)), len(rows) - 1)])
+    taken = set(held_out)
+    return {"eval": [rows[i] for i in held_out], "train": [r for i, r in enumerate(rows) if i not in taken]}
+
+
+def splits(path: str = "", eval_path: str = "", prompt_field: str = "prompt",
+           answer_field: str = "answer") -> dict[str, list[dict]]:
+    """{"train": rows, "eval": rows} of a dataset: the eval file's rows, or EVAL_FRACTION of the
+    dataset's (at least one, leaving one to train on), picked by a permutation that depends only
+    on the row count, so every run of a dataset holds out the same rows."""
+    return _cached_splits(_stamp(path, "dataset"), _stamp(eval_path, "eval_dataset") if eval_path else None,
+                          prompt_field, answer_field)
+
+
+def _dataset_problem(split: str, id: int, **options) -> Problem:
+    """Training id k is row k % n of epoch k // n's shuffle (seeded by the epoch), so each
+    epoch visits every row once; eval id k is the eval split's row k."""
+    rows = splits(**options)[split]
+    if split == "eval":
+        row = rows[id % len(rows)]
+    else:
+        epoch, k = divmod(id, len(rows))
+        order = list(range(len(rows)))
+        random.Random(f"dataset:train:{epoch}").shuffle(order)
+        row = rows[order[k]]
+    return Problem(DATASET, split, id, row["prompt"], {k: v for k, v in row.items() if k != "prompt"})
+
+
 def make_problem(env: str, split: str, id: int, **options) -> Problem:
     """The problem `id` of `split`; the same arguments always give the same problem."""
+    if env == DATASET:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return _dataset_problem(split, id, **options)
     if env not in GENERATORS:
-        raise UserError(f"grpo.env={env!r} is unknown; use one of {', '.join(GENERATORS)}")
+        raise UserError(f"grpo.env={env!r} is unknown; use one of {', '.join([*GENERATORS, DATASET])}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     allowed = list(inspect.signature(GENERATORS[env]).parameters)[1:]
@@ -130,6 +213,9 @@ def train_problems(env: str, iteration: int, count: int, **options) -> list[Prob
 
 
 def eval_problems(env: str, count: int, **options) -> list[Problem]:
+    """The first `count` held-out problems (a dataset's eval rows, when it has fewer)."""
+    if env == DATASET:
+        count = min(count, len(splits(**options)["eval"]))
     return [make_problem(env, "eval", i, **options) for i in eval_ids(count)]
 
 
