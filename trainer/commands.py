@@ -147,7 +147,7 @@ def _train_on(cfg, step_dir: Path) -> dict:
 
 def sample_command(run: str | None = None, checkpoint: str | None = None, prompt: str | None = None,
                    max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
-                   seed: int | None = None, num_samples: int = 1, out_dir: str = "volumes") -> str:
+                   seed: int | None = None, num_samples: int = 1, out_dir: str = "volumes", device: str = "auto") -> str:
     """Generate text from a checkpoint (only the new tokens are printed).
 
     Args:
@@ -156,12 +156,12 @@ def sample_command(run: str | None = None, checkpoint: str | None = None, prompt
       prompt: text to continue; default "QUESTION: " for gpt2, the start token for from-scratch.
       max_new_tokens, temperature, top_k, seed: default to the run's sample section.
       num_samples: how many samples, each with seed+i.
+      device: auto (a GPU when there is one) | cpu | cuda[:N]; a seed gives the same text again
+        on the same device (CPU and GPU kernels round differently).
     """
-    import torch
-
     from trainer import checkpoint as ckpt
     from trainer import config as configs
-    from trainer import runs
+    from trainer import runs, runtime
     from trainer import tokenizer as tk
     from trainer.generate import sample_text
     from trainer.offline import go_offline
@@ -173,7 +173,8 @@ def sample_command(run: str | None = None, checkpoint: str | None = None, prompt
     if num_samples < 1:
         raise UserError(f"--num_samples={num_samples} must be at least 1")
     go_offline()
-    step_dir, (model, tok, cfg, _) = runs.locate_and_restore(run, checkpoint, out_dir)
+    where = runtime.pick_device(device)
+    step_dir, (model, tok, cfg, _) = runs.locate_and_restore(run, checkpoint, out_dir, device=where)
     s = dataclasses.replace(cfg.sample, **given)
     try:  # a value saved by an older Airlock may be out of today's range: say which, and how to override
         configs.validate(configs.Config().replace(sample=s))
@@ -186,8 +187,7 @@ def sample_command(run: str | None = None, checkpoint: str | None = None, prompt
         raise UserError(f"--prompt={prompt!r} encodes to no tokens with this run's tokenizer; use text it knows")
     texts = []
     for i in range(int(num_samples)):
-        text = sample_text(model, tok, ids, s.max_new_tokens, s.temperature, s.top_k, s.seed + i,
-                           torch.device("cpu"))
+        text = sample_text(model, tok, ids, s.max_new_tokens, s.temperature, s.top_k, s.seed + i, where)
         print(f"--- sample {i + 1} from {step_dir} ---\n{prompt}{text}", flush=True)
         texts.append(text)
     return "\n".join(texts)
