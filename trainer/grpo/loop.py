@@ -129,7 +129,7 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
 def make_optimizer(policy, cfg, device: torch.device) -> torch.optim.Optimizer:
     """AdamW over the trainable weights, no weight decay; fused on CUDA, as pretraining's."""
     return torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.grpo.lr,
-                             betas=(cfg.train.beta1, cfg.train.beta2), weight_decay=0.0,
+                             betas=(cfg.grpo.adam_beta1, cfg.grpo.adam_beta2), weight_decay=0.0,
                              fused=device.type == "cuda")
 
 
