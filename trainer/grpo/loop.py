@@ -29,6 +29,10 @@ Sampling seeds, problem ids and minibatch orders are functions of (run.seed, ite
 and each iteration ends with a checkpoint (weights, AdamW state, RNG), so a resume
 continues bit-exactly on CPU with the local backend.
 
+The loop is `setup` (everything before iteration 1), then per iteration `iteration` (`push` of
+version k-1 when a server samples, rollouts, the train epoch), `evaluate` when due and `save`,
+with the loop's own numbers in a `GRPOState`.
+
 On a GPU (run.device cuda, or auto on a GPU host) the policy, the reference, the sampler and
 every batch live on it: rollouts are built on the CPU and train_epoch moves them. As in
 pretraining, runtime.configure turns on TF32 (and run.deterministic's kernels) and AdamW is
@@ -140,7 +144,8 @@ def _reference_logps(policy, ref, ids, attn, mask, temperature):
         return token_logprobs(policy, ids, attn, mask, temperature).logps
 
 
-def evaluate(backend, cfg, params, reward, tok) -> dict:
+def score_held_out(backend, cfg, params, reward, tok) -> dict:
+    """Rewards and pass rate of `eval.replicates` samples of each held-out problem."""
     g, e = cfg.grpo, cfg.eval
     problems = envs.eval_problems(g.env, e.num_problems, **env_options(g))
     prompts = [tok.encode(p.prompt).ids for p in problems]
@@ -299,14 +304,62 @@ def grpo(cfg, resume_dir: Path | None = None) -> dict:
         return {"iteration": -1, "evals": [], "stopped": True, "weights_sha256": None}
 
 
-def _grpo(cfg, resume_dir: Path | None) -> dict:
+@dataclasses.dataclass
+class GRPOState:
+    """The loop's own numbers besides weights, optimizer and RNG. `iteration` is the last one
+    saved (checkpoint.STEP of its state.pt); best_eval and evals are saved under
+    checkpoint.TRACKER by name, as every GRPO checkpoint has them, and read back by `resume`.
+    The version last pushed to the server is not saved: a resumed run pushes its policy again."""
+
+    iteration: int = 0
+    best_eval: float | None = None
+    evals: list = dataclasses.field(default_factory=list)  # [iteration, mean reward] of every evaluation
+    pushed: int | None = None  # the version on the server, and what sync.push reported for it
+    adapter: str | None = None
+    sha256: str | None = None
+    probe: float | None = None
+
+    def saved(self) -> dict:
+        return {"best_eval": self.best_eval, "evals": self.evals}
+
+    @classmethod
+    def resume(cls, iter_dir: Path, policy, optimizer, device, run_dir: Path) -> GRPOState:
+        tracker = cls().saved()
+        it = ckpt.resume_training(iter_dir, policy, optimizer, tracker, map_location=device, run_dir=run_dir)
+        return cls(iteration=it, best_eval=tracker["best_eval"], evals=list(tracker["evals"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPORun:
+    """What `setup` prepares once: the config as run, the policy and its reference, the optimizer,
+    the sampler (with the openai backend, `sync` puts the policy on its server) and the writers."""
+
+    cfg: configs.Config
+    paths: RunPaths
+    device: torch.device
+    tok: object
+    tok_json: bytes
+    eos: int
+    reward: object  # (problem, completion text) -> float
+    policy: torch.nn.Module
+    ref: torch.nn.Module | None  # None: beta 0, or LoRA (the base with the adapter off is the reference)
+    optimizer: torch.optim.Optimizer
+    backend: LocalBackend | OpenAIBackend
+    sync: ReloadSync | AdapterSync | None  # None: the local backend samples the policy itself
+    params: SamplingParams
+    rows: metrics.Metrics
+    saver: ckpt.AsyncSaver
+
+
+def setup(cfg, resume_dir: Path | None) -> tuple[GRPORun, GRPOState]:
+    """Everything before iteration 1: the policy, the reference and the optimizer (resumed from
+    `resume_dir`), the sampler (a server waited for) and the run's config and metrics on disk."""
     g = cfg.grpo
     paths = RunPaths.of(cfg)
-    ckpt_dir, metrics_dir = paths.checkpoints, paths.metrics
-    if resume_dir is None and ckpt.has_checkpoints(ckpt_dir):
-        raise UserError(f"run {cfg.run.name!r} already has checkpoints in {ckpt_dir}; continue it with "
+    if resume_dir is None and ckpt.has_checkpoints(paths.checkpoints):
+        raise UserError(f"run {cfg.run.name!r} already has checkpoints in {paths.checkpoints}; continue it with "
                         f"`{resume_hint(cfg)}` or pick a new run.name")
-    metrics.setup_logging(metrics_dir / "train.log")
+    metrics.setup_logging(paths.metrics / "train.log")
     if cfg.run.offline:
         # loopback stays allowed; the openai backend may also reach exactly the host of server.url
         # (e.g. the compose service `server`) and the addresses that name resolves to
@@ -328,12 +381,12 @@ def _grpo(cfg, resume_dir: Path | None) -> dict:
     optimizer = make_optimizer(policy, cfg, device)
     log.info(f"run {cfg.run.name}: GRPO on {device}" + (" (update in bf16 autocast, log-probs compared with the "
                                                         "sampler's in float32)" if device.type == "cuda" else ""))
-    start, tracker = 0, {"best_eval": None, "evals": []}
+    state = GRPOState()
     if resume_dir is not None:
-        start = ckpt.resume_training(resume_dir, policy, optimizer, tracker, map_location=device,
-                                     run_dir=ckpt_dir)
-        log.info(f"resumed {cfg.run.name} from {resume_dir} at iteration {start}")
+        state = GRPOState.resume(resume_dir, policy, optimizer, device, paths.checkpoints)
+        log.info(f"resumed {cfg.run.name} from {resume_dir} at iteration {state.iteration}")
 
+    sync = None
     if g.backend == "openai":
         # an id the server sends must index the policy's embedding rows, or the forward crashes
         backend = OpenAIBackend(cfg.server.url, "", tok, eos, cfg.server.timeout, cfg.server.retries,
@@ -342,102 +395,135 @@ def _grpo(cfg, resume_dir: Path | None) -> dict:
                                 rollout_timeout=g.rollout_timeout)
         backend.wait_ready()
         way = ReloadSync if g.sync == "reload" else AdapterSync
-        sync = way(backend, Path(g.sync_dir or paths.sync),
-                   tok.encode(PROBE_TEXT).ids, prefix=cfg.run.name, server_dir=g.server_sync_dir,
-                   tolerance=g.sync_tolerance)
+        sync = way(backend, Path(g.sync_dir or paths.sync), tok.encode(PROBE_TEXT).ids, prefix=cfg.run.name,
+                   server_dir=g.server_sync_dir, tolerance=g.sync_tolerance)
     else:
-        backend, sync = LocalBackend(policy, tok, eos, g.rollout_batch, g.request_prompts), None
-    params = SamplingParams(g.max_tokens, g.temperature, g.top_p, tuple(g.stop))
-    tok_json = tok.to_str().encode()
-    atomic.write_bytes(metrics_dir / ckpt.CONFIG, cfg.to_yaml().encode())
-    rows = metrics.Metrics(metrics_dir, fields=FIELDS, resume_step=start, key="iteration")
-    pushed = {"adapter": None, "version": None}
-
-    def ensure_pushed(version: int) -> dict:
-        if sync is None or pushed["version"] == version:
-            return {"sync_s": 0.0}
-        with runtime.full_precision(device):  # the probe compares with the server's float32
-            info = sync.push(policy, version)
-        pushed.update(adapter=info["adapter"], version=version, sha256=info["adapter_sha256"],
-                      probe=info["sync_probe_diff"])
-        log.info(f"synced version {version} to {cfg.server.url} in {info['sync_s']:.2f}s (probe mean |d logprob| "
-                 f"{info['sync_probe_diff']:.2e})")
-        return info
-
-    def run_eval(iteration: int) -> dict:
-        t0 = time.perf_counter()
-        sync_s = ensure_pushed(iteration)["sync_s"]
-        result = evaluate(backend, cfg, params, reward, tok)
-        result.update(iteration=iteration, adapter=pushed["adapter"], eval_s=time.perf_counter() - t0, sync_s=sync_s)
-        atomic.write_json(metrics_dir / f"eval_iter_{iteration:03d}.json", result)
-        tracker["evals"].append([iteration, result["mean_reward"]])
-        log.info(f"eval iter {iteration}: mean reward {result['mean_reward']:.3f}, pass rate {result['pass_rate']:.3f}")
-        return result
-
+        backend = LocalBackend(policy, tok, eos, g.rollout_batch, g.request_prompts)
+    atomic.write_bytes(paths.metrics / ckpt.CONFIG, cfg.to_yaml().encode())
+    rows = metrics.Metrics(paths.metrics, fields=FIELDS, resume_step=state.iteration, key="iteration")
     saver = ckpt.AsyncSaver()  # the write of iteration k overlaps the rollouts of k + 1
+    run = GRPORun(cfg, paths, device, tok, tok.to_str().encode(), eos, reward, policy, ref, optimizer, backend, sync,
+                  SamplingParams(g.max_tokens, g.temperature, g.top_p, tuple(g.stop)), rows, saver)
+    return run, state
+
+
+def push(run: GRPORun, state: GRPOState, version: int) -> float:
+    """Put the policy, as `version`, on the server unless it holds that version already.
+    -> the seconds it took (0 with the local backend, which samples the policy itself)."""
+    if run.sync is None or state.pushed == version:
+        return 0.0
+    with runtime.full_precision(run.device):  # the probe compares with the server's float32
+        info = run.sync.push(run.policy, version)
+    state.pushed, state.adapter, state.sha256, state.probe = (version, info["adapter"], info["adapter_sha256"],
+                                                              info["sync_probe_diff"])
+    log.info(f"synced version {version} to {run.cfg.server.url} in {info['sync_s']:.2f}s (probe mean |d logprob| "
+             f"{info['sync_probe_diff']:.2e})")
+    return info["sync_s"]
+
+
+def iteration(run: GRPORun, state: GRPOState, it: int) -> tuple[dict, list]:
+    """Iteration `it` up to its update: version it - 1 on the server, rollouts of the training
+    problems, a train epoch. -> its stats (the row's columns but the eval's) and the groups sampled."""
+    cfg, g = run.cfg, run.cfg.grpo
+    sync_s = push(run, state, it - 1)
+    t1 = time.perf_counter()
+    problems = envs.train_problems(g.env, it - 1, g.prompts_per_iter, **env_options(g))
+    batch, stats, samples = rollout_batch(run.backend, cfg, problems, run.params, run.reward, run.eos, run.tok, it)
+    t2 = time.perf_counter()
+    stats.update(train_epoch(run.policy, run.ref, run.optimizer, batch, cfg, it, server=run.sync is not None))
+    stats.update(iteration=it, rollout_s=t2 - t1, train_s=time.perf_counter() - t2, sync_s=sync_s,
+                 adapter=state.adapter, adapter_sha256=state.sha256, sync_probe_diff=state.probe)
+    return stats, samples
+
+
+def eval_due(cfg, it: int) -> bool:
+    return bool(cfg.eval.interval and it % cfg.eval.interval == 0) or it == cfg.grpo.iterations
+
+
+def evaluate(run: GRPORun, state: GRPOState, it: int) -> dict:
+    """The held-out evaluation of version `it` (pushed first): eval_iter_NNN.json, an entry
+    in state.evals and a log line. -> its result, with its seconds (eval_s, sync_s among them)."""
+    t0 = time.perf_counter()
+    sync_s = push(run, state, it)
+    result = score_held_out(run.backend, run.cfg, run.params, run.reward, run.tok)
+    result.update(iteration=it, adapter=state.adapter, eval_s=time.perf_counter() - t0, sync_s=sync_s)
+    atomic.write_json(run.paths.metrics / f"eval_iter_{it:03d}.json", result)
+    state.evals.append([it, result["mean_reward"]])
+    log.info(f"eval iter {it}: mean reward {result['mean_reward']:.3f}, pass rate {result['pass_rate']:.3f}")
+    return result
+
+
+def save(run: GRPORun, state: GRPOState, stats: dict, samples: list, ev: dict | None) -> None:
+    """Iteration stats["iteration"]'s records (train_iter_NNN.json, its metrics row) and its
+    checkpoint: snapshot now, written in the background."""
+    cfg, it = run.cfg, stats["iteration"]
+    atomic.write_json(run.paths.metrics / f"train_iter_{it:03d}.json",
+                      {**stats, "server_stats": dict(run.backend.stats), "groups": samples})
+    run.rows.log({k: stats.get(k) for k in FIELDS})
+    # best_eval is updated before it is saved, so a resumed run knows the best so far
+    best = ev is not None and (state.best_eval is None or ev["mean_reward"] > state.best_eval)
+    if best:
+        state.best_eval = ev["mean_reward"]
+    state.iteration = it
+    files = ckpt.serialize(run.policy, run.optimizer, ckpt.training_state(it, state.saved(), [runtime.rng_state()]),
+                           {"iteration": it, "reward_mean": stats["reward_mean"],
+                            "eval_reward": stats.get("eval_reward"), "adapter": state.adapter},
+                           cfg.to_yaml(), extra_files={ckpt.TOKENIZER: run.tok_json})
+    run.saver.save(run.paths.checkpoints, ckpt.step_name(it, "iter"), files, keep_last=cfg.checkpoint.keep_last,
+                   mirror_dir=cfg.checkpoint.mirror_dir,
+                   best={"iteration": it, "eval_reward": ev["mean_reward"]} if best else None)
+
+
+def _grpo(cfg, resume_dir: Path | None) -> dict:
+    run, state = setup(cfg, resume_dir)
+    cfg, g = run.cfg, run.cfg.grpo
     # a stop abandons what waits on the server (rollouts, sync, eval: Abandoned) and finishes what does not
     what = ("abandoning the requests to the generation server, or finishing and saving an iteration in training"
-            if sync is not None else "finishing this iteration and saving a checkpoint")
-    it = start
+            if run.sync is not None else "finishing this iteration and saving a checkpoint")
+    it = state.iteration  # the iteration under way; 0: the evaluation before iteration 1
     with STOP.polling(what):
         try:
-            if start == 0:
-                run_eval(0)
-            for it in range(start + 1, g.iterations + 1):
+            if state.iteration == 0:
+                evaluate(run, state, 0)
+            for it in range(state.iteration + 1, g.iterations + 1):
                 t0 = time.perf_counter()
-                sync_s = ensure_pushed(it - 1)["sync_s"]
-                t1 = time.perf_counter()
-                problems = envs.train_problems(g.env, it - 1, g.prompts_per_iter, **env_options(g))
-                batch, stats, samples = rollout_batch(backend, cfg, problems, params, reward, eos, tok, it)
-                t2 = time.perf_counter()
-                stats.update(train_epoch(policy, ref, optimizer, batch, cfg, it, server=sync is not None))
-                t3 = time.perf_counter()
-                stats.update(iteration=it, rollout_s=t2 - t1, train_s=t3 - t2, sync_s=sync_s,
-                             adapter=pushed["adapter"], adapter_sha256=pushed.get("sha256"),
-                             sync_probe_diff=pushed.get("probe"))
-                ev = None
-                if (cfg.eval.interval and it % cfg.eval.interval == 0) or it == g.iterations:
-                    ev = run_eval(it)
+                stats, samples = iteration(run, state, it)
+                push_s, ev = stats["sync_s"], None
+                if eval_due(cfg, it):
+                    ev = evaluate(run, state, it)
                     stats.update(eval_reward=ev["mean_reward"], eval_pass_rate=ev["pass_rate"], eval_s=ev["eval_s"],
-                                 sync_s=sync_s + ev["sync_s"])
+                                 sync_s=push_s + ev["sync_s"])
                 stats["iter_s"] = time.perf_counter() - t0  # sync + rollout + train + eval
-                atomic.write_json(metrics_dir / f"train_iter_{it:03d}.json", {**stats, "server_stats": dict(backend.stats),
-                                                                        "groups": samples})
-                rows.log({k: stats.get(k) for k in FIELDS})
-                # the tracker (best eval) is updated before it is saved, so a resumed run knows the best so far
-                best = ev is not None and (tracker["best_eval"] is None or ev["mean_reward"] > tracker["best_eval"])
-                if best:
-                    tracker["best_eval"] = ev["mean_reward"]
-                state = {ckpt.STEP: it, ckpt.RNG: runtime.rng_state(), ckpt.TRACKER: tracker}
-                files = ckpt.serialize(policy, optimizer, state,
-                                       {"iteration": it, "reward_mean": stats["reward_mean"],
-                                        "eval_reward": stats.get("eval_reward"), "adapter": pushed["adapter"]},
-                                       cfg.to_yaml(), extra_files={ckpt.TOKENIZER: tok_json})
-                saver.save(ckpt_dir, ckpt.step_name(it, "iter"), files, keep_last=cfg.checkpoint.keep_last,
-                           mirror_dir=cfg.checkpoint.mirror_dir,
-                           best={"iteration": it, "eval_reward": ev["mean_reward"]} if best else None)
+                save(run, state, stats, samples, ev)
                 log.info(f"iter {it}/{g.iterations}: reward {stats['reward_mean']:.3f} (zero-std groups "
                          f"{stats['zero_std_frac']:.2f}), loss {stats['loss']:.4f}, len {stats['len_mean']:.1f}, "
-                         f"rollout {stats['rollout_s']:.2f}s train {stats['train_s']:.2f}s sync {sync_s:.2f}s")
+                         f"rollout {stats['rollout_s']:.2f}s train {stats['train_s']:.2f}s sync {push_s:.2f}s")
                 if STOP:
-                    log.info(f"stopped by signal after iteration {it}; saved {saver.wait()}; continue with "
+                    log.info(f"stopped by signal after iteration {it}; saved {run.saver.wait()}; continue with "
                              f"`{resume_hint(cfg)}`")
                     break
         except Abandoned as e:
-            saver.wait()  # the iteration before is on disk before the line names it
-            name = ckpt.latest_name(ckpt_dir)
-            doing = f"iteration {it}" if it > start else "the evaluation before iteration 1"
-            it -= it > start  # the last iteration done
-            log.info(f"stopped by {e} while {doing} waited on {cfg.server.url}: its requests were abandoned and "
-                     "nothing of it was saved; " + (f"the last checkpoint is {name}; continue with "
-                                                    f"`{resume_hint(cfg)}`" if name else
-                                                    "no iteration was saved yet: run the same command again"))
+            run.saver.wait()  # the iteration before is on disk before the line names it
+            abandoned(run, e, f"iteration {it}" if it > state.iteration else "the evaluation before iteration 1")
         except RolloutError as e:
-            saver.close()  # the iteration before is on disk before the message names it
-            name = ckpt.latest_name(ckpt_dir)
-            raise RolloutError(f"{e}; last checkpoint: {name or 'none'} (continue with "
-                               f"`{resume_hint(cfg)}`)") from None
+            run.saver.close()  # the iteration before is on disk before the message names it
+            raise RolloutError(f"{e}; last checkpoint: {ckpt.latest_name(run.paths.checkpoints) or 'none'} "
+                               f"(continue with `{resume_hint(cfg)}`)") from None
         finally:
-            saver.close()
-            rows.close()
-    return {"iteration": it, "evals": tracker["evals"], "weights_sha256": models.weights_sha256(policy)}
+            run.saver.close()
+            run.rows.close()
+    return finish(run, state)
+
+
+def abandoned(run: GRPORun, stop: Abandoned, doing: str) -> None:
+    """The line for a stop that abandoned the server's requests: nothing of `doing` was saved."""
+    name = ckpt.latest_name(run.paths.checkpoints)
+    log.info(f"stopped by {stop} while {doing} waited on {run.cfg.server.url}: its requests were abandoned and "
+             "nothing of it was saved; " + (f"the last checkpoint is {name}; continue with "
+                                            f"`{resume_hint(run.cfg)}`" if name else
+                                            "no iteration was saved yet: run the same command again"))
+
+
+def finish(run: GRPORun, state: GRPOState) -> dict:
+    """-> what `grpo` returns: the last iteration saved, every evaluation, the weights' sha256."""
+    return {"iteration": state.iteration, "evals": state.evals, "weights_sha256": models.weights_sha256(run.policy)}
