@@ -31,7 +31,8 @@ continues bit-exactly on CPU with the local backend.
 
 The loop is `setup` (everything before iteration 1), then per iteration `iteration` (`push` of
 version k-1 when a server samples, rollouts, the train epoch), `evaluate` when due and `save`,
-with the loop's own numbers in a `GRPOState`.
+with the loop's own numbers in a `GRPOState`. The evaluation before iteration 1 has no metrics
+row; its reward and pass rate are the first points of TensorBoard's eval/ curves.
 
 On a GPU (run.device cuda, or auto on a GPU host) the policy, the reference, the sampler and
 every batch live on it: rollouts are built on the CPU and train_epoch moves them. As in
@@ -450,6 +451,8 @@ def evaluate(run: GRPORun, state: GRPOState, it: int) -> dict:
     atomic.write_json(run.paths.metrics / f"eval_iter_{it:03d}.json", result)
     state.evals.append([it, result["mean_reward"]])
     log.info(f"eval iter {it}: mean reward {result['mean_reward']:.3f}, pass rate {result['pass_rate']:.3f}")
+    if it == 0:  # no metrics row before an update, but the start of TensorBoard's eval curves
+        run.rows.scalars(0, {"eval_reward": result["mean_reward"], "eval_pass_rate": result["pass_rate"]})
     return result
 
 
