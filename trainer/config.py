@@ -116,8 +116,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = field("python-stdlib", "python-stdlib | a .txt/.md file or folder | .jsonl | .bin/.npy/.pt tokens",
-                        resume="frozen")
+    source: str = field("python-stdlib", "python-stdlib | a .txt/.md file or folder | .jsonl | .parquet file or folder "
+                        "| a datasets save_to_disk folder | .bin/.npy/.pt tokens", resume="frozen")
     name: str = field("", 'prepared folder name under prepared_dir; "" derives it from source and tokenizer',
                       resume="frozen")
     prepared_dir: str = field("data/prepared", "where prepared folders live", resume="frozen")
@@ -126,7 +126,17 @@ class DataConfig:
     tokenizer_path: str = field("vendor/tokenizers/gpt2", "gpt2 files (vocab.json + merges.txt or tokenizer.json); "
                                 "tokenizer=model: the folder, model.path when left at this default", resume="frozen")
     vocab_size: int = field(4096, "bpe only: target vocabulary size", range=atleast(1), resume="frozen")
-    text_field: str = field("text", "jsonl: the field holding the text", resume="frozen")
+    text_field: str = field("text", "jsonl/parquet/datasets: the field holding the text (format=text)",
+                            resume="frozen")
+    format: str = field("text", "text (pretraining: the loss on every token) | sft (prompt/completion or chat rows: "
+                        "the loss on the completion only)", choices=("text", "sft"), resume="frozen")
+    prompt_field: str = field("prompt", "sft: the field holding the prompt (a string or a list of chat messages)",
+                              resume="frozen")
+    completion_field: str = field("completion", "sft: the field holding the completion (trained on)",
+                                  resume="frozen")
+    messages_field: str = field("messages", "sft: the field holding a chat ([{role, content}], the assistant "
+                                "messages trained), rendered with the tokenizer's chat template or a plain one",
+                                resume="frozen")
     val_fraction: float = field(0.05, "share of documents (or token chunks) held out for validation",
                                 range=Range(0, 1, lo_open=True, hi_open=True), resume="frozen")
     split_seed: int = field(1337, "seeds the train/val split", range=SEED, resume="frozen")
@@ -532,6 +542,10 @@ def validate(cfg: Config, only: tuple[str, ...] = ()) -> None:
         problems.append(f"data.vocab_size={d.vocab_size} must be at least 257 for bpe (256 bytes + <|endoftext|>)")
     if not d.text_field:
         problems.append("data.text_field is empty; name the JSONL field that holds the text")
+    if d.format == "sft":
+        for key in ("prompt_field", "completion_field", "messages_field"):
+            if not getattr(d, key):
+                problems.append(f"data.{key} is empty; name the field of the SFT rows that holds it")
     if t.min_lr > t.lr:
         problems.append(f"train.min_lr={t.min_lr} must not be above train.lr={t.lr}")
     if t.grad_clip < 0 and t.grad_clip != -1:
