@@ -85,7 +85,7 @@ def evaluate_checkpoint(step_dir: Path, device: torch.device, force: bool = Fals
         expect = expected_data(step_dir, out)  # the data it was trained on, hashed: no val loss on other data
         prepared = data.find_prepared(cfg.data, expect)
         check_same_data(expect, prepared, step_dir, step_dir.parent.name)
-        prompt = sample_prompt(cfg, tok)
+        prompt = sample_prompt(cfg, tok, prepared)  # sft: a prompt of the held-out split
         positions = models.positions(model)
         batches = data.Batches.open(prepared, min(cfg.model.block_size, positions), cfg.train.batch_size,
                                     cfg.run.seed)

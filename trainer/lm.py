@@ -18,10 +18,22 @@ from trainer.errors import UserError
 log = logging.getLogger("trainer")
 
 
-def lm_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; x, y (B, T) ids."""
+def lm_loss(model, x: torch.Tensor, y: torch.Tensor, masked: bool = False) -> torch.Tensor:
+    """Mean next-token cross-entropy; x, y (B, T) ids.
+
+    masked (data.format=sft, `Batches.masked`): y holds data.IGNORE_INDEX (-100, the label
+    convention of HF and TRL) for the targets the loss skips, the prompt tokens. The loss is
+    the mean over the counted targets of the micro-batch, so every completion token weighs the
+    same however many prompt tokens surround it; a skipped target adds nothing to the loss or
+    the gradient. A micro-batch with no counted target (a window inside a prompt) has loss 0
+    and no gradient, where a plain mean would be 0/0 = NaN. Labels rather than a float weight:
+    the sampler keeps returning (x, y), so nothing else that reads batches changes."""
     logits = model(input_ids=x).logits  # (B, T, V)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+    flat = logits.reshape(-1, logits.size(-1)).float()
+    if not masked:  # the text path, exactly as before (its losses are compared bit for bit)
+        return F.cross_entropy(flat, y.reshape(-1))
+    total = F.cross_entropy(flat, y.reshape(-1), ignore_index=data.IGNORE_INDEX, reduction="sum")
+    return total / (y != data.IGNORE_INDEX).sum().clamp(min=1)
 
 
 @torch.no_grad()
@@ -36,7 +48,7 @@ def estimate_loss(model, batches: data.Batches, iters: int, device, dtype: str =
     for i in range(r.rank, iters, r.world):
         x, y = batches.get_batch("val", i)
         with runtime.autocast(device, dtype):
-            losses.append(lm_loss(model, x.to(device), y.to(device)).item())
+            losses.append(lm_loss(model, x.to(device), y.to(device), masked=batches.masked).item())
     model.train(was_training)
     if r.world == 1:
         return sum(losses) / len(losses)
@@ -44,9 +56,10 @@ def estimate_loss(model, batches: data.Batches, iters: int, device, dtype: str =
     return total / count
 
 
-def sample_prompt(cfg, tok) -> list[int]:
-    """The seeds' end-of-run sample prompt as ids: `QUESTION: ` for gpt2, the start token for
-    from-scratch, or sample.prompt, which must encode to at least one token."""
+def sample_prompt(cfg, tok, prepared: Path | None = None) -> list[int]:
+    """The seeds' end-of-run sample prompt as ids: sample.prompt, which must encode to at least
+    one token; for data.format=sft the first whole prompt of the held-out split (`prepared`'s
+    val.bin: data.heldout_prompt); else `QUESTION: ` for gpt2, the start token otherwise."""
     s = cfg.sample
     if s.prompt:
         ids = tok.encode(s.prompt).ids
@@ -54,6 +67,12 @@ def sample_prompt(cfg, tok) -> list[int]:
             raise UserError(f"sample.prompt={s.prompt!r} encodes to no tokens with this tokenizer "
                             f"({cfg.data.tokenizer}); use text the corpus contains")
         return ids
+    if cfg.data.format == "sft" and prepared is not None:
+        ids = data.heldout_prompt(prepared)
+        if ids:
+            return ids
+        log.warning(f"{prepared}/val.bin holds no whole prompt (its held-out examples are cut by the split): the "
+                    "end-of-run sample starts without one; set sample.prompt to choose one")
     if cfg.model.type == "gpt2":
         return tok.encode("QUESTION: ").ids
     return [tk.eot_id(tok)]

@@ -223,7 +223,8 @@ def setup(cfg, resume_dir: Path | None, paths: RunPaths) -> tuple[Run, TrainStat
     if expect is not None:
         lm.check_same_data(expect, prepared, resume_dir, cfg.run.name)
     tok = tk.load(prepared)
-    prompt_ids = lm.sample_prompt(cfg, tok)  # an end-of-run sample that cannot run is refused before step 1
+    # an end-of-run sample that cannot run is refused before step 1 (sft: a held-out prompt)
+    prompt_ids = lm.sample_prompt(cfg, tok, prepared)
 
     runtime.seed_everything(cfg.run.seed)
     module, block_size = models.build_model(cfg.model, meta["vocab_size"], meta["eot_id"], cfg.run.seed,
@@ -308,7 +309,7 @@ def train_step(run: Run, step: int) -> StepResult:
         last = micro == t.grad_accum - 1
         with run.model.no_sync() if run.ranks.world > 1 and not last else contextlib.nullcontext():
             with runtime.autocast(run.device, run.cfg.run.dtype):
-                loss = lm.lm_loss(run.model, x, y) / t.grad_accum
+                loss = lm.lm_loss(run.model, x, y, masked=run.batches.masked) / t.grad_accum
             loss.backward()
         loss_sum += loss.detach().double()
     loss_sum, stop = distributed.reduce_step(loss_sum, bool(STOP))
@@ -476,8 +477,10 @@ def finish(run: Run, state: TrainState) -> dict:
                                run.device)
             atomic.write_bytes(metrics_dir / "samples.txt", (text + "\n").encode())
             metrics.log_events(metrics_dir, step, texts={"samples/end_of_run": text})  # TensorBoard's Text tab
+            held_out = f", after the held-out prompt {run.tok.decode(run.prompt_ids)!r}" \
+                if cfg.data.format == "sft" and not s.prompt else ""
             log.info(f"sample ({cfg.sample.max_new_tokens} new tokens, temperature {cfg.sample.temperature}, "
-                     f"top-k {cfg.sample.top_k}):\n{text}\n")
+                     f"top-k {cfg.sample.top_k}{held_out}):\n{text}\n")
         if cfg.train.export_at_end and cfg.checkpoint.enabled and not STOP:
             models.export(model, run.tok, ckpt_dir / "final", any_run=True,
                           extra={"run": cfg.run.name, "step": step, "weights_sha256": sha,
