@@ -662,6 +662,9 @@ def _conflict(path: Path, want: dict, replace_old: bool = False) -> str:
     keys = [*want, *(have.keys() - want.keys())]
     if have.get("tokenizer") != want["tokenizer"]:  # vocab_size, tokenizer_path belong to one kind only
         keys = [k for k in keys if k in have and k in want]
+    have, want = {"format": "text", **have}, {"format": "text", **want}  # a text folder records no format
+    if have["format"] != want["format"]:  # the sft keys belong to sft only
+        keys = [k for k in keys if k == "format" or k in have and k in want]
     diff = [f"data.{k}={have.get(k)!r} there but {want.get(k)!r} in the config" for k in keys
             if have.get(k) != want.get(k)]
     return f"{path} holds data prepared with other settings ({'; '.join(diff)})" if diff else ""

@@ -199,10 +199,12 @@ def test_sft_folder_is_never_reused_for_text(tmp_path):
     text = D.prepare(text_cfg, **QUIET)
     assert text != sft and "format" not in D.read_meta(text) and not (text / "train_mask.bin").exists()
     assert D.find_prepared(data_cfg(tmp_path, src)) == sft
-    for kw, differs in (({"data.format": "text", "data.text_field": "prompt"}, "data.format='sft' there but None"),
-                        ({"data.completion_field": "answer"}, "data.completion_field='completion' there")):
-        with pytest.raises(UserError, match=differs):
+    for kw, differs in (({"data.format": "text"}, "(data.format='sft' there but 'text' in the config)"),
+                        ({"data.completion_field": "answer"},
+                         "(data.completion_field='completion' there but 'answer' in the config)")):
+        with pytest.raises(UserError) as err:
             D.find_prepared(data_cfg(tmp_path, src, **{"data.name": sft.name, **kw}))
+        assert f"other settings {differs};" in str(err.value), str(err.value)
 
 
 # ---------------------------------------------------------------------------- bad input
