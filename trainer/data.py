@@ -9,8 +9,8 @@ folder is reused only by a config with the same ones (`find_prepared`).
 Sources (data.format=text, pretraining): python-stdlib; a .txt/.md/.py/.rst file (one
 document) or a folder of them; .jsonl and .parquet files (one document per row, the
 data.text_field column), folders holding them, and a folder `datasets`' save_to_disk wrote
-(`read_records`); or token ids (.bin/.npy/.pt), taken as they are. A parquet or `datasets`
-source gives the same tokens as the same rows in JSONL.
+(`read_records`); or token ids (.bin/.npy/.pt), taken as they are (read whole). A parquet or
+`datasets` source gives the same tokens as the same rows in JSONL.
 
 Preparation streams (`prepare`): documents are read one at a time, tokenized a batch of
 about ENCODE_BYTES at a time with the tokenizer's batch encoding, and appended to train.bin.
@@ -969,9 +969,9 @@ def prepare(data_cfg, log=print) -> Path:
                                         f"{'no rows' if sft else 'no non-blank text'} found")
                     description = _describe(label, stats)
                     if sft:
-                        description = (f"{label}: {stats.documents} examples ({stats.chats} chats, "
-                                       f"{'its chat template' if chat.template else 'the plain template'}), "
-                                       f"{stats.bytes} bytes")
+                        template = "its chat template" if chat.template else "the plain template"
+                        chats = f" ({stats.chats} chats, {template})" if stats.chats else ""
+                        description = f"{label}: {stats.documents} examples{chats}, {stats.bytes} bytes"
             if n == 0:
                 raise UserError(f"data.source={source!r} gave no tokens")
             # a corpus of one chunk or less is split in halves, the two pieces split_chunks expects for it

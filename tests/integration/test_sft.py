@@ -134,6 +134,9 @@ def test_plain_template_layout_and_mask(tmp_path):
                             f"<|user|>\nbye\n<|assistant|>\nciao{eot}")
     assert text(tokens[mask == 1]) == f"4{eot}hello{eot}ciao{eot}"
     assert D.read_meta(folder)["chat_template"] == D.PLAIN_TEMPLATE
+    # data.max_bytes: rows while their text fits, none cut (the chat's 50 bytes would pass 20)
+    cut = D.prepare(data_cfg(tmp_path, src, **{"data.max_bytes": 20}), **QUIET)
+    assert D.read_meta(cut)["source"] == "mixed.jsonl: 1 examples, 5 bytes"
 
 
 def chatml_folder(tmp_path):
@@ -211,8 +214,8 @@ def test_sft_folder_is_never_reused_for_text(tmp_path):
 
 def test_bad_sft_input_is_one_line(tmp_path, corpus_dir):
     cases = [
-        ('{"question": "x", "answer": "y"}', "rows.jsonl:1: no 'messages' list of messages and no 'prompt'/'completion' "
-                                             "pair (has: question, answer)"),
+        ('{"question": "x", "answer": "y"}',
+         "rows.jsonl:1: no 'messages' list of messages and no 'prompt'/'completion' pair (has: question, answer)"),
         ('{"prompt": "x", "completion": 3}', "rows.jsonl:1: 'prompt' and 'completion' must both be strings"),
         ('{"messages": [{"role": "user"}]}', "rows.jsonl:1: data.messages_field 'messages'[0] is not a"),
         ('{"messages": "hi"}', "must be a non-empty list"),
