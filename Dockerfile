@@ -43,6 +43,7 @@ COPY vendor/tokenizers/ vendor/tokenizers/
 COPY vendor/models/ vendor/models/
 COPY vendor/MANIFEST.json vendor/requirements.in vendor/${VARIANT}.lock vendor/
 COPY tests/ tests/
+COPY docs/ docs/
 # the SLURM script and Kubernetes manifest, for running the image under a scheduler (apptainer, pods)
 COPY deploy/ deploy/
 # just gpu-check runs every GPU path of the image once (scripts/gpu_check.py)

@@ -19,7 +19,7 @@ checks a number, not only an exit code:
 - export: the LoRA run, `trainer export --merge`; transformers loads it on the device with the
   checkpoint's logits (max abs difference < 1e-4).
 - evaluate: `trainer evaluate` of the main job's checkpoint on the device; a finite val loss.
-- sample: `trainer sample` of that checkpoint; text came out (it has no device option: CPU).
+- sample: `trainer sample --device` of that checkpoint on the checked device; text came out.
 - ddp: `trainer train --nproc N`; NCCL with 2 GPUs when there are two, else the torchrun launcher
   with one worker (no process group); on CPU gloo with 2 processes; the world size in manifest.json.
 - gpu tests: `pytest -m gpu tests/grpo/test_device.py`; passes (on CPU every test skips).
@@ -406,12 +406,12 @@ def row_evaluate(c: Check, res: Result) -> str:
 
 def row_sample(c: Check, res: Result) -> str:
     out = c.trainer(res, "sample", "--checkpoint", str(_main_step(c)), "--max_new_tokens", "40", "--out_dir",
-                    str(c.volumes)).stdout
+                    str(c.volumes), "--device", c.device).stdout
     found = re.search(r"^--- sample 1 from .* ---\n(.*)", out, re.S | re.M)
     text = found.group(1).strip() if found else ""
     if not text:
         raise Failed("no sample text in the output")
-    return f"{len(text)} characters (`trainer sample` runs on the CPU: it has no device option)"
+    return f"{len(text)} characters on {c.device}"
 
 
 def row_ddp(c: Check, res: Result) -> str:

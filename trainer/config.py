@@ -2,7 +2,7 @@
 
 Each key is declared once, with everything about it beside it:
 `field(default, help, range=..., choices=..., resume=...)`. `validate`, the resume rules,
-`--help` and the README's config reference all read that metadata. `load()` merges the layers,
+`--help` and the config reference (docs/config.md) all read that metadata. `load()` merges the layers,
 rejects unknown keys (suggesting the closest one) and wrong types, and returns a frozen
 `Config`. Environment overrides are `TRAINER_<SECTION>_<KEY>`, e.g.
 `TRAINER_TRAIN_MAX_STEPS=50`; CLI overrides are `--train.max_steps=50`.
@@ -582,7 +582,7 @@ def reference_text() -> str:
 
 
 def reference_markdown() -> str:
-    """The config reference for the README: a table per section, from the fields' metadata."""
+    """The config reference in docs/config.md: a table per section, from the fields' metadata."""
     out = []
     for section, cls in SECTIONS.items():
         doc = (cls.__doc__ or "").strip() if cls.__doc__ and "Config(" not in cls.__doc__ else ""

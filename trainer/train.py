@@ -315,7 +315,7 @@ def train_step(run: Run, step: int) -> StepResult:
     loss_sum, stop = distributed.reduce_step(loss_sum, bool(STOP))
     if not math.isfinite(loss_sum):  # before the update: the weights on disk and in memory stay finite
         raise UserError(f"loss is {loss_sum} at step {step}; lower train.lr, check the data, or check that "
-                        "the tokenizer's vocab matches the model (see README, Troubleshooting)")
+                        "the tokenizer's vocab matches the model (see docs/troubleshooting.md)")
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, run.clip).item() if run.clip > 0 else None
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
