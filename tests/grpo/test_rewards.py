@@ -112,13 +112,13 @@ def test_a_reward_file_with_trls_signature_works(tmp_path):
     assert scorer(["2+2=", "3+3="], ["4", "7"], columns)[0] == [1.0, 0.0]
 
 
-@pytest.mark.parametrize("case", sorted(BROKEN))
-def test_every_broken_reward_file_is_one_line_naming_file_and_function(tmp_path, case):
-    source, expected = BROKEN[case]
+@pytest.mark.parametrize("broken", sorted(BROKEN))
+def test_every_broken_reward_file_is_one_line_naming_file_and_function(tmp_path, broken):
+    source, expected = BROKEN[broken]
     path = tmp_path / "rewards.py"
     path.write_text(source)
     with pytest.raises(UserError) as e:
         Scorer.load(f"{path}:match").check(["2+2=", "3+3="], {"answer": ["4", "6"]})
     message = str(e.value)
     assert expected in message and "\n" not in message, message
-    assert "rewards.py" in message and ("match" in message or case == "import"), message
+    assert "rewards.py" in message and ("match" in message or broken == "import"), message

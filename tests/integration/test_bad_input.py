@@ -363,8 +363,9 @@ def launched(request, workspace, corpus_dir, tmp_path_factory) -> dict:
     """Start every selected case at once, each in its own copy of the workspace, so the table
     costs about one CLI start-up per core instead of one per case.
     -> {case: (future CompletedProcess, its workspace copy, names, digest before)}."""
-    selected = {item.callspec.params["case"] for item in request.session.items
-                if hasattr(item, "callspec") and "case" in item.callspec.params}
+    selected = {item.callspec.params["case"] for item in request.session.items  # this module's cases only
+                if getattr(item, "module", None) is request.module and hasattr(item, "callspec")
+                and "case" in item.callspec.params}
     pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
     started = {}
     slow_first = sorted(selected, key=lambda c: (c not in (short_corpus, model_vocab_too_small), CASES.index(c)))
