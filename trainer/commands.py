@@ -24,8 +24,10 @@ def prepare_command(config: str | None = None, **overrides) -> str:
 
     Args:
       config: YAML file; its data section says what to prepare. Override with --data.source=PATH
-        (.txt/.md file or folder, .jsonl, .bin/.npy/.pt tokens, or python-stdlib),
-        --data.tokenizer=gpt2|bpe|char, --data.vocab_size=N, --data.text_field=NAME.
+        (.txt/.md file or folder, .jsonl, .parquet file or folder, a `datasets` save_to_disk
+        folder, .bin/.npy/.pt tokens, or python-stdlib), --data.tokenizer=gpt2|bpe|char|model,
+        --data.vocab_size=N, --data.text_field=NAME, --data.format=sft (prompt/completion or
+        chat rows, the loss on the completion only: docs/data.md).
     """
     from trainer import config as configs
     from trainer import data
