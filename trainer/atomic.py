@@ -108,13 +108,7 @@ def staging_dir(dst: Path):
     (an error, a signal) interrupts the build. Leftovers of a killed earlier build go first."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    for stale in dst.parent.glob(_tmp_prefix(dst) + "*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
-    for parked in dst.parent.glob(_tmp_prefix(dst) + "*.old"):  # a kill fell between replace_dir's renames
-        if not os.path.lexists(dst):
-            os.rename(parked, dst)
-        else:
-            shutil.rmtree(parked, ignore_errors=True)
+    tidy(dst.parent, dst.name)  # a kill may have fallen between replace_dir's renames
     # mkdir with a random name (exclusive, like mkdtemp) keeps the umask's mode: mkdtemp's 0700
     # would hide the image's build-time corpora and exports from other users of the volume
     tmp = dst.parent / f"{_tmp_prefix(dst)}{secrets.token_hex(4)}.tmp"
@@ -171,9 +165,9 @@ def write_dir(dst: Path, files: dict[str, bytes]) -> None:
         replace_dir(tmp, dst)
 
 
-def tidy(parent: Path) -> None:
-    """Clear what killed builds left in `parent` (any target's, where `staging_dir` clears one
-    target's): staging copies and temp files go; an old version parked by `replace_dir` goes
+def tidy(parent: Path, target: str | None = None) -> None:
+    """Clear what killed builds left in `parent` (for every target, or the one named
+    `target`): staging copies and temp files go; an old version parked by `replace_dir` goes
     when its target is back, and is put back when the kill left it the only copy. Call it
     where no other process builds in `parent` (under the lock that guards it)."""
     parent = Path(parent)
@@ -183,7 +177,7 @@ def tidy(parent: Path) -> None:
         return
     for entry in entries:
         found = LEFTOVER.match(entry.name)
-        if not found:
+        if not found or (target is not None and found.group(1) != target):
             continue
         path, target = Path(entry.path), parent / found.group(1)
         if found.group(2) == "old" and not os.path.lexists(target):

@@ -222,8 +222,8 @@ def continuation(run: str | None = None, checkpoint: str | None = None, config: 
     overrides = overrides or {}
     if extra_steps < 0:
         raise UserError(f"--extra_steps={extra_steps} must not be negative")
-    out_dir = configs.build(yaml_path=config, overrides={k: v for k, v in overrides.items() if k == "run.out_dir"})
-    with resume_point(run, checkpoint, out_dir.run.out_dir) as step_dir:
+    probe = configs.build(yaml_path=config, overrides={k: v for k, v in overrides.items() if k == "run.out_dir"})
+    with resume_point(run, checkpoint, probe.run.out_dir) as step_dir:
         found = ckpt.STEP_DIR.match(step_dir.name)
         if found and found.group(1) != kind:
             raise UserError(f"{step_dir} is {KINDS[found.group(1)].format(run=step_dir.parent.name)}")
