@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -208,9 +209,17 @@ class ServerConfig:
 class GRPOConfig:
     """`trainer grpo`: environment, rollouts and the objective (see trainer/grpo/algorithm.py)."""
     # the task: which environment, its problems and its reward (trainer/grpo/envs.py)
-    env: str = field("repeat", "sat | arithmetic | repeat (trainer/grpo/envs.py)",
-                     choices=("sat", "arithmetic", "repeat"))
-    reward: str = field("", 'reward function name; "" = the env\'s own (sat_partial gives SAT partial credit)')
+    env: str = field("repeat", "sat | arithmetic | repeat | dataset (your prompts: grpo.dataset) "
+                               "(trainer/grpo/envs.py)", choices=("sat", "arithmetic", "repeat", "dataset"))
+    reward: str = field("", "rewards, comma-separated: a built-in (exact_match, numeric_match, regex, contains, "
+                            "length_penalty, sat, sat_partial, arithmetic, repeat) or file.py:function (TRL's "
+                            'signature); "" = the env\'s own (trainer/grpo/rewards.py)')
+    reward_weights: list = field([], "one weight per grpo.reward; [] = 1 each")
+    dataset: str = field("", "dataset: a JSONL or parquet file of prompts; every field but the prompt goes to the "
+                             "rewards")
+    eval_dataset: str = field("", 'dataset: held-out prompts; "" = 10% of grpo.dataset\'s rows, the same every run')
+    prompt_field: str = field("prompt", "dataset: the field that holds the prompt")
+    answer_field: str = field("answer", "dataset: the field the built-in rewards compare with (their `answer`)")
     sat_vars: int = field(6, "sat: variables", range=atleast(1))
     sat_clauses: int = field(8, "sat: clauses", range=atleast(1))
     sat_k: int = field(3, "sat: literals per clause", range=atleast(1))
@@ -513,6 +522,14 @@ def inexact_warning(inexact: dict[str, tuple]) -> str:
 
 
 
+def _number(value) -> bool:
+    """A float or what reads as one ("0.5" from a comma list on the command line)."""
+    try:
+        return not isinstance(value, bool) and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
 def validate(cfg: Config, only: tuple[str, ...] = ()) -> None:
     """Collect every problem, raise once. `only`: just the problems of these keys (each problem
     text starts with the key it is about)."""
@@ -554,6 +571,13 @@ def validate(cfg: Config, only: tuple[str, ...] = ()) -> None:
         problems.append(f"grpo.sat_k={g.sat_k} must not exceed grpo.sat_vars={g.sat_vars} (distinct variables per clause)")
     if not g.arith_ops or set(g.arith_ops) - set("+-*"):
         problems.append(f"grpo.arith_ops={g.arith_ops!r} must be made of +, - and *")
+    if g.env == "dataset" and not g.dataset:
+        problems.append("grpo.env=dataset needs grpo.dataset=PATH, a JSONL or parquet file with a "
+                        f"{g.prompt_field!r} field")
+    if not g.prompt_field:
+        problems.append("grpo.prompt_field is empty; name the dataset field that holds the prompt")
+    if not all(_number(w) for w in g.reward_weights):
+        problems.append(f"grpo.reward_weights={g.reward_weights!r} must be a list of numbers, one per grpo.reward")
     if not g.repeat_chars:
         problems.append("grpo.repeat_chars is empty; give the characters to ask for, e.g. abcd")
     if cfg.run.device != "auto" and not (cfg.run.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", cfg.run.device)):

@@ -155,10 +155,11 @@ class Answers:
 
 def cpu_batch(cfg, tok):
     from trainer.grpo import envs
+    from trainer.grpo.rewards import Scorer
 
     problems = envs.train_problems("repeat", 0, 4, chars="abcd", length=3)
-    reward = envs.get_reward("repeat", ())
-    batch, _, _ = loop.rollout_batch(Answers(), cfg, problems, None, reward, 0, tok, 1)
+    scorer = Scorer.load("repeat")
+    batch, _, _ = loop.rollout_batch(Answers(), cfg, problems, None, scorer, 0, tok, 1)
     assert all(t.device.type == "cpu" for t in batch.values())
     return batch
 

@@ -78,6 +78,5 @@ def test_bad_names_are_user_errors():
         envs.make_problem("nope", "train", 0)
     with pytest.raises(UserError, match="'n_varz' is not an option of env 'sat'"):
         envs.make_problem("sat", "train", 0, n_varz=3)
-    with pytest.raises(UserError, match="grpo.reward"):
-        envs.get_reward("sat", "nope")
-    assert envs.get_reward("sat") is envs.sat_reward
+    with pytest.raises(UserError, match="grpo.env=dataset has no problem generator"):
+        envs.corpus("dataset", 3)

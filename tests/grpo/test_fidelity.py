@@ -28,6 +28,7 @@ from trainer import config as configs
 from trainer.generate import sample
 from trainer.grpo.envs import Problem
 from trainer.grpo.loop import rollout_batch, train_epoch
+from trainer.grpo.rewards import Scorer
 from trainer.grpo.rollout import LocalBackend, OpenAIBackend, SamplingParams
 from tests.grpo.conftest import RunningServer, save_hf_folder
 
@@ -79,6 +80,11 @@ def backends(model, path, tok, rows: int, per_request: int):
                     "openai": OpenAIBackend(server.url, "fid", tok, EOT, request_prompts=per_request, concurrency=1)}
 
 
+def scorer(score) -> Scorer:
+    """A reward of one completion's text, with the batch signature the loop calls."""
+    return Scorer(("score",), (lambda prompts, completions, **columns: [score(t) for t in completions],), (1.0,))
+
+
 def cfg(**extra):
     return configs.load(None, **{"grpo.group_size": 2, "grpo.temperature": 0.0, "grpo.minibatch_size": 8,
                                  "run.device": "cpu", **extra})
@@ -102,7 +108,7 @@ def test_trained_ids_are_the_sampled_ids(served, gpt2_tok):
             assert (x.token_ids, x.text, x.finish_reason) == (X, "x", "stop"), name  # "\n\n" kept whole
             assert len(a.logprobs) == 3 and all(lp > -0.1 for lp in a.logprobs + x.logprobs), name
 
-            batch, stats, _ = rollout_batch(backend, c, problems, params, lambda p, t: float(len(t)), EOT, tok, 1)
+            batch, stats, _ = rollout_batch(backend, c, problems, params, scorer(lambda t: float(len(t))), EOT, tok, 1)
             assert batch["ids"][0, :4].tolist() == tok.encode("A").ids + A, name
             assert batch["ids"][2, :3].tolist() == tok.encode("B").ids + X, name
             assert stats["tokens"] == 2 * (3 + 2)
@@ -110,7 +116,7 @@ def test_trained_ids_are_the_sampled_ids(served, gpt2_tok):
             train_epoch(policy, None, torch.optim.SGD(policy.parameters(), lr=0.0), batch, c, 1)
 
             params = SamplingParams(max_tokens=2, temperature=0.0, stop=("\n",))
-            batch, stats, _ = rollout_batch(backend, c, long, params, lambda p, t: 0.0, EOT, tok, 1)
+            batch, stats, _ = rollout_batch(backend, c, long, params, scorer(lambda t: 0.0), EOT, tok, 1)
             assert batch["ids"].shape[1] == POSITIONS and batch["ids"][0, -2:].tolist() == OCT, name
             assert stats["truncated_ratio"] == 1.0
             out = train_epoch(policy, None, torch.optim.SGD(policy.parameters(), lr=0.0), batch, c, 1)

@@ -143,10 +143,11 @@ def check_columns(metrics_dir):
 
     with open(metrics_dir / "metrics.csv", newline="") as f:
         reader = csv.DictReader(f)
-        assert tuple(reader.fieldnames) == FIELDS
+        assert tuple(reader.fieldnames) == FIELDS[:2] + ("reward_repeat",) + FIELDS[2:]  # the env's own reward
         table = list(reader)
     for row in table:
         it = int(row["iteration"])
+        assert row["reward_repeat"] == row["reward_mean"]  # one reward, weight 1: the total is that reward
         for key in REQUIRED:
             assert math.isfinite(float(row[key])), (it, key, row[key])
         assert 0 <= float(row["zero_std_frac"]) <= 1 and 0 <= float(row["truncated_ratio"]) <= 1

@@ -112,5 +112,6 @@ def test_grpo_events_after_a_stop_and_resume(tmp_path):
     zero = {**{k: "" for k in rows[0]}, "iteration": "0", "eval_reward": first["mean_reward"],
             "eval_pass_rate": first["pass_rate"]}
     checked = assert_scalars_equal_rows(metrics_dir, [zero, *rows], "iteration")
-    numeric = [f for f in FIELDS if f != "iteration" and all(_is_number(r[f]) for r in rows)]
-    assert checked == len(numeric) and {"reward_mean", "zero_std_frac", "kl", "eval_reward"} <= set(numeric)
+    numeric = [f for f in rows[0] if f != "iteration" and all(_is_number(r[f]) for r in rows)]
+    assert set(rows[0]) == set(FIELDS) | {"reward_repeat"}  # and a column per reward
+    assert checked == len(numeric) and {"reward_mean", "reward_repeat", "zero_std_frac", "kl", "eval_reward"} <= set(numeric)

@@ -194,6 +194,10 @@ def corpus(env: str, count: int, seed: int = 0, **options) -> list[str]:
     but random answer and a newline. A model pretrained on them knows the format, not the
     answer (for 3-SAT its assignments satisfy a clause about as often as chance, 7/8), which
     is what GRPO then improves on."""
+    if env == DATASET:
+        raise UserError("grpo.env=dataset has no problem generator: `trainer corpus` writes synthetic sat, arithmetic "
+                        "or repeat problems; to teach a base your task's format, prepare your own text with "
+                        "`trainer prepare --data.source=FILE`")
     rng = random.Random(seed)
     lines = []
     for i in range(count):
@@ -267,13 +271,6 @@ REWARDS = {
 }
 # the reward each environment uses unless grpo.reward names another
 DEFAULT_REWARD = {"sat": "sat", "arithmetic": "arithmetic", "repeat": "repeat"}
-
-
-def get_reward(env: str, name: str = ""):
-    name = name or DEFAULT_REWARD.get(env, "")
-    if name not in REWARDS:
-        raise UserError(f"grpo.reward={name!r} is unknown; use one of {', '.join(REWARDS)}")
-    return REWARDS[name]
 
 
 def passed(reward: float) -> bool:

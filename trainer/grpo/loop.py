@@ -68,7 +68,7 @@ from trainer import tokenizer as tk
 from trainer.errors import UserError
 from trainer.runs import RunPaths
 from trainer.signals import STOP, Stopped
-from trainer.grpo import envs
+from trainer.grpo import envs, rewards
 from trainer.grpo.algorithm import (Scores, group_advantages, grpo_loss, importance_weights, logprob_mismatch,
                                     mask_truncated_completions, scoring_temperature, token_logprobs)
 from trainer.grpo.rollout import Abandoned, LocalBackend, OpenAIBackend, RolloutError, SamplingParams
@@ -95,18 +95,40 @@ def server_host(url: str) -> str:
 def env_options(g) -> dict:
     return {"sat": dict(n_vars=g.sat_vars, n_clauses=g.sat_clauses, k=g.sat_k),
             "arithmetic": dict(max_operand=g.arith_max, ops=g.arith_ops),
-            "repeat": dict(chars=g.repeat_chars, length=g.repeat_length)}[g.env]
+            "repeat": dict(chars=g.repeat_chars, length=g.repeat_length),
+            envs.DATASET: dict(path=g.dataset, eval_path=g.eval_dataset, prompt_field=g.prompt_field,
+                               answer_field=g.answer_field)}[g.env]
 
 
 def load_tokenizer(cfg):
-    """gpt2-type models bring tokenizer.json in their folder (or data.tokenizer_path); a
-    from-scratch policy gets a character tokenizer over the env's prompts and answers."""
+    """gpt2-type models bring tokenizer.json in their folder (or data.tokenizer_path); hf models
+    use data.tokenizer (model: the folder's own); a from-scratch policy gets a character
+    tokenizer over the env's prompts and answers."""
     if cfg.model.type == "gpt2":
         own = Path(cfg.model.path) / tk.TOKENIZER_FILE
         return tk.load(own) if own.is_file() else tk.load_gpt2(cfg.data.tokenizer_path)
+    if cfg.model.type == "hf":
+        return tk.build(cfg.data.tokenizer, None, cfg.data.vocab_size, cfg.data.tokenizer_path)
     g = cfg.grpo
-    texts = [p.prompt for p in envs.train_problems(g.env, 0, 64, **env_options(g))]
+    problems = envs.train_problems(g.env, 0, 64, **env_options(g)) + envs.eval_problems(g.env, 64, **env_options(g))
+    texts = [p.prompt + str(p.answer.get("answer", "")) for p in problems]
     return tk.train_char(texts + ["0123456789-\n " + g.repeat_chars])
+
+
+def load_scorer(cfg) -> rewards.Scorer:
+    """grpo.reward with its weights (the env's own reward by default), each tried on a few held-out
+    problems before anything is sampled, so a broken reward file is one line now, not an hour in."""
+    g = cfg.grpo
+    scorer = rewards.Scorer.load(g.reward, g.reward_weights, envs.DEFAULT_REWARD.get(g.env, ""))
+    probe = envs.eval_problems(g.env, 4, **env_options(g))
+    scorer.check([p.prompt for p in probe], rewards.columns_of([p.answer for p in probe]))
+    return scorer
+
+
+def fields(scorer: rewards.Scorer) -> tuple[str, ...]:
+    """metrics.csv's columns: FIELDS with each reward's mean after reward_mean."""
+    at = FIELDS.index("reward_mean") + 1
+    return FIELDS[:at] + scorer.columns + FIELDS[at:]
 
 
 def _seed(run_seed: int, iteration: int, salt: int = 0) -> int:
@@ -145,21 +167,32 @@ def _reference_logps(policy, ref, ids, attn, mask, temperature):
         return token_logprobs(policy, ids, attn, mask, temperature).logps
 
 
-def score_held_out(backend, cfg, params, reward, tok) -> dict:
+def score_groups(scorer: rewards.Scorer, problems, groups) -> tuple[list[list[float]], dict]:
+    """Every completion of every group scored in one call of the rewards (the prompt's text, the
+    completion's, and the problem's answer fields as columns). -> each group's weighted totals,
+    and each reward's mean over all of them, under its metrics column."""
+    rows = [(p, c) for p, grp in zip(problems, groups) for c in grp]
+    totals, parts = scorer([p.prompt for p, _ in rows], [c.text for _, c in rows],
+                           rewards.columns_of([p.answer for p, _ in rows]))
+    out, at = [], 0
+    for grp in groups:
+        out.append(totals[at: at + len(grp)])
+        at += len(grp)
+    return out, {k: sum(v) / len(v) for k, v in parts.items()}
+
+
+def score_held_out(backend, cfg, params, scorer: rewards.Scorer, tok) -> dict:
     """Rewards and pass rate of `eval.replicates` samples of each held-out problem."""
     g, e = cfg.grpo, cfg.eval
     problems = envs.eval_problems(g.env, e.num_problems, **env_options(g))
     prompts = [tok.encode(p.prompt).ids for p in problems]
     groups = backend.generate(prompts, e.replicates, _seed(cfg.run.seed, 0, EVAL_SEED), params)
-    per_problem, scores = [], []
-    for p, grp in zip(problems, groups):  # not all None: the backend raises then
-        if grp is None:
-            continue
-        rs = [reward(p, c.text) for c in grp]
-        scores += rs
-        per_problem.append({"id": p.id, "rewards": rs, "sample": grp[0].text})
+    kept = [(p, grp) for p, grp in zip(problems, groups) if grp is not None]  # not none: the backend raises then
+    totals, parts = score_groups(scorer, [p for p, _ in kept], [grp for _, grp in kept])
+    scores = [r for rs in totals for r in rs]
+    per_problem = [{"id": p.id, "rewards": rs, "sample": grp[0].text} for (p, grp), rs in zip(kept, totals)]
     return {"mean_reward": sum(scores) / len(scores), "pass_rate": sum(map(envs.passed, scores)) / len(scores),
-            "num_problems": len(per_problem), "replicates": e.replicates, "problems": per_problem}
+            "rewards": parts, "num_problems": len(per_problem), "replicates": e.replicates, "problems": per_problem}
 
 
 def train_epoch(policy, ref, optimizer, batch, cfg, iteration: int, server: bool = False) -> dict:
@@ -246,14 +279,15 @@ def _in_batch_order(scores: Scores, rows: torch.Tensor) -> Scores:
     return Scores(back(scores.logps), back(scores.entropy), back(scores.raw))
 
 
-def rollout_batch(backend, cfg, problems, params, reward, pad_id: int, tok, iteration: int):
+def rollout_batch(backend, cfg, problems, params, scorer: rewards.Scorer, pad_id: int, tok, iteration: int):
     g = cfg.grpo
     prompt_ids = [tok.encode(p.prompt).ids for p in problems]  # once: the server gets these ids, training too
     groups = backend.generate(prompt_ids, g.group_size, _seed(cfg.run.seed, iteration), params)
     # not all None: the backend raises then, naming the server and the reason
     kept = [(p, ids, grp) for p, ids, grp in zip(problems, prompt_ids, groups) if grp is not None]
     skipped = len(problems) - len(kept)
-    rewards = torch.tensor([[reward(p, c.text) for c in grp] for p, _, grp in kept])
+    totals, parts = score_groups(scorer, [p for p, _, _ in kept], [grp for _, _, grp in kept])
+    rewards = torch.tensor(totals)
     adv, zero = group_advantages(rewards, g.scale_rewards)
     done = [c for _, _, grp in kept for c in grp]
     prompts = [ids for _, ids, grp in kept for _ in grp]
@@ -264,7 +298,7 @@ def rollout_batch(backend, cfg, problems, params, reward, pad_id: int, tok, iter
     stats = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
              "zero_std_frac": zero / len(kept), "len_mean": sum(lengths) / len(lengths), "len_min": min(lengths),
              "len_max": max(lengths), "truncated_ratio": float(truncated.float().mean()), "tokens": sum(lengths),
-             "skipped_groups": skipped}
+             "skipped_groups": skipped, **parts}
     samples = [{"id": p.id, "prompt": p.prompt, "rewards": rewards[i].tolist(), "completions": [c.text for c in grp]}
                for i, (p, _, grp) in enumerate(kept)]
     batch = {"ids": ids, "attn": attn, "sampled": sampled, "mask": mask, "adv": adv.reshape(-1), "sampler": sampler}
@@ -275,13 +309,19 @@ def check_lengths(cfg, tok, positions: int) -> None:
     """Prompt + max_tokens must fit the model's positions; checked on the held-out problems and
     a sample of training problems, so a too-small model.block_size fails before any work."""
     g = cfg.grpo
-    problems = envs.eval_problems(g.env, cfg.eval.num_problems, **env_options(g))
-    problems += envs.train_problems(g.env, 0, 256, **env_options(g))
-    longest = max(len(tok.encode(p.prompt).ids) for p in problems)
+    opts = env_options(g)
+    every = g.env == envs.DATASET  # a dataset's every prompt; a generator's held-out ones and a sample
+    problems = envs.eval_problems(g.env, len(envs.splits(**opts)["eval"]) if every else cfg.eval.num_problems, **opts)
+    problems += envs.train_problems(g.env, 0, len(envs.splits(**opts)["train"]) if every else 256, **opts)
+    lengths = [len(ids) for ids in (e.ids for e in tok.encode_batch([p.prompt for p in problems]))]
+    longest = max(lengths)
+    where = problems[lengths.index(longest)]
     if longest + g.max_tokens > positions:
-        need = longest + g.max_tokens + 16  # some room: other ids give somewhat longer prompts
-        raise UserError(f"model.block_size={positions} is too small for grpo.env={g.env}: prompts take up to "
-                        f"{longest} tokens plus grpo.max_tokens={g.max_tokens}; set model.block_size >= {need}")
+        need = longest + g.max_tokens + (0 if every else 16)  # some room: other ids give somewhat longer prompts
+        source = f"grpo.env={g.env}" + (f" ({where.split} row {where.id} of {g.dataset})" if every else "")
+        raise UserError(f"model.block_size={positions} is too small for {source}: prompts take up to "
+                        f"{longest} tokens plus grpo.max_tokens={g.max_tokens}; set model.block_size >= {need}"
+                        + (" (within the model's max_position_embeddings), or shorten that prompt" if every else ""))
 
 
 def resume_hint(cfg) -> str:
@@ -341,7 +381,7 @@ class GRPORun:
     tok: object
     tok_json: bytes
     eos: int
-    reward: object  # (problem, completion text) -> float
+    scorer: rewards.Scorer  # grpo.reward: (prompts, completions, columns) -> totals, each reward's values
     policy: torch.nn.Module
     ref: torch.nn.Module | None  # None: beta 0, or LoRA (the base with the adapter off is the reference)
     optimizer: torch.optim.Optimizer
@@ -371,7 +411,7 @@ def setup(cfg, resume_dir: Path | None) -> tuple[GRPORun, GRPOState]:
     runtime.configure(device, cfg.run.deterministic)  # CUDA: TF32, and deterministic kernels when asked
     tok = load_tokenizer(cfg)
     eos = tk.eot_id(tok)
-    reward = envs.get_reward(g.env, g.reward)
+    scorer = load_scorer(cfg)
     runtime.seed_everything(cfg.run.seed)
     policy, positions = models.build_model(cfg.model, tok.get_vocab_size(), eos, cfg.run.seed)
     check_lengths(cfg, tok, positions)
@@ -401,9 +441,9 @@ def setup(cfg, resume_dir: Path | None) -> tuple[GRPORun, GRPOState]:
     else:
         backend = LocalBackend(policy, tok, eos, g.rollout_batch, g.request_prompts)
     atomic.write_bytes(paths.metrics / ckpt.CONFIG, cfg.to_yaml().encode())
-    rows = metrics.Metrics(paths.metrics, fields=FIELDS, resume_step=state.iteration, key="iteration")
+    rows = metrics.Metrics(paths.metrics, fields=fields(scorer), resume_step=state.iteration, key="iteration")
     saver = ckpt.AsyncSaver()  # the write of iteration k overlaps the rollouts of k + 1
-    run = GRPORun(cfg, paths, device, tok, tok.to_str().encode(), eos, reward, policy, ref, optimizer, backend, sync,
+    run = GRPORun(cfg, paths, device, tok, tok.to_str().encode(), eos, scorer, policy, ref, optimizer, backend, sync,
                   SamplingParams(g.max_tokens, g.temperature, g.top_p, tuple(g.stop)), rows, saver)
     return run, state
 
@@ -429,7 +469,7 @@ def iteration(run: GRPORun, state: GRPOState, it: int) -> tuple[dict, list]:
     sync_s = push(run, state, it - 1)
     t1 = time.perf_counter()
     problems = envs.train_problems(g.env, it - 1, g.prompts_per_iter, **env_options(g))
-    batch, stats, samples = rollout_batch(run.backend, cfg, problems, run.params, run.reward, run.eos, run.tok, it)
+    batch, stats, samples = rollout_batch(run.backend, cfg, problems, run.params, run.scorer, run.eos, run.tok, it)
     t2 = time.perf_counter()
     stats.update(train_epoch(run.policy, run.ref, run.optimizer, batch, cfg, it, server=run.sync is not None))
     stats.update(iteration=it, rollout_s=t2 - t1, train_s=time.perf_counter() - t2, sync_s=sync_s,
@@ -446,7 +486,7 @@ def evaluate(run: GRPORun, state: GRPOState, it: int) -> dict:
     in state.evals and a log line. -> its result, with its seconds (eval_s, sync_s among them)."""
     t0 = time.perf_counter()
     sync_s = push(run, state, it)
-    result = score_held_out(run.backend, run.cfg, run.params, run.reward, run.tok)
+    result = score_held_out(run.backend, run.cfg, run.params, run.scorer, run.tok)
     result.update(iteration=it, adapter=state.adapter, eval_s=time.perf_counter() - t0, sync_s=sync_s)
     atomic.write_json(run.paths.metrics / f"eval_iter_{it:03d}.json", result)
     state.evals.append([it, result["mean_reward"]])
@@ -462,7 +502,7 @@ def save(run: GRPORun, state: GRPOState, stats: dict, samples: list, ev: dict | 
     cfg, it = run.cfg, stats["iteration"]
     atomic.write_json(run.paths.metrics / f"train_iter_{it:03d}.json",
                       {**stats, "server_stats": dict(run.backend.stats), "groups": samples})
-    run.rows.log({k: stats.get(k) for k in FIELDS})
+    run.rows.log({k: stats.get(k) for k in run.rows.fields})
     # best_eval is updated before it is saved, so a resumed run knows the best so far
     best = ev is not None and (state.best_eval is None or ev["mean_reward"] > state.best_eval)
     if best:

@@ -194,6 +194,13 @@ class Scorer:
         self(list(prompts) * 2, [""] * len(prompts) + answers, {k: list(v) * 2 for k, v in columns.items()})
 
 
+def columns_of(rows: list[dict]) -> dict[str, list]:
+    """Problems' answer fields, row-wise, as the columns rewards take: {field: [value per row]},
+    every field any row has (None where a row lacks it), in the order they first appear."""
+    names = list(dict.fromkeys(k for row in rows for k in row))
+    return {k: [row.get(k) for row in rows] for k in names}
+
+
 def column(name: str) -> str:
     """A reward's metrics column: `reward_<function>` (a file's function by its own name)."""
     return "reward_" + re.sub(r"\W+", "_", name.rpartition(":")[2] or name).strip("_")
