@@ -205,6 +205,7 @@ def export_command(run: str | None = None, checkpoint: str | None = None, out: s
       out: destination folder; default <run>/export_<step>.
       merge: for LoRA runs, merge the adapter into the base weights (a plain transformers model).
     """
+    from trainer import data
     from trainer import model as models
     from trainer import runs
     from trainer.offline import go_offline
@@ -213,7 +214,8 @@ def export_command(run: str | None = None, checkpoint: str | None = None, out: s
     step_dir, (model, tok, cfg, state) = runs.locate_and_restore(run, checkpoint, out_dir)
     dest = Path(out) if out else step_dir.parent / f"export_{step_dir.name}{'_merged' if merge else ''}"
     models.export(model, tok, dest, merge=merge, extra={"run": cfg.run.name, "checkpoint": step_dir.name,
-                                                         "weights_sha256": models.weights_sha256(model)})
+                                                         "weights_sha256": models.weights_sha256(model)},
+                  chat_template=data.chat_template(cfg.data))
     print(f"exported {step_dir} to {dest}" + (" (LoRA merged)" if merge and cfg.model.lora else ""))
     return str(dest)
 

@@ -345,10 +345,12 @@ def check_export_target(out: str | Path, run: str, any_run: bool = False) -> Pat
 
 
 def export(model, tokenizer, out: str | Path, merge: bool = False, extra: dict | None = None,
-           any_run: bool = False) -> Path:
+           any_run: bool = False, chat_template: str | None = None) -> Path:
     """Write an HF folder: AutoModelForCausalLM loads it (or PeftModel, for an unmerged
-    adapter). Built beside `out` and swapped in, so a half-written export never replaces a
-    good one; `out` may only be new, empty, or an earlier export of the same run."""
+    adapter), AutoTokenizer its tokenizer, with `chat_template` (the model folder's, which SFT
+    trained with) for apply_chat_template and the servers' chat endpoints. Built beside `out`
+    and swapped in, so a half-written export never replaces a good one; `out` may only be new,
+    empty, or an earlier export of the same run."""
     from transformers.utils import logging as hf_logging
 
     from trainer import atomic
@@ -365,7 +367,10 @@ def export(model, tokenizer, out: str | Path, merge: bool = False, extra: dict |
     try:
         with atomic.staging_dir(out) as tmp:
             target.save_pretrained(str(tmp), safe_serialization=True)
-            to_hf(tokenizer).save_pretrained(str(tmp))
+            hf_tok = to_hf(tokenizer)
+            if chat_template:
+                hf_tok.chat_template = chat_template
+            hf_tok.save_pretrained(str(tmp))
             (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
             atomic.replace_dir(tmp, out)
     except OSError as e:

@@ -194,6 +194,26 @@ def test_chat_template_rows(tmp_path):
     assert before["chat_template"] != after["chat_template"] and config["chat_template"] == CHATML
 
 
+def test_an_export_carries_the_chat_template_it_was_trained_with(tmp_path):
+    """`trainer export` of a run on a chat model's tokenizer: AutoTokenizer on the export renders
+    chats as the model folder does (what vLLM's and `trainer serve`'s chat endpoints use)."""
+    from transformers import AutoTokenizer
+
+    folder = chatml_folder(tmp_path)
+    chat = [{"role": "user", "content": "name: anna"}, {"role": "assistant", "content": "anna"[::-1]}]
+    src = tmp_path / "chats.jsonl"
+    src.write_text("".join(json.dumps({"messages": chat}) + "\n" for _ in range(40)))
+    run_cli(["train", *sft_args(src, tmp_path, "chat", **{"data.tokenizer": "model", "data.tokenizer_path": folder,
+                                                           "train.max_steps": 2, "sample.max_new_tokens": 2})],
+            cwd=tmp_path)
+    run_cli(["export", "--run", "chat", "--out", str(tmp_path / "export"), "--out_dir", str(tmp_path / "volumes")],
+            cwd=tmp_path)
+    exported = AutoTokenizer.from_pretrained(tmp_path / "export", local_files_only=True)
+    source = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    assert exported.apply_chat_template(chat, tokenize=False) == source.apply_chat_template(chat, tokenize=False)
+    assert "<|im_start|>user" in exported.apply_chat_template(chat, tokenize=False)
+
+
 def test_sft_folder_is_never_reused_for_text(tmp_path):
     src = pairs_file(tmp_path / "pairs.jsonl", repeats=2)
     sft = D.prepare(data_cfg(tmp_path, src), **QUIET)
