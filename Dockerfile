@@ -41,7 +41,10 @@ RUN /opt/venv/bin/pip install --no-index --no-deps --no-build-isolation . \
 COPY configs/ configs/
 COPY vendor/tokenizers/ vendor/tokenizers/
 COPY vendor/models/ vendor/models/
-COPY vendor/MANIFEST.json vendor/requirements.in vendor/${VARIANT}.lock vendor/
+COPY vendor/MANIFEST.json vendor/requirements.in vendor/${VARIANT}.lock vendor/vendor.py vendor/models.lock.json vendor/
+# each model pinned in vendor/models.lock.json (`just vendor-model`) must match its sha256 file by
+# file, or the build stops with the file named: no image ships a changed model (standard library, offline)
+RUN python3 vendor/vendor.py verify
 COPY tests/ tests/
 COPY docs/ docs/
 # the SLURM script and Kubernetes manifest, for running the image under a scheduler (apptainer, pods)

