@@ -353,8 +353,8 @@ def run_saves(cfg, prepared: Path, meta: dict, args, work: Path, device: torch.d
 
         saver.wait()  # the previous background write is not part of this stall
         t0 = time.perf_counter()
-        files = ckpt.serialize(model, optimizer, state, trainer_state, cfg.to_yaml(),
-                               extra_files={ckpt.TOKENIZER: tok_json})
+        files = ckpt.Snapshot(model, optimizer, state, trainer_state, cfg.to_yaml(),
+                              extra_files={ckpt.TOKENIZER: tok_json})
         saver.save(saves / "async", ckpt.step_name(i), files, keep_last=cfg.checkpoint.keep_last)
         times["stall"].append(time.perf_counter() - t0)
         sizes["stall"] = sizes["save_checkpoint"]

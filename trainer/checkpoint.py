@@ -88,38 +88,66 @@ def _torch_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
-def _model_files(model) -> dict[str, bytes]:
-    """Weights as safetensors bytes: the adapter alone under LoRA, else the full state dict."""
-    from safetensors.torch import save
+def _copy(tree):
+    """`tree` (dicts, lists, tuples) with every tensor copied to the CPU, detached, contiguous: what
+    stays valid while training goes on and changes the originals in place."""
+    from torch.utils._pytree import tree_map
 
+    return tree_map(lambda x: x.detach().to("cpu", copy=True).contiguous() if isinstance(x, torch.Tensor) else x,
+                    tree)
+
+
+def _weights(model) -> tuple[str, dict[str, torch.Tensor], bytes | None]:
+    """-> (file name, CPU copies of the tensors it holds, adapter_config.json or None): the adapter
+    alone under LoRA, else the full state dict with tied tensors (lm_head = wte) stored once."""
     if hasattr(model, "peft_config"):
         from peft import get_peft_model_state_dict
 
-        adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
         config = model.peft_config["default"].to_dict()
         config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
-        return {ADAPTER: save(adapter), ADAPTER_CONFIG: (json.dumps(config, indent=2, default=str) + "\n").encode()}
+        return ADAPTER, _copy(get_peft_model_state_dict(model)), \
+            (json.dumps(config, indent=2, default=str) + "\n").encode()
     seen, tensors = set(), {}
     for name, tensor in model.state_dict().items():
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if key in seen:  # tied weights (lm_head = wte) are stored once and re-tied on load
+        if key in seen:  # re-tied on load
             continue
         seen.add(key)
-        tensors[name] = tensor.detach().cpu().contiguous()
-    return {MODEL: save(tensors, metadata={"format": "pt"})}
+        tensors[name] = tensor
+    return MODEL, _copy(tensors), None
+
+
+class Snapshot:
+    """A checkpoint's contents, copied off the live model and optimizer (`snapshot`): the only part
+    of a save that must happen between two optimizer steps. `files()` encodes it (safetensors,
+    torch.save), which AsyncSaver does on its thread, so on a GPU the loop stalls for the
+    device-to-host copy alone."""
+
+    def __init__(self, model, optimizer, state: dict, trainer_state: dict, config_yaml: str,
+                 extra_files: dict[str, bytes] | None = None) -> None:
+        self.weights_file, self.weights, self.adapter_config = _weights(model)
+        self.optimizer = _copy(optimizer.state_dict())
+        self.state = _copy({"format_version": FORMAT_VERSION, **state})
+        self.trainer_state, self.config_yaml, self.extra_files = trainer_state, config_yaml, dict(extra_files or {})
+
+    def files(self) -> dict[str, bytes]:
+        from safetensors.torch import save
+
+        files = {self.weights_file: save(self.weights, metadata=None if self.adapter_config else {"format": "pt"})}
+        if self.adapter_config is not None:
+            files[ADAPTER_CONFIG] = self.adapter_config
+        files[OPTIMIZER] = _torch_bytes(self.optimizer)
+        files[STATE] = _torch_bytes(self.state)
+        files[TRAINER_STATE] = (json.dumps(self.trainer_state, indent=2) + "\n").encode()
+        files[CONFIG] = self.config_yaml.encode()
+        files.update(self.extra_files)
+        return files
 
 
 def serialize(model, optimizer, state: dict, trainer_state: dict, config_yaml: str,
               extra_files: dict[str, bytes] | None = None) -> dict[str, bytes]:
-    """Snapshot everything a checkpoint holds as bytes. This is the only part of a save that
-    must happen between two optimizer steps; writing can then go on in the background."""
-    files = _model_files(model)
-    files[OPTIMIZER] = _torch_bytes(optimizer.state_dict())
-    files[STATE] = _torch_bytes({"format_version": FORMAT_VERSION, **state})
-    files[TRAINER_STATE] = (json.dumps(trainer_state, indent=2) + "\n").encode()
-    files[CONFIG] = config_yaml.encode()
-    files.update(extra_files or {})
-    return files
+    """Everything a checkpoint holds, as bytes, now (Snapshot, then its files)."""
+    return Snapshot(model, optimizer, state, trainer_state, config_yaml, extra_files).files()
 
 
 def write_checkpoint(run_dir: Path, name: str, files: dict[str, bytes], keep_last: int = 0,
@@ -166,8 +194,8 @@ def save_checkpoint(run_dir: Path, name: str, model, optimizer, state: dict, tra
 
 
 class AsyncSaver:
-    """Writes checkpoints on one background thread, so the training loop stalls only for
-    `serialize`. At most one write is in flight: the next save, and `wait()` (called on
+    """Encodes and writes checkpoints on one background thread, so the training loop stalls only
+    for the Snapshot's copies. At most one write is in flight: the next save, and `wait()` (called on
     signals, at the end and on errors), first finish the previous one and re-raise its error.
     A kill -9 mid-write leaves a staging folder that loading ignores, exactly as a synchronous save."""
 
@@ -177,11 +205,12 @@ class AsyncSaver:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._pending = None
 
-    def save(self, run_dir: Path, name: str, files: dict[str, bytes], on_done=None, **kwargs) -> None:
+    def save(self, run_dir: Path, name: str, files: dict[str, bytes] | Snapshot, on_done=None, **kwargs) -> None:
+        """Write `files` (or a Snapshot, encoded on the background thread) as run_dir/name."""
         self.wait()
 
         def job():
-            path = write_checkpoint(run_dir, name, files, **kwargs)
+            path = write_checkpoint(run_dir, name, files.files() if isinstance(files, Snapshot) else files, **kwargs)
             if on_done is not None:
                 on_done(path)
             return path

@@ -400,8 +400,8 @@ def save(run: Run, state: TrainState, saver: ckpt.AsyncSaver, reason: str, best:
                      "val_loss": state.last_val, "best_val": state.best_val, "tokens": state.tokens,
                      "run": cfg.run.name, "saved_at": time.time(), ckpt.DATA: dict(run.meta["sha256"]),
                      ckpt.THREADS: cfg.run.threads, ckpt.WORLD: run.ranks.world}
-    files = ckpt.serialize(run.module, run.optimizer, saved, trainer_state, cfg.to_yaml(),
-                           extra_files={ckpt.TOKENIZER: run.tok_json})
+    files = ckpt.Snapshot(run.module, run.optimizer, saved, trainer_state, cfg.to_yaml(),
+                          extra_files={ckpt.TOKENIZER: run.tok_json})  # encoded and written in the background
     first, last = state.first_loss, state.last_ckpt_loss
     change = f"net loss change {now - first:+.4f} since start" if first is not None else ""
     if last is not None:

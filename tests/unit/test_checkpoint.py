@@ -59,6 +59,21 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(a, b)
 
 
+def test_a_snapshot_holds_the_weights_of_its_step_while_training_goes_on(tmp_path):
+    """AsyncSaver encodes a Snapshot on its thread while the loop trains on: what is written is
+    the weights and moments at the snapshot, byte for byte what a save at that moment writes."""
+    model, opt = tiny()
+    now = ckpt.serialize(model, opt, {ckpt.STEP: 1}, {"step": 1}, "run: {}\n")
+    snap = ckpt.Snapshot(model, opt, {ckpt.STEP: 1}, {"step": 1}, "run: {}\n")
+    model(torch.randint(0, 50, (2, 8)), labels=torch.randint(0, 50, (2, 8))).loss.backward()
+    opt.step()  # in place: the live tensors move on
+    assert snap.files() == now != ckpt.serialize(model, opt, {ckpt.STEP: 1}, {"step": 1}, "run: {}\n")
+    saver = ckpt.AsyncSaver()
+    saver.save(tmp_path, ckpt.step_name(1), snap)
+    assert {f.name: f.read_bytes() for f in saver.wait().iterdir() if f.name != ckpt.MANIFEST} == now
+    saver.close()
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete_manifest", "delete_file"])
 def test_corrupt_latest_falls_back_to_previous(tmp_path, damage, caplog):
     model, opt = tiny()
