@@ -149,15 +149,16 @@ doctor *args: _ready
 # the whole test suite: unit + integration inside the image (network none), then container tests
 test: build test-image test-container
 
-# every test but the container ones, inside the image with --network none
+# every test but the container ones, inside the image with --network none, one pytest-xdist worker
+# per core (--dist loadfile: a module's tests, and its module fixtures, stay on one worker)
 test-image *args:
     docker run --rm --network none --user "$AIRLOCK_UID:$AIRLOCK_GID" --entrypoint python3 {{image}} \
-        -m pytest -p no:cacheprovider -q -m "not container" tests {{args}}
+        -m pytest -p no:cacheprovider -q -m "not container" -n auto --dist loadfile --durations=15 tests {{args}}
 
 # container tests (docker SDK, marker `container`): smoke, stop/kill + resume, ownership, compose, vLLM image
 test-container *args: _tools
     AIRLOCK_IMAGE={{image}} AIRLOCK_SERVER_IMAGE={{server_image}} PYTHONPATH=. vendor/.tools/venv/bin/python -m pytest -p no:cacheprovider \
-        -m container tests/container -v {{args}}
+        -m container tests/container -v --durations=15 {{args}}
 
 # CI: build with --network none, then train/stop/kill/resume/ownership and the suite in containers
 verify-offline: build test-container test-image
