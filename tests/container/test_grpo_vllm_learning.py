@@ -56,7 +56,7 @@ import time
 import pytest
 import torch
 
-from conftest import me
+from conftest import address, me, wait_for_vllm
 
 pytestmark = pytest.mark.container
 
@@ -104,14 +104,8 @@ def server(docker_client, vllm_cpu_image, work):
 
 def wait_started(c, timeout: float = 600) -> str:
     """Wait for vLLM's start-up line; -> http://ADDRESS:8000/v1 on the internal network."""
-    while "Application startup complete" not in c.logs().decode(errors="replace"):
-        c.reload()
-        if c.status == "exited" or time.time() - c.t0 > timeout:
-            raise AssertionError(f"vLLM did not start ({c.status}):\n{c.logs().decode(errors='replace')[-4000:]}")
-        time.sleep(0.5)
-    c.reload()
-    address = next(iter(c.attrs["NetworkSettings"]["Networks"].values()))["IPAddress"]
-    return f"http://{address}:8000/v1"
+    wait_for_vllm(c, c.t0, timeout)
+    return f"http://{address(c)}:8000/v1"
 
 
 @pytest.fixture(scope="module")

