@@ -228,6 +228,8 @@ def run_bare(cfg, prepared: Path, meta: dict, device: torch.device, compile: boo
     runtime.seed_everything(cfg.run.seed)
     model, block_size = models.build_model(cfg.model, meta["vocab_size"], meta["eot_id"], cfg.run.seed)
     model.to(device)
+    if device.type == "cuda":  # nanoGPT pads its vocabulary to a multiple of 64 for the same reason
+        models.pad_head(model)
     model.train()
     optimizer = loop.make_optimizer(model, cfg, device)
     forward = torch.compile(model) if compile else model
@@ -353,8 +355,8 @@ def run_saves(cfg, prepared: Path, meta: dict, args, work: Path, device: torch.d
 
         saver.wait()  # the previous background write is not part of this stall
         t0 = time.perf_counter()
-        files = ckpt.Snapshot(model, optimizer, state, trainer_state, cfg.to_yaml(),
-                              extra_files={ckpt.TOKENIZER: tok_json})
+        files = saver.snapshot(model, optimizer, state, trainer_state, cfg.to_yaml(),
+                               extra_files={ckpt.TOKENIZER: tok_json})
         saver.save(saves / "async", ckpt.step_name(i), files, keep_last=cfg.checkpoint.keep_last)
         times["stall"].append(time.perf_counter() - t0)
         sizes["stall"] = sizes["save_checkpoint"]
@@ -460,7 +462,7 @@ def bench(args, work: Path) -> dict:
             cpu[mode][kind].append(c)
             if cuda:  # bytes this run allocated at its peak, above what was left before it
                 mem[mode][kind].append(torch.cuda.max_memory_allocated() - before)
-            losses[mode].setdefault(kind, curve)
+            losses[mode].setdefault(kind, []).append(curve)
         line = "  ".join(f"{k} {tokens_per_step / wall['eager'][k][-1]:,.0f}" for k in kinds)
         if args.compile:
             line += "  | compiled: " + "  ".join(f"{k} {tokens_per_step / wall['compiled'][k][-1]:,.0f}" for k in kinds)
@@ -499,15 +501,27 @@ def bench(args, work: Path) -> dict:
     print(f"timed:   {'mean' if cuda else 'median'} step of steps {args.warmup + 1}..{args.steps - 1} of {args.steps} "
           f"per run, {args.rounds} interleaved rounds; ratios are medians of the per-round ratios")
 
+    def gap(a: list[float], b: list[float]) -> float:
+        return max(abs(x - y) for x, y in zip(a, b))
+
     def loss_check(mode: str) -> str:
+        """CPU kernels are deterministic: the two loops must log the same losses. A GPU's are not
+        (atomic adds in the embedding and attention backward, unless --deterministic), so two runs
+        of the same loop drift apart by rounding: there the trainer-bare gap is judged against
+        the gap between rounds of the bare loop itself, the run-to-run noise."""
         got = losses[mode]
-        check = "yes" if got["trainer"] == got["bare"] else \
-            f"NO (max |diff| {max(abs(a - b) for a, b in zip(got['trainer'], got['bare'])):.1e})"
+        same = all(t == b for t, b in zip(got["trainer"], got["bare"]))
+        check = "yes" if same else f"NO (max |diff| {max(gap(t, b) for t, b in zip(got['trainer'], got['bare'])):.1e})"
+        if cuda and not same and len(got["bare"]) > 1:
+            noise = max(gap(got["bare"][0], b) for b in got["bare"][1:])
+            within = max(gap(t, b) for t, b in zip(got["trainer"], got["bare"])) <= 2 * noise
+            check += (f"; bare loop against itself, round to round: {noise:.1e}, so the loops agree "
+                      f"{'within' if within else 'NOT within'} twice the run-to-run noise")
         if not args.skip_hf:
-            check += f"; HF max |loss diff| {max(abs(a - b) for a, b in zip(got['trainer'], got['hf'])):.1e}"
+            check += f"; HF max |loss diff| {gap(got['trainer'][0], got['hf'][0]):.1e}"
         return check
 
-    print(f"check:   trainer and bare losses identical at every step: {loss_check('eager')}")
+    print(f"check:   trainer and bare losses identical at every step, every round: {loss_check('eager')}")
     if args.compile:
         print(f"check:   the same, compiled: {loss_check('compiled')}")
     print()
@@ -576,14 +590,14 @@ def side_by_side(figs: dict, modes, kinds, all_saves: dict, total: int, peak, pe
     if args.compile:
         speedup = figs["compiled"]["tok_per_s"]["trainer"] / figs["eager"]["tok_per_s"]["trainer"]
         print(f"{'trainer compiled/eager':<28}{speedup:>15.3f}x")
-    if args.device == "cuda":  # issue 10's goals, on the fastest mode run
+    if args.device == "cuda":  # issue 18's goals, on the fastest mode run
         best = figs[modes[-1]]
         goals = []
         if best["mfu"]:
-            goals.append(f"MFU >= 50 %: {'met' if best['mfu']['trainer'] >= 0.5 else 'NOT met'}")
+            goals.append(f"MFU >= 40 %: {'met' if best['mfu']['trainer'] >= 0.4 else 'NOT met'}")
         goals.append(f">= 1.0x bare: {'met' if best['ratio_bare'] >= 1.0 else 'NOT met'}")
         if "ratio_hf" in best:
-            goals.append(f">= 1.1x HF Trainer: {'met' if best['ratio_hf'] >= 1.1 else 'NOT met'}")
+            goals.append(f">= 1.3x HF Trainer: {'met' if best['ratio_hf'] >= 1.3 else 'NOT met'}")
         print(f"goal ({modes[-1]}): " + "; ".join(goals))
 
 

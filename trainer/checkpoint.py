@@ -97,15 +97,57 @@ def _copy(tree):
                     tree)
 
 
-def _weights(model) -> tuple[str, dict[str, torch.Tensor], bytes | None]:
+class HostBuffers:
+    """The host memory saves copy the model and optimizer into, kept from one save to the next
+    (AsyncSaver owns one): a save then writes into memory that is already mapped instead of
+    faulting in a fresh checkpoint's worth, and a GPU's tensors go to page-locked (pinned)
+    buffers with non-blocking copies and one synchronize, at the bus's speed rather than
+    through the driver's pageable staging. The price is one checkpoint's size of host memory
+    held for the run, as torch.distributed.checkpoint's async save holds it. A buffer is reused
+    only for a tensor of the same place in the tree, shape and dtype, and only once the save
+    that read it has finished (AsyncSaver.snapshot waits for it)."""
+
+    def __init__(self) -> None:
+        self._held: dict[tuple, torch.Tensor] = {}
+        self._copying = False  # non-blocking copies from a GPU not yet waited for
+
+    def copy(self, tree, group: str):
+        """`tree` with every tensor copied into this object's buffer for it (see _copy)."""
+        from torch.utils._pytree import tree_flatten, tree_unflatten
+
+        leaves, spec = tree_flatten(tree)
+        for i, x in enumerate(leaves):
+            if not isinstance(x, torch.Tensor):
+                continue
+            pin = x.device.type == "cuda"
+            key = (group, i, tuple(x.shape), x.dtype, pin)
+            buf = self._held.get(key)
+            if buf is None:
+                self._held = {k: v for k, v in self._held.items() if k[:2] != (group, i)}  # a reshaped tree
+                buf = self._held[key] = torch.empty(x.shape, dtype=x.dtype, pin_memory=pin)
+            buf.copy_(x.detach(), non_blocking=pin)
+            self._copying |= pin
+            leaves[i] = buf
+        return tree_unflatten(leaves, spec)
+
+    def ready(self) -> None:
+        """Wait for the copies still on their way from the GPU."""
+        if self._copying:
+            torch.cuda.synchronize()
+            self._copying = False
+
+
+def _weights(model, copy=None) -> tuple[str, dict[str, torch.Tensor], bytes | None]:
     """-> (file name, CPU copies of the tensors it holds, adapter_config.json or None): the adapter
-    alone under LoRA, else the full state dict with tied tensors (lm_head = wte) stored once."""
+    alone under LoRA, else the full state dict with tied tensors (lm_head = wte) stored once.
+    `copy(tree)` makes the copies (default: fresh ones, _copy)."""
+    copy = copy or _copy
     if hasattr(model, "peft_config"):
         from peft import get_peft_model_state_dict
 
         config = model.peft_config["default"].to_dict()
         config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
-        return ADAPTER, _copy(get_peft_model_state_dict(model)), \
+        return ADAPTER, copy(get_peft_model_state_dict(model)), \
             (json.dumps(config, indent=2, default=str) + "\n").encode()
     seen, tensors = set(), {}
     for name, tensor in model.state_dict().items():
@@ -114,7 +156,7 @@ def _weights(model) -> tuple[str, dict[str, torch.Tensor], bytes | None]:
             continue
         seen.add(key)
         tensors[name] = tensor
-    return MODEL, _copy(tensors), None
+    return MODEL, copy(tensors), None
 
 
 class Snapshot:
@@ -124,10 +166,15 @@ class Snapshot:
     device-to-host copy alone."""
 
     def __init__(self, model, optimizer, state: dict, trainer_state: dict, config_yaml: str,
-                 extra_files: dict[str, bytes] | None = None) -> None:
-        self.weights_file, self.weights, self.adapter_config = _weights(model)
-        self.optimizer = _copy(optimizer.state_dict())
-        self.state = _copy({"format_version": FORMAT_VERSION, **state})
+                 extra_files: dict[str, bytes] | None = None, buffers: HostBuffers | None = None) -> None:
+        def copy(group: str):
+            return _copy if buffers is None else lambda tree: buffers.copy(tree, group)
+
+        self.weights_file, self.weights, self.adapter_config = _weights(model, copy("weights"))
+        self.optimizer = copy("optimizer")(optimizer.state_dict())
+        self.state = _copy({"format_version": FORMAT_VERSION, **state})  # RNG states: small, fresh each time
+        if buffers is not None:
+            buffers.ready()
         self.trainer_state, self.config_yaml, self.extra_files = trainer_state, config_yaml, dict(extra_files or {})
 
     def files(self) -> dict[str, bytes]:
@@ -204,6 +251,14 @@ class AsyncSaver:
 
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._pending = None
+        self.buffers = HostBuffers()
+
+    def snapshot(self, model, optimizer, state: dict, trainer_state: dict, config_yaml: str,
+                 extra_files: dict[str, bytes] | None = None) -> Snapshot:
+        """A Snapshot in this saver's reused host buffers (HostBuffers), for `save`. The previous
+        save is finished first (and its error raised): its encoding reads those buffers."""
+        self.wait()
+        return Snapshot(model, optimizer, state, trainer_state, config_yaml, extra_files, buffers=self.buffers)
 
     def save(self, run_dir: Path, name: str, files: dict[str, bytes] | Snapshot, on_done=None, **kwargs) -> None:
         """Write `files` (or a Snapshot, encoded on the background thread) as run_dir/name."""

@@ -74,6 +74,44 @@ def build_model(model_cfg, vocab_size: int, eot_id: int, seed: int, device=None)
     return model, block_size
 
 
+# cuBLAS picks its tensor-core GEMM kernels by shape: a 50,257-row output head (GPT-2's vocabulary,
+# not a multiple of 64) falls back to a Turing-era kernel at about a tenth of an H100's matrix rate
+HEAD_MULTIPLE = 64
+
+
+class PaddedHead(torch.nn.Module):
+    """An output head whose matmul runs on its rows padded with zeros to a multiple of
+    HEAD_MULTIPLE, the logits cut back to the real vocabulary (nanoGPT pads the vocabulary
+    itself; here the model keeps its rows, so checkpoints, exports and a fine-tuned GPT-2 keep
+    50,257). The same `weight` Parameter as the head it replaces, under the same state-dict
+    names: a tied head stays tied, the optimizer and checkpoints see no change. The logits
+    are a view with the padded row stride; reshape, not view, flattens them."""
+
+    def __init__(self, head: torch.nn.Linear, multiple: int = HEAD_MULTIPLE) -> None:
+        super().__init__()
+        self.weight, self.bias = head.weight, head.bias
+        self.rows = head.weight.shape[0]
+        self.extra = -self.rows % multiple
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = torch.nn.functional.pad(self.weight, (0, 0, 0, self.extra))
+        bias = None if self.bias is None else torch.nn.functional.pad(self.bias, (0, self.extra))
+        return torch.nn.functional.linear(hidden, weight, bias)[..., :self.rows]
+
+
+def pad_head(model, multiple: int = HEAD_MULTIPLE) -> int:
+    """Compute `model`'s output head as a PaddedHead when its rows are not a multiple of
+    `multiple` and it is a plain nn.Linear (a LoRA model's frozen head too). -> the padded row
+    count, 0 where nothing changed. For CUDA (train.setup): on the CPU the padding is pure cost."""
+    base = model.get_base_model() if is_peft(model) else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear or head.weight.shape[0] % multiple == 0:
+        return 0
+    padded = PaddedHead(head, multiple)
+    base.set_output_embeddings(padded)
+    return padded.rows + padded.extra
+
+
 def check_pretrained(path: str | Path) -> Path:
     """A cheap look at a model folder, so a wrong model.path is refused before data is prepared."""
     path = Path(path)

@@ -74,6 +74,35 @@ def test_a_snapshot_holds_the_weights_of_its_step_while_training_goes_on(tmp_pat
     saver.close()
 
 
+def test_saves_reuse_their_host_buffers_and_write_each_steps_bytes(tmp_path):
+    """AsyncSaver.snapshot copies into the same host buffers every save (HostBuffers) after the
+    previous write has read them: each checkpoint still holds its own step's bytes."""
+    model, opt = tiny()
+    saver = ckpt.AsyncSaver()
+    expected, snaps = {}, []
+    for step in (1, 2, 3):
+        model(torch.randint(0, 50, (2, 8)), labels=torch.randint(0, 50, (2, 8))).loss.backward()
+        opt.step()
+        expected[step] = ckpt.serialize(model, opt, {ckpt.STEP: step}, {"step": step}, "run: {}\n")
+        snaps.append(saver.snapshot(model, opt, {ckpt.STEP: step}, {"step": step}, "run: {}\n"))
+        saver.save(tmp_path, ckpt.step_name(step), snaps[-1])
+    saver.close()
+    for step in (1, 2, 3):
+        written = tmp_path / ckpt.step_name(step)
+        assert {f.name: f.read_bytes() for f in written.iterdir() if f.name != ckpt.MANIFEST} == expected[step]
+    first, last = snaps[0], snaps[-1]
+    assert all(first.weights[k] is last.weights[k] for k in first.weights)  # the same memory, reused
+    assert first.optimizer["state"][0]["exp_avg"] is last.optimizer["state"][0]["exp_avg"]
+
+
+def test_host_buffers_follow_a_tensor_that_changes_shape():
+    buffers = ckpt.HostBuffers()
+    a = buffers.copy({"w": torch.ones(2, 3)}, "weights")["w"]
+    b = buffers.copy({"w": torch.zeros(4)}, "weights")["w"]
+    assert b.shape == (4,) and torch.equal(b, torch.zeros(4)) and torch.equal(a, torch.ones(2, 3))
+    assert buffers.copy({"w": torch.full((4,), 2.0)}, "weights")["w"] is b
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete_manifest", "delete_file"])
 def test_corrupt_latest_falls_back_to_previous(tmp_path, damage, caplog):
     model, opt = tiny()

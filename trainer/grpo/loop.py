@@ -509,10 +509,10 @@ def save(run: GRPORun, state: GRPOState, stats: dict, samples: list, ev: dict | 
     if best:
         state.best_eval = ev["mean_reward"]
     state.iteration = it
-    files = ckpt.Snapshot(run.policy, run.optimizer, ckpt.training_state(it, state.saved(), [runtime.rng_state()]),
-                          {"iteration": it, "reward_mean": stats["reward_mean"],
-                           "eval_reward": stats.get("eval_reward"), "adapter": state.adapter},
-                          cfg.to_yaml(), extra_files={ckpt.TOKENIZER: run.tok_json})
+    files = run.saver.snapshot(run.policy, run.optimizer, ckpt.training_state(it, state.saved(), [runtime.rng_state()]),
+                               {"iteration": it, "reward_mean": stats["reward_mean"],
+                                "eval_reward": stats.get("eval_reward"), "adapter": state.adapter},
+                               cfg.to_yaml(), extra_files={ckpt.TOKENIZER: run.tok_json})
     run.saver.save(run.paths.checkpoints, ckpt.step_name(it, "iter"), files, keep_last=cfg.checkpoint.keep_last,
                    mirror_dir=cfg.checkpoint.mirror_dir,
                    best={"iteration": it, "eval_reward": ev["mean_reward"]} if best else None)
