@@ -20,7 +20,7 @@ os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
 import fire
 
-from trainer.errors import UserError, one_line
+from trainer.errors import UserError, one_line, out_of_memory
 from trainer.metrics import setup_logging
 
 
@@ -161,6 +161,13 @@ def main(argv: list[str] | None = None) -> None:
             raise
         if os.environ.get("RANK", "0") in ("", "0"):  # under torchrun rank 0 says it, not every rank
             print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except RuntimeError as e:  # torch.OutOfMemoryError, or the CPU allocator's
+        problem = out_of_memory(e, argv[0])
+        if problem is None or debug:
+            raise
+        rank = os.environ.get("RANK", "0")  # one rank may run out alone: each says so
+        print(f"error: {'' if rank in ('', '0') else f'rank {rank}: '}{problem}", file=sys.stderr, flush=True)
         sys.exit(2)
     except BrokenPipeError:  # the reader went away (`trainer --help | head`): nothing left to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -88,16 +88,20 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def reduce_step(loss: torch.Tensor, stop: bool) -> tuple[float, bool]:
+def reduce_step(loss: torch.Tensor, stop: bool, grad_norm: torch.Tensor | None = None) \
+        -> tuple[float, bool, float | None]:
     """One collective and one host sync per step: (the mean of every rank's loss, a float64
-    scalar tensor; whether any rank was asked to stop). Every rank then stops at the same
-    step, even when the signal reached them apart."""
-    if not active():
-        return loss.item(), stop
+    scalar tensor; whether any rank was asked to stop; the gradient norm, already the same on
+    every rank, read in the same sync). Every rank then stops at the same step, even when the
+    signal reached them apart."""
     t = torch.stack([loss, torch.tensor(float(stop), dtype=loss.dtype, device=loss.device)])
-    dist.all_reduce(t)
-    loss_mean, any_stop = t.tolist()
-    return loss_mean / dist.get_world_size(), any_stop > 0
+    if active():
+        dist.all_reduce(t)
+    if grad_norm is not None:
+        t = torch.cat([t, grad_norm.detach().reshape(1).to(t.dtype)])
+    values = t.tolist()
+    world = dist.get_world_size() if active() else 1
+    return values[0] / world, stop if not active() else values[1] > 0, values[2] if grad_norm is not None else None
 
 
 def all_sum(values: list[float], device: torch.device) -> list[float]:

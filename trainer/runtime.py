@@ -50,6 +50,18 @@ def configure(device: torch.device, deterministic: bool = False) -> None:
             inductor.deterministic = True
 
 
+def memory_report(device: torch.device) -> str | None:
+    """A CUDA device's memory as the run starts: its size, what is free, and what other processes
+    hold (a vLLM server sharing the GPU takes its --gpu-memory-utilization share). None off CUDA."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    others = total - free - torch.cuda.memory_reserved(device)
+    return (f"{device} ({torch.cuda.get_device_name(device)}): {total / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free; "
+            f"{others / 2**30:.1f} GiB held outside this process's tensors (CUDA contexts, other processes such as a "
+            "server on the same GPU)")
+
+
 def native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); without it torch
     emulates bf16 in float32 and autocast only adds casts."""

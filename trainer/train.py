@@ -203,6 +203,8 @@ def setup(cfg, resume_dir: Path | None, paths: RunPaths) -> tuple[Run, TrainStat
         logging.getLogger("trainer").setLevel(logging.WARNING)  # one voice: rank 0's
     device = distributed.device_for(runtime.pick_device(cfg.run.device))
     runtime.configure(device, cfg.run.deterministic)
+    if report := runtime.memory_report(device):
+        log.info(f"memory: {report}")
     runtime.check_dtype(device, cfg.run.dtype)
     distributed.init(device)  # before the guard: it lets through the rendezvous host only
     if cfg.run.offline:
@@ -317,11 +319,12 @@ def train_step(run: Run, step: int) -> StepResult:
                 loss = lm.lm_loss(run.model, x, y, masked=run.batches.masked) / t.grad_accum
             loss.backward()
         loss_sum += loss.detach().double()
-    loss_sum, stop = distributed.reduce_step(loss_sum, bool(STOP))
+    # clipped before the loss is read, so the loss, the stop flag and the norm come in one host sync
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, run.clip) if run.clip > 0 else None
+    loss_sum, stop, grad_norm = distributed.reduce_step(loss_sum, bool(STOP), grad_norm)
     if not math.isfinite(loss_sum):  # before the update: the weights on disk and in memory stay finite
         raise UserError(f"loss is {loss_sum} at step {step}; lower train.lr, check the data, or check that "
                         "the tokenizer's vocab matches the model (see docs/troubleshooting.md)")
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, run.clip).item() if run.clip > 0 else None
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     return StepResult(loss_sum, lr, grad_norm, stop)

@@ -309,5 +309,5 @@ def test_gpu_check_script_runs_on_the_cpu(tmp_path):
     assert "| grpo local | GRPO, local backend | pass |" in table and "mismatch <=" in table
     assert "| bench | bench/throughput.py, short | skip |" in table
     rows = {r["row"]: r for r in json.loads((out / "gpu-check.json").read_text())["rows"]}
-    assert rows["grpo local"]["status"] == "pass" and len(rows) == 14
+    assert rows["grpo local"]["status"] == "pass" and len(rows) == 15
     assert "-m trainer grpo --config configs/grpo_repeat.yaml" in (out / "gpu-check.log").read_text()

@@ -345,6 +345,13 @@ def checkpoint_empty_manifest_and_bad_latest(ws, tmp, corpus):
     return ["resume", "--run=base", f"--run.out_dir={ws}/volumes", "--extra_steps=2"], {}, ["base", "MANIFEST"]
 
 
+def model_too_large_for_memory(ws, tmp, corpus):
+    """A model whose embedding alone is terabytes: the allocator's error is one line with the fix
+    (a GPU's torch.OutOfMemoryError takes the same path: errors.out_of_memory)."""
+    return _train(ws, corpus, "m1", **{"model.n_embd": 2**28, "model.n_head": 1}), {}, \
+        ["out of host memory", "GiB", "train.batch_size"]
+
+
 CASES = [missing_config, malformed_yaml, yaml_list, unknown_cli_key, unknown_yaml_key, unknown_section,
          unknown_env_key, unknown_env_section, wrong_type_cli, wrong_type_env, wrong_type_yaml,
          missing_corpus, blank_corpus, empty_folder, short_corpus, not_utf8, broken_jsonl, jsonl_no_field,
@@ -354,7 +361,8 @@ CASES = [missing_config, malformed_yaml, yaml_list, unknown_cli_key, unknown_yam
          resume_non_numeric_extra_steps, sample_non_numeric_tokens, sample_negative_top_k, lora_targets_not_in_model,
          model_folder_without_weights, model_folder_broken_config, odd_length_bin, export_onto_a_file,
          export_onto_a_users_folder, resume_on_changed_data, checkpoint_state_with_code,
-         checkpoint_config_with_python_tag, checkpoint_truncated_weights, checkpoint_empty_manifest_and_bad_latest]
+         checkpoint_config_with_python_tag, checkpoint_truncated_weights, checkpoint_empty_manifest_and_bad_latest,
+         model_too_large_for_memory]
 NEEDS_GPT2 = (lora_targets_not_in_model, model_folder_without_weights, model_folder_broken_config)
 
 
