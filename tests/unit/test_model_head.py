@@ -6,8 +6,6 @@ key or let the padding reach the loss fails them."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
