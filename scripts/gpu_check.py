@@ -22,7 +22,8 @@ checks a number, not only an exit code:
 - sample: `trainer sample --device` of that checkpoint on the checked device; text came out.
 - ddp: `trainer train --nproc N`; NCCL with 2 GPUs when there are two, else the torchrun launcher
   with one worker (no process group); on CPU gloo with 2 processes; the world size in manifest.json.
-- gpu tests: `pytest -m gpu tests/grpo/test_device.py`; passes (on CPU every test skips).
+- gpu tests: `pytest -m gpu` on GRPO's device tests, pinned checkpoint buffers and the padded
+  output head (GPU_TESTS); passes (on CPU every test skips).
 - oom: more memory than the device has (a batch on a GPU, a model on a CPU), alone; exit 2 and
   one `ran out of ... memory` line with the figures and the fix, no traceback.
 - bench: bench/throughput.py, few steps (on cuda the GPT-2 124M shape, two rounds), alone at the
@@ -433,9 +434,13 @@ def row_ddp(c: Check, res: Result) -> str:
     return f"{nproc} process(es) via torchrun, {backend}; val {c.losses('ddp')[1][-1]:.2f}"
 
 
+# the files with `gpu` tests this row runs; the resume row covers test_resume_exact's own
+GPU_TESTS = ["tests/grpo/test_device.py", "tests/unit/test_checkpoint.py", "tests/unit/test_model_head.py"]
+
+
 def row_gpu_tests(c: Check, res: Result) -> str:
-    out = c.run(res, [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                      "tests/grpo/test_device.py"], check=False)
+    out = c.run(res, [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *GPU_TESTS],
+                check=False)
     summary = _last_line(out.stdout)
     if out.returncode not in (0, 5):  # 5: nothing collected
         raise Failed(f"pytest -m gpu: {summary}")

@@ -233,3 +233,26 @@ def test_a_tracker_value_of_the_wrong_kind_is_a_corrupt_checkpoint(tmp_path):
     step_dir = ckpt.save_checkpoint(tmp_path, ckpt.step_name(3), model, opt, state, {"step": 3}, "run: {}\n")
     with pytest.raises(UserError, match="tracker.recent"):
         ckpt.resume_training(step_dir, model, opt, {"recent": [], "tokens": 0})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_gpu_models_snapshot_in_pinned_buffers_writes_the_same_bytes(tmp_path):
+    """On a GPU, AsyncSaver.snapshot copies into page-locked buffers with non-blocking copies and
+    one synchronize: every save, the first (buffers allocated) and the next (reused), writes the
+    bytes a plain blocking copy to the CPU gives, and the weights keep changing in between."""
+    model, _ = tiny()
+    model.cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    saver = ckpt.AsyncSaver()
+    for step in (1, 2):
+        model(torch.randint(0, 50, (2, 8), device="cuda"), labels=torch.randint(0, 50, (2, 8), device="cuda")) \
+            .loss.backward()
+        opt.step()
+        expected = ckpt.serialize(model, opt, {ckpt.STEP: step}, {"step": step}, "run: {}\n")
+        snap = saver.snapshot(model, opt, {ckpt.STEP: step}, {"step": step}, "run: {}\n")
+        assert all(t.is_pinned() for t in snap.weights.values())
+        saver.save(tmp_path, ckpt.step_name(step), snap)
+        written = saver.wait()
+        assert {f.name: f.read_bytes() for f in written.iterdir() if f.name != ckpt.MANIFEST} == expected
+    saver.close()

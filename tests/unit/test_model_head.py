@@ -113,3 +113,31 @@ def test_a_vocabulary_already_a_multiple_of_64_is_left_alone(vocab):
     model = llama(vocab)
     head = model.lm_head
     assert M.pad_head(model) == 0 and model.lm_head is head
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_padded_head_on_a_gpu_under_bf16_autocast_matches_the_plain_head():
+    """On CUDA the padded GEMM is another kernel: the logits agree to bf16 rounding, and three
+    training steps end at the same losses to that rounding."""
+    plain, padded = gpt2().cuda(), gpt2().cuda()
+    M.pad_head(padded)
+    x = batch(VOCAB)[0].cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        a, b = plain(input_ids=x).logits.float(), padded(input_ids=x).logits.float()
+    assert b.shape == a.shape and (a - b).abs().max().item() < 5e-2
+
+    def steps(model):
+        optimizer = torch.optim.AdamW(M.param_groups(model, 0.1), lr=1e-2, fused=True)
+        out = []
+        for _ in range(3):
+            x, y = (t.cuda() for t in batch(VOCAB))
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = lm.lm_loss(model, x, y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            out.append(loss.item())
+        return out
+
+    assert steps(padded) == pytest.approx(steps(plain), abs=2e-2)
