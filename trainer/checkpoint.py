@@ -120,11 +120,9 @@ class HostBuffers:
             if not isinstance(x, torch.Tensor):
                 continue
             pin = x.device.type == "cuda"
-            key = (group, i, tuple(x.shape), x.dtype, pin)
-            buf = self._held.get(key)
-            if buf is None:
-                self._held = {k: v for k, v in self._held.items() if k[:2] != (group, i)}  # a reshaped tree
-                buf = self._held[key] = torch.empty(x.shape, dtype=x.dtype, pin_memory=pin)
+            buf = self._held.get((group, i))
+            if buf is None or buf.shape != x.shape or buf.dtype != x.dtype or (pin and not buf.is_pinned()):
+                buf = self._held[group, i] = torch.empty(x.shape, dtype=x.dtype, pin_memory=pin)
             buf.copy_(x.detach(), non_blocking=pin)
             self._copying |= pin
             leaves[i] = buf

@@ -101,7 +101,7 @@ def reduce_step(loss: torch.Tensor, stop: bool, grad_norm: torch.Tensor | None =
         t = torch.cat([t, grad_norm.detach().reshape(1).to(t.dtype)])
     values = t.tolist()
     world = dist.get_world_size() if active() else 1
-    return values[0] / world, stop if not active() else values[1] > 0, values[2] if grad_norm is not None else None
+    return values[0] / world, values[1] > 0, values[2] if grad_norm is not None else None
 
 
 def all_sum(values: list[float], device: torch.device) -> list[float]:

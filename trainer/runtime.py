@@ -23,6 +23,15 @@ def pick_device(name: str) -> torch.device:
 
 
 def configure(device: torch.device, deterministic: bool = False) -> None:
+    """See _configure; on CUDA it then logs the GPU's memory as the run starts (memory_report)."""
+    _configure(device, deterministic)
+    if device.type == "cuda":
+        import logging
+
+        logging.getLogger("trainer").info(f"memory: {memory_report(device)}")
+
+
+def _configure(device: torch.device, deterministic: bool = False) -> None:
     """CUDA: TF32 matmuls and convolutions (float32 work on tensor cores; bf16 autocast covers
     most of the model). CPU: nothing changes, so CPU runs stay bit-exact.
 
@@ -50,11 +59,9 @@ def configure(device: torch.device, deterministic: bool = False) -> None:
             inductor.deterministic = True
 
 
-def memory_report(device: torch.device) -> str | None:
-    """A CUDA device's memory as the run starts: its size, what is free, and what other processes
-    hold (a vLLM server sharing the GPU takes its --gpu-memory-utilization share). None off CUDA."""
-    if device.type != "cuda":
-        return None
+def memory_report(device: torch.device) -> str:
+    """A CUDA device's memory: its size, what is free, and what other processes hold (a vLLM
+    server sharing the GPU takes its --gpu-memory-utilization share)."""
     free, total = torch.cuda.mem_get_info(device)
     others = total - free - torch.cuda.memory_reserved(device)
     return (f"{device} ({torch.cuda.get_device_name(device)}): {total / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free; "

@@ -203,8 +203,6 @@ def setup(cfg, resume_dir: Path | None, paths: RunPaths) -> tuple[Run, TrainStat
         logging.getLogger("trainer").setLevel(logging.WARNING)  # one voice: rank 0's
     device = distributed.device_for(runtime.pick_device(cfg.run.device))
     runtime.configure(device, cfg.run.deterministic)
-    if report := runtime.memory_report(device):
-        log.info(f"memory: {report}")
     runtime.check_dtype(device, cfg.run.dtype)
     distributed.init(device)  # before the guard: it lets through the rendezvous host only
     if cfg.run.offline:

@@ -409,8 +409,6 @@ def setup(cfg, resume_dir: Path | None) -> tuple[GRPORun, GRPOState]:
     cfg = cfg.replace(run=dataclasses.replace(cfg.run, threads=runtime.pin_threads(cfg.run.threads)))
     device = runtime.pick_device(cfg.run.device)
     runtime.configure(device, cfg.run.deterministic)  # CUDA: TF32, and deterministic kernels when asked
-    if report := runtime.memory_report(device):
-        log.info(f"memory: {report}")
     tok = load_tokenizer(cfg)
     eos = tk.eot_id(tok)
     scorer = load_scorer(cfg)
