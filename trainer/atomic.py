@@ -155,6 +155,19 @@ def replace_dir(new: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def remove_dir(path: Path) -> None:
+    """Delete the folder `path` so that a kill leaves it whole or gone from view: it is renamed
+    to a hidden staging name first (what `tidy` clears), then removed. A plain rmtree killed
+    halfway would leave `path` with some of its files, a checkpoint without its MANIFEST."""
+    path = Path(path)
+    hidden = path.parent / f"{_tmp_prefix(path)}{secrets.token_hex(4)}.tmp"
+    try:
+        os.rename(path, hidden)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
 def write_dir(dst: Path, files: dict[str, bytes]) -> None:
     """Replace the folder `dst` with one holding `files` (name -> bytes), written in their
     order and each fsynced: built in a `staging_dir` and put in place by `replace_dir`, so

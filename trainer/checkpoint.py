@@ -393,7 +393,7 @@ def prune(run_dir: Path, keep_last: int, keep: Path | None = None) -> None:
     doomed += [p for p in entries if LEFTOVER.match(p.name) and p.is_dir()
                and (p.suffix == ".tmp" or (p.parent / p.stem).is_dir())]
     for old in doomed:
-        shutil.rmtree(old, ignore_errors=True)  # never follows a symlink out of the run
+        atomic.remove_dir(old)  # a kill leaves it whole or hidden; never follows a symlink out of the run
 
 
 def set_aside_newer(run_dir: Path, step: int) -> None:

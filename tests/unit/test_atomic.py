@@ -81,3 +81,35 @@ def test_a_write_that_cannot_happen_is_one_line_and_keeps_the_old_file(tmp_path)
     with pytest.raises(UserError, match="a_file/s.json"):
         atomic.write_json(tmp_path / "a_file" / "s.json", {"a": 1})
     assert (tmp_path / "a_file").read_text() == "x"
+
+
+def test_prune_killed_mid_delete_leaves_no_checkpoint_half_deleted(tmp_path):
+    """`kill -9` while prune deletes old checkpoints: every step folder still in view is whole
+    (its MANIFEST and every file), the others are gone or hidden, and the next prune clears
+    what the kill left. Checkpoints of many files make the delete long enough to land in."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from trainer import checkpoint as ckpt
+
+    files = {f"f{i:04d}": b"x" * 64 for i in range(1500)}
+    for kill_after in (0.002, 0.01, 0.03):
+        run = tmp_path / f"run-{kill_after}"
+        for step in (1, 2, 3, 4):
+            atomic.write_dir(run / ckpt.step_name(step), {**files, ckpt.MANIFEST: b"{}"})
+        child = subprocess.Popen([sys.executable, "-c", "import sys, pathlib; from trainer import checkpoint as c; "
+                                  "print('ready', flush=True); sys.stdin.readline(); c.prune(pathlib.Path(sys.argv[1]), 1)",
+                                  str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "ready"  # imports done: the kill lands in the delete
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        time.sleep(kill_after)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        for step_dir in ckpt.step_dirs(run):
+            assert sorted(p.name for p in step_dir.iterdir()) == sorted([*files, ckpt.MANIFEST]), step_dir.name
+        assert ckpt.step_name(4) in [d.name for d in ckpt.step_dirs(run)]
+        ckpt.prune(run, 1)
+        assert [p.name for p in run.iterdir()] == [ckpt.step_name(4)]

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,12 +74,14 @@ class Sync:
         return path
 
     def prune(self) -> None:
-        """Keep the newest `keep` versions; listing the folder removes what an earlier (resumed) process left."""
+        """Keep the newest `keep` versions; listing the folder removes what an earlier (resumed) process
+        left, and a kill mid-prune leaves each version whole or hidden (atomic.remove_dir)."""
+        atomic.tidy(self.local_dir)
         mine = re.compile(re.escape(self.prefix) + r"-v(\d+)")
         versions = sorted((p for p in Path(self.local_dir).iterdir() if mine.fullmatch(p.name)),
                           key=lambda p: int(mine.fullmatch(p.name).group(1)))
         for old in versions[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            atomic.remove_dir(old)
 
     def check(self, model, version: int) -> float:
         """Mean |server - trainer| log-prob over the probe; a RolloutError above the tolerance.
