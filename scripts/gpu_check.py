@@ -23,7 +23,7 @@ checks a number, not only an exit code:
 - ddp: `trainer train --nproc N`; NCCL with 2 GPUs when there are two, else the torchrun launcher
   with one worker (no process group); on CPU gloo with 2 processes; the world size in manifest.json.
 - gpu tests: `pytest -m gpu` on GRPO's device tests, pinned checkpoint buffers and the padded
-  output head (GPU_TESTS); passes (on CPU every test skips).
+  output head, the step numbers read without a drain (GPU_TESTS); passes (on CPU every test skips).
 - oom: more memory than the device has (a batch on a GPU, a model on a CPU), alone; exit 2 and
   one `ran out of ... memory` line with the figures and the fix, no traceback.
 - bench: bench/throughput.py, few steps (on cuda the GPT-2 124M shape, two rounds), alone at the
@@ -435,7 +435,8 @@ def row_ddp(c: Check, res: Result) -> str:
 
 
 # the files with `gpu` tests this row runs; the resume row covers test_resume_exact's own
-GPU_TESTS = ["tests/grpo/test_device.py", "tests/unit/test_checkpoint.py", "tests/unit/test_model_head.py"]
+GPU_TESTS = ["tests/grpo/test_device.py", "tests/unit/test_checkpoint.py", "tests/unit/test_model_head.py",
+             "tests/unit/test_step_numbers.py"]
 
 
 def row_gpu_tests(c: Check, res: Result) -> str:

@@ -88,20 +88,41 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def reduce_step(loss: torch.Tensor, stop: bool, grad_norm: torch.Tensor | None = None) \
-        -> tuple[float, bool, float | None]:
-    """One collective and one host sync per step: (the mean of every rank's loss, a float64
-    scalar tensor; whether any rank was asked to stop; the gradient norm, already the same on
-    every rank, read in the same sync). Every rank then stops at the same step, even when the
-    signal reached them apart."""
-    t = torch.stack([loss, torch.tensor(float(stop), dtype=loss.dtype, device=loss.device)])
+def reduce_step(loss: torch.Tensor, stop: bool, grad_norm: torch.Tensor | None = None) -> StepNumbers:
+    """One collective per step, queued, not waited for: the mean of every rank's loss (a float64
+    scalar tensor), whether any rank was asked to stop, and the gradient norm (already the same
+    on every rank), read together by `StepNumbers.read`. Every rank reads the same stop flag for
+    the same step, so every rank stops at the same step, even when the signal reached them apart."""
+    flag = torch.full((), float(stop), dtype=loss.dtype, device=loss.device)  # a fill: no copy from the host
+    t = torch.stack([loss, flag])
     if active():
         dist.all_reduce(t)
     if grad_norm is not None:
         t = torch.cat([t, grad_norm.detach().reshape(1).to(t.dtype)])
-    values = t.tolist()
-    world = dist.get_world_size() if active() else 1
-    return values[0] / world, values[1] > 0, values[2] if grad_norm is not None else None
+    return StepNumbers(t, dist.get_world_size() if active() else 1, grad_norm is not None)
+
+
+class StepNumbers:
+    """A step's loss, stop flag and gradient norm on their way to the host. On a GPU the copy
+    goes into page-locked memory behind the step's kernels and `read` waits for that copy
+    alone, not for work queued after it: the GPU runs the next step while the host reads."""
+
+    def __init__(self, t: torch.Tensor, world: int, has_norm: bool):
+        self.world, self.has_norm, self.copied = world, has_norm, None
+        if t.device.type == "cuda":
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.host.copy_(t, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        else:
+            self.host = t
+
+    def read(self) -> tuple[float, bool, float | None]:
+        """(mean loss, stop, grad norm or None): the step's one host sync."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        values = self.host.tolist()
+        return values[0] / self.world, values[1] > 0, values[2] if self.has_norm else None
 
 
 def all_sum(values: list[float], device: torch.device) -> list[float]:

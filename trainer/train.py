@@ -14,7 +14,11 @@ its checkpoints and each rank restores its own. A stop signal is all-reduced wit
 loss, so every rank stops after the same step and rank 0 saves it.
 
 The loop is `setup` (everything before step 1), then per step `train_step`, `evaluate`,
-`Progress.log` and `save`, with the loop's own numbers in a `TrainState`.
+`Progress.log` and `save`, with the loop's own numbers in a `TrainState`. A step's numbers
+(loss, gradient norm, stop flag) are read one step late, while the next step runs, so a GPU
+never waits for the host between steps; a step that is saved, evaluated or the last is read
+at once, so no checkpoint holds an update whose loss was not finite, and a stop lands at most
+one step after the signal.
 """
 
 from __future__ import annotations
@@ -292,17 +296,36 @@ class StepResult:
     loss: float  # mean over the global batch
     lr: float
     grad_norm: float | None
-    stop: bool  # some rank was asked to stop: every rank stops after this step
+    stop: bool  # some rank was asked to stop: every rank stops after the step that reads it
 
 
-def train_step(run: Run, step: int) -> StepResult:
-    """One optimizer step on the global batch. The gradient is all-reduced by DDP in the last
-    micro-batch's backward (no_sync before it); the loss and the stop flag in one collective."""
+@dataclasses.dataclass
+class QueuedStep:
+    """A step whose work is queued (on a GPU it may still be running) and whose numbers have not
+    been read. The loop reads them one step late, while the next step runs, and at once where
+    the step is saved, evaluated or the last (`due`)."""
+
+    step: int
+    lr: float
+    numbers: distributed.StepNumbers
+
+    def result(self) -> StepResult:
+        loss, stop, grad_norm = self.numbers.read()
+        if not math.isfinite(loss):  # read before any save: no checkpoint holds this update
+            raise UserError(f"loss is {loss} at step {self.step}; lower train.lr, check the data, or check that "
+                            "the tokenizer's vocab matches the model (see docs/troubleshooting.md)")
+        return StepResult(loss, self.lr, grad_norm, stop)
+
+
+def train_step(run: Run, step: int) -> QueuedStep:
+    """One optimizer step on the global batch, queued without a host sync. The gradient is
+    all-reduced by DDP in the last micro-batch's backward (no_sync before it); the loss and the
+    stop flag in one collective."""
     t = run.cfg.train
     lr = lr_at(step, t)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    # the loss stays on the device until the step's one collective: no host sync per micro-batch
+    # the loss stays on the device until the step is read: no host sync per micro-batch
     # (float64, added in micro-batch order: the same number as adding the Python floats)
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
     cuda = run.device.type == "cuda"
@@ -317,21 +340,21 @@ def train_step(run: Run, step: int) -> StepResult:
                 loss = lm.lm_loss(run.model, x, y, masked=run.batches.masked) / t.grad_accum
             loss.backward()
         loss_sum += loss.detach().double()
-    # clipped before the loss is read, so the loss, the stop flag and the norm come in one host sync
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, run.clip) if run.clip > 0 else None
-    loss_sum, stop, grad_norm = distributed.reduce_step(loss_sum, bool(STOP), grad_norm)
-    if not math.isfinite(loss_sum):  # before the update: the weights on disk and in memory stay finite
-        raise UserError(f"loss is {loss_sum} at step {step}; lower train.lr, check the data, or check that "
-                        "the tokenizer's vocab matches the model (see docs/troubleshooting.md)")
+    numbers = distributed.reduce_step(loss_sum, bool(STOP), grad_norm)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_sum, lr, grad_norm, stop)
+    return QueuedStep(step, lr, numbers)
+
+
+def evaluation_due(t, step: int) -> bool:
+    return bool(t.eval_interval and step % t.eval_interval == 0) or step == t.max_steps
 
 
 def evaluate(run: Run, state: TrainState, step: int) -> float | None:
     """The val loss at eval_interval steps and the last one (every rank joins: it is all-reduced)."""
     t = run.cfg.train
-    if not ((t.eval_interval and step % t.eval_interval == 0) or step == t.max_steps):
+    if not evaluation_due(t, step):
         return None
     val = lm.estimate_loss(run.module, run.batches, t.eval_iters, run.device, run.cfg.run.dtype)
     state.last_val = val
@@ -424,25 +447,39 @@ def _train(cfg, resume_dir: Path | None, paths: RunPaths) -> dict:
     cfg, t = run.cfg, run.cfg.train
     progress = Progress(run, state.step)
     saver = ckpt.AsyncSaver()
+
+    def record(step: int, result: StepResult, val: float | None = None) -> bool:
+        state.record(result.loss, run.tokens_per_step)
+        progress.log(step, result, val, state.tokens)
+        return result.stop
+
     # from here a signal only sets STOP: the step finishes, a checkpoint is saved, exit 0
     with STOP.polling("finishing this step and saving a checkpoint"):
         try:
+            queued = None  # the last step run whose numbers are not read yet
             while state.step < t.max_steps:
                 step = state.step = state.step + 1
-                result = train_step(run, step)
-                state.record(result.loss, run.tokens_per_step)
+                running, stop = train_step(run, step), False
+                if queued is not None:  # the step before, read while this one runs
+                    stop = record(queued.step, queued.result())
+                queued = running
+                periodic = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
+                if not (stop or periodic or step == t.max_steps or evaluation_due(t, step)):
+                    continue
+                # a step saved, evaluated or the last is read at once
+                result = queued.result()
+                stop, queued = stop or result.stop, None
                 val = evaluate(run, state, step)
-                progress.log(step, result, val, state.tokens)
+                record(step, result, val)
                 if val is not None and (state.best_val is None or val < state.best_val):
                     state.best_val = val
-                periodic = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
-                if result.stop or periodic or step == t.max_steps:
-                    reason = (f"signal {STOP.name or 'SIGTERM'}" if result.stop else "end" if step == t.max_steps
+                if stop or periodic or step == t.max_steps:
+                    reason = (f"signal {STOP.name or 'SIGTERM'}" if stop else "end" if step == t.max_steps
                               else "interval")
                     # best/ is the best of the saved checkpoints: those whose step was also evaluated
                     is_best = cfg.checkpoint.best and val is not None and val == state.best_val
                     save(run, state, saver, reason, {"step": step, "val_loss": val} if is_best else None)
-                if result.stop:
+                if stop:
                     saver.close()
                     progress.close()
                     distributed.barrier()  # every rank leaves once rank 0's checkpoint is complete

@@ -111,3 +111,23 @@ def test_lora_run_exports_a_peft_adapter_and_merges(tmp_path, corpus_dir, gpt2_d
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, local_files_only=True).eval()
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, adapted, atol=1e-4)
+
+
+@pytest.mark.parametrize("interval", [1, 3])
+def test_a_diverging_loss_ends_the_run_before_a_checkpoint_holds_it(tmp_path, corpus_dir, interval):
+    """lr 1e30: step 1's update makes step 2's loss NaN. A step's loss is read one step late
+    unless the step is saved (interval 1: step 2 is read at once; interval 3: step 2 is read
+    while step 3 runs, before step 3 is saved): either way the run ends with one line naming
+    step 2, and every checkpoint left is whole and finite, none past step 1."""
+    proc = run_cli(["train", *tiny_args(corpus_dir, tmp_path, "diverge", **{
+        "train.lr": 1e30, "train.warmup_steps": 0, "checkpoint.interval": interval})], cwd=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "Traceback" not in proc.stderr
+    assert "loss is nan at step 2; lower train.lr" in proc.stderr
+    run_dir = tmp_path / "volumes" / "checkpoints" / "diverge"
+    assert [d.name for d in ckpt.step_dirs(run_dir)] == ([ckpt.step_name(1)] if interval == 1 else [])
+    for step_dir in ckpt.step_dirs(run_dir):
+        model, _, _, _ = runs.restore(step_dir)
+        assert all(torch.isfinite(p).all() for p in model.parameters()), step_dir
+    rows = read_rows(tmp_path / "volumes" / "metrics" / "diverge" / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == [1]
