@@ -15,6 +15,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from pathlib import Path
 
 from trainer.errors import UserError
@@ -165,7 +166,37 @@ def remove_dir(path: Path) -> None:
         os.rename(path, hidden)
     except FileNotFoundError:
         return
-    shutil.rmtree(hidden, ignore_errors=True)
+    if os.path.isdir(hidden) and not os.path.islink(hidden):
+        shutil.rmtree(hidden, ignore_errors=True)
+    else:  # a symlink or file in a folder's place: removed itself, never what it points to
+        with contextlib.suppress(OSError):
+            os.unlink(hidden)
+
+
+SMALL_FILE_LIMIT = 16 << 20  # a manifest, a pointer, a config, a lock: kilobytes; more is damage
+
+
+def read_small(path: Path, limit: int = SMALL_FILE_LIMIT) -> bytes:
+    """The bytes of a small file that may be damaged or planted. Only a regular file is read:
+    a symlink, FIFO, device or directory in its place raises OSError (O_NOFOLLOW | O_NONBLOCK:
+    nothing is followed, nothing blocks), and so does a file larger than `limit`. A missing
+    file raises FileNotFoundError, as `open` does."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit:,} bytes", str(path))
+    return data
+
+
+def parse_json(data: bytes | str):
+    """json.loads where every failure is a ValueError (nesting too deep raises RecursionError)."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def write_dir(dst: Path, files: dict[str, bytes]) -> None:

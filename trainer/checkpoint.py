@@ -71,9 +71,10 @@ DATA, THREADS, WORLD = "data", "threads", "world_size"  # prepared files' sha256
 
 REQUIRED = (CONFIG, STATE, TRAINER_STATE, OPTIMIZER)  # plus MODEL, or ADAPTER + ADAPTER_CONFIG
 KNOWN = {MODEL, ADAPTER, ADAPTER_CONFIG, OPTIMIZER, STATE, TRAINER_STATE, CONFIG, TOKENIZER}
-STEP_DIR = re.compile(r"^(step|iter)_(\d+)$")  # completed checkpoints; best/, final/, export_* are not
-LEFTOVER = re.compile(r"^(step|iter)_(\d+)\.(tmp|old)$")  # what a save killed by Airlock before 2026-12 left
-ABANDONED = re.compile(r"^(step|iter)_(\d+)\.abandoned(?:\.(\d+))?$")  # set aside by a resume from older
+STEP_LIMIT = 10**12  # steps (iterations) a checkpoint may hold: 12 digits at most
+STEP_DIR = re.compile(r"^(step|iter)_([0-9]{1,12})$")  # completed checkpoints; best/, final/, export_* are not
+LEFTOVER = re.compile(r"^(step|iter)_([0-9]{1,12})\.(tmp|old)$")  # what a save killed by Airlock before 2026-12 left
+ABANDONED = re.compile(r"^(step|iter)_([0-9]{1,12})\.abandoned(?:\.([0-9]+))?$")  # set aside by a resume from older
 FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # what a manifest may name: no paths, no odd bytes
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -335,16 +336,11 @@ def read_latest(run_dir: Path) -> tuple[str | None, str | None]:
     kind = _not_a_file(pointer)
     if kind:
         return None, f"`latest` is {kind}, not a file"
-    try:
-        # O_NOFOLLOW | O_NONBLOCK: a symlink or FIFO put there since the lstat fails or shows, never blocks
-        fd = os.open(pointer, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                return None, "`latest` is not a file"
-            name = f.read(4096).decode("utf-8").strip()  # a step dir name is a few bytes; more is damage
+    try:  # a symlink or FIFO put there since the lstat is refused, never followed or waited on
+        name = atomic.read_small(pointer, 4096).decode("utf-8").strip()  # a step dir name is a few bytes
     except FileNotFoundError:
         return None, None
-    except (OSError, UnicodeDecodeError) as e:  # unreadable, a symlink put there since, not text
+    except (OSError, UnicodeDecodeError) as e:  # unreadable, not a file, too large, not text
         return None, f"`latest` is unreadable ({reason(e)})"
     if not STEP_DIR.match(name):  # never a path: `../x` must not lead a reader out of the run
         return None, f"`latest` names {name[:60]!r}, which is not a step directory"
@@ -365,12 +361,18 @@ def listdir(path: Path) -> list[Path]:
 
 def _rank(path: Path) -> tuple[int, ...]:
     """step_000300 -> (300,); step_000300.abandoned.2 -> (300, 2): sorts by step, then by age."""
-    return tuple(int(n) for n in re.findall(r"\d+", path.name))
+    return tuple(int(n) for n in re.findall(r"[0-9]+", path.name))
+
+
+def _step_entries(run_dir: Path) -> list[Path]:
+    """Whatever bears a step/iter directory's name: a folder, or damage (a file, a symlink)."""
+    return [p for p in listdir(run_dir) if STEP_DIR.match(p.name)]
 
 
 def step_dirs(run_dir: Path) -> list[Path]:
-    """Completed step/iter directories, newest first."""
-    return sorted((p for p in listdir(run_dir) if STEP_DIR.match(p.name) and p.is_dir()), key=_rank, reverse=True)
+    """Completed step/iter directories, newest first: real folders in the run, never a symlink
+    (followed, it could lead out of the run or nowhere)."""
+    return sorted((p for p in _step_entries(run_dir) if p.is_dir() and not p.is_symlink()), key=_rank, reverse=True)
 
 
 def has_checkpoints(run_dir: Path) -> bool:
@@ -398,9 +400,11 @@ def prune(run_dir: Path, keep_last: int, keep: Path | None = None) -> None:
 
 def set_aside_newer(run_dir: Path, step: int) -> None:
     """Resuming from an older checkpoint abandons the steps saved after it: rename them to
-    <name>.abandoned (never loaded; pruned first), so pruning and `find_valid` follow the new branch."""
+    <name>.abandoned (never loaded; pruned first), so pruning and `find_valid` follow the new branch.
+    Whatever else bears a newer step's name (a file, a symlink) is set aside the same way, before
+    a step is trained, so the save of that step finds its name free."""
     with lock_run(run_dir):
-        for newer in step_dirs(run_dir):
+        for newer in sorted(_step_entries(run_dir), key=_rank, reverse=True):
             if int(STEP_DIR.match(newer.name).group(2)) > step:
                 target, n = newer.with_name(newer.name + ".abandoned"), 1
                 while os.path.lexists(target):  # an earlier abandoned branch reached this step too: keep both
@@ -415,7 +419,7 @@ def _manifest_files(step_dir: Path) -> tuple[dict, str | None]:
     """MANIFEST.json's {file: {sha256, bytes}} when it is well formed and lists every file a
     checkpoint cannot be without, else ({}, what is wrong)."""
     try:
-        manifest = json.loads((step_dir / MANIFEST).read_bytes())
+        manifest = atomic.parse_json(atomic.read_small(step_dir / MANIFEST))
     except FileNotFoundError:
         return {}, "no MANIFEST.json (the save did not finish)"
     except (OSError, ValueError) as e:
@@ -469,7 +473,7 @@ def _check_contents(step_dir: Path, files: dict) -> str | None:
     key = "iteration" if step_dir.name.startswith("iter_") else "step"  # what resume reads back
 
     def wrong_step(value) -> bool:
-        return type(value) is not int or number not in (None, value)
+        return type(value) is not int or not 0 <= value < STEP_LIMIT or number not in (None, value)
 
     for fname in sorted(files):
         path = step_dir / fname
@@ -488,11 +492,11 @@ def _check_contents(step_dir: Path, files: dict) -> str | None:
                     return f"{OPTIMIZER} is not an optimizer state dict"
                 del opt  # unmap now
             elif fname == CONFIG:
-                cfg = _load_yaml(path.read_bytes().decode("utf-8"))
+                cfg = _load_yaml(atomic.read_small(path).decode("utf-8"))
                 if not isinstance(cfg, dict) or not all(isinstance(v, dict) for v in cfg.values()):
                     return f"{CONFIG} is not a mapping of config sections"
             elif fname in (TRAINER_STATE, ADAPTER_CONFIG):
-                doc = json.loads(path.read_bytes())
+                doc = atomic.parse_json(atomic.read_small(path))
                 if not isinstance(doc, dict):
                     return f"{fname} is not a JSON object"
                 if fname == TRAINER_STATE and wrong_step(doc.get(key)):
@@ -558,7 +562,7 @@ def corrupt(step_dir: Path, problem: str) -> UserError:
 def read_config(step_dir: Path):
     """config.yaml as parsed YAML (runs.saved_config makes it a Config)."""
     try:
-        return _load_yaml((Path(step_dir) / CONFIG).read_bytes().decode("utf-8"))
+        return _load_yaml(atomic.read_small(Path(step_dir) / CONFIG).decode("utf-8"))
     except (OSError, UnicodeDecodeError) as e:
         raise corrupt(step_dir, f"{CONFIG} is unreadable ({reason(e)})") from None
     except Exception as e:  # yaml's errors: changed since `verify` parsed it
@@ -567,7 +571,7 @@ def read_config(step_dir: Path):
 
 def read_trainer_state(step_dir: Path) -> dict:
     try:
-        doc = json.loads((Path(step_dir) / TRAINER_STATE).read_bytes())
+        doc = atomic.parse_json(atomic.read_small(Path(step_dir) / TRAINER_STATE))
     except (OSError, ValueError) as e:
         raise corrupt(step_dir, f"{TRAINER_STATE} is unreadable ({reason(e)})") from None
     if not isinstance(doc, dict):
@@ -744,8 +748,15 @@ def mirror(step_dir: Path, mirror_run_dir: Path, keep_last: int = 0) -> None:
 
 
 def storage_report(run_dir: Path) -> str:
-    """'3 checkpoints, 12.1 MB each, 36.3 MB in all' for the log."""
-    sizes = [sum(f.stat().st_size for f in listdir(d)) for d in step_dirs(run_dir)]
+    """'3 checkpoints, 12.1 MB each, 36.3 MB in all' for the log. Sizes by lstat, and a file
+    that vanishes or cannot be looked at counts 0: a report never fails a save."""
+    def size(path: Path) -> int:
+        try:
+            return path.lstat().st_size
+        except OSError:
+            return 0
+
+    sizes = [sum(size(f) for f in listdir(d)) for d in step_dirs(run_dir)]
     if not sizes:
         return "no checkpoints"
     return f"{len(sizes)} checkpoint(s) kept, {sizes[0] / 1e6:.1f} MB each, {sum(sizes) / 1e6:.1f} MB in all"

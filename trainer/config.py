@@ -56,6 +56,7 @@ def above(lo) -> Range:
 
 
 PROB = Range(0, 1, hi_open=True)  # a dropout probability, a beta
+STEPS = Range(1, 10**12 - 1, why="a checkpoint's step has at most 12 digits")  # checkpoint.STEP_LIMIT
 SEED = Range(0, 2**63 - 1)  # what torch, numpy's SeedSequence and Python's random all accept
 # what a resume may do with a key: change it freely (lengths, intervals, logging), change it at the
 # cost of bit-exactness ("inexact": the numbers differ from an uninterrupted run), or not at all
@@ -87,7 +88,7 @@ class RunConfig:
                           resume="inexact")
     deterministic: bool = field(False, "CUDA: deterministic kernels, so resume is bit-exact there too (slower); "
                                        "CPU always is")
-    threads: int = field(0, "torch intra-op threads; 0 keeps torch's default", range=atleast(0), resume="inexact")
+    threads: int = field(0, "torch intra-op threads; 0 keeps torch's default", range=Range(0, 4096), resume="inexact")
     dtype: str = field("auto", "matmul dtype (autocast; weights stay float32): auto = bf16 on CUDA, fp32 on CPU | "
                                "fp32 | bf16 (on a CPU fast only with native bf16: AVX512-BF16 or AMX)",
                        choices=("auto", "fp32", "bf16"), resume="inexact")
@@ -148,7 +149,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     # max_steps is inexact: the cosine schedule depends on the length (for_resume lets a constant one go)
-    max_steps: int = field(200, "optimizer steps", range=atleast(1), resume="inexact")
+    max_steps: int = field(200, "optimizer steps", range=STEPS, resume="inexact")
     batch_size: int = field(16, "sequences per micro-batch", range=atleast(1), resume="inexact")
     grad_accum: int = field(1, "micro-batches per optimizer step", range=atleast(1), resume="inexact")
     lr: float = field(1e-3, "peak learning rate", range=above(0), resume="inexact")
@@ -230,7 +231,7 @@ class GRPOConfig:
     # rollouts: who samples, how many, and how
     backend: str = field("local", "local (sample with the policy) | openai (a vLLM-compatible server at server.url)",
                          choices=("local", "openai"))
-    iterations: int = field(20, "rollout -> train -> eval -> checkpoint cycles", range=atleast(1))
+    iterations: int = field(20, "rollout -> train -> eval -> checkpoint cycles", range=STEPS)
     prompts_per_iter: int = field(16, "problems per iteration (B)", range=atleast(1))
     group_size: int = field(8, "completions per problem (G >= 2)",
                             range=atleast(2, why="GRPO compares completions of one prompt"))

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from trainer import checkpoint as ckpt
-from trainer import data, metrics
+from trainer import atomic, data, metrics
 from trainer import model as models
 from trainer.errors import UserError
 from trainer import runs
@@ -41,7 +41,7 @@ EVENTS_DIR = "eval"  # in metrics/<run>/: the evaluator's event files, a TensorB
 
 
 def _manifest_sha(step_dir: Path) -> str:
-    return hashlib.sha256((step_dir / ckpt.MANIFEST).read_bytes()).hexdigest()
+    return hashlib.sha256(atomic.read_small(step_dir / ckpt.MANIFEST)).hexdigest()
 
 
 def done(metrics_dir: Path) -> set[tuple[str, str]]:

@@ -15,12 +15,17 @@ import csv
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import socket
 import sys
 import time
 from pathlib import Path
+
+from trainer import atomic
+
+log = logging.getLogger("trainer")
 
 TRAIN_FIELDS = ("step", "loss", "val_loss", "lr", "grad_norm", "tokens", "tok_per_s", "samples_per_s", "elapsed_s")
 
@@ -83,7 +88,7 @@ def read_jsonl(path: Path) -> list[dict]:
     rows = []
     for line in Path(path).read_text(errors="replace").splitlines():
         try:
-            row = json.loads(line)
+            row = atomic.parse_json(line)
         except ValueError:
             continue
         if isinstance(row, dict):
@@ -325,37 +330,58 @@ def mfu_meter(model, device, block_size: int, world: int = 1):
     return lambda tok_per_s: tok_per_s * per_token / (peak * 1e12 * world)
 
 
+def _number(value) -> float | None:
+    """A finite number from a CSV cell or a JSON value; None for anything else (damage, blanks)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
 def plot_loss(metrics_dir: Path, out: Path | None = None) -> Path | None:
-    """loss.png: train loss per step, val loss at eval steps, and evaluator rows if any."""
+    """loss.png: train loss per step, val loss at eval steps, and evaluator rows if any. A
+    convenience: rows that are not numbers are left out, and a plot that cannot be written is a
+    warning (the numbers are in metrics.csv), never the end of the command. -> the file or None."""
     metrics_dir = Path(metrics_dir)
     rows = read_rows(metrics_dir / "metrics.csv")
-    if not rows or "loss" not in rows[0]:
+
+    def points(rows, x: str, y: str) -> list[tuple[float, float]]:
+        found = ((_number(r.get(x)), _number(r.get(y))) for r in rows)
+        return [(a, b) for a, b in found if a is not None and b is not None]
+
+    train = points(rows, "step", "loss")
+    if not train:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [int(r["step"]) for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    ax.plot(steps, [float(r["loss"]) for r in rows], lw=0.8, alpha=0.8, label="train loss")
-    val = [(int(r["step"]), float(r["val_loss"])) for r in rows if r.get("val_loss")]
+    val = points(rows, "step", "val_loss")
     evals = metrics_dir / "eval.jsonl"
     if evals.exists():
-        val += [(e["step"], e["val_loss"]) for e in read_jsonl(evals)
-                if e.get("val_loss") is not None and e.get("step") is not None]
-    if val:
-        val = sorted(dict(val).items())
-        ax.plot([s for s, _ in val], [v for _, v in val], "o-", ms=3, label="val loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(metrics_dir.name)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+        val += points(read_jsonl(evals), "step", "val_loss")
     out = Path(out or metrics_dir / "loss.png")
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+        ax.plot([s for s, _ in train], [v for _, v in train], lw=0.8, alpha=0.8, label="train loss")
+        if val:
+            val = sorted(dict(val).items())
+            ax.plot([s for s, _ in val], [v for _, v in val], "o-", ms=3, label="val loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.set_title(metrics_dir.name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        tmp = out.with_name(out.stem + ".tmp.png")
+        fig.savefig(tmp)
+        plt.close(fig)
+        os.replace(tmp, out)
+    except OSError as e:
+        log.warning(f"could not write {out} ({e.strerror or e}); the numbers are in {metrics_dir / 'metrics.csv'}")
+        return None
     return out

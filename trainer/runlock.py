@@ -6,11 +6,13 @@ never blocks, and its text only names the holder."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import os
 import socket
+import stat
 import sys
 import threading
 import time
@@ -92,7 +94,7 @@ def _lock_held(lock_file: Path) -> bool:
 
 def _probe(lock_file: Path) -> bool:
     try:
-        fd = os.open(lock_file, os.O_RDONLY | os.O_CLOEXEC)
+        fd = _open_lock(lock_file, os.O_RDONLY)
     except OSError:
         return False
     try:
@@ -111,13 +113,29 @@ def holder(run_dir: Path) -> str | None:
     if not _lock_held(lock_file):
         return None
     try:
-        fd = os.open(lock_file, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = _open_lock(lock_file, os.O_RDONLY)
     except OSError:
         return "holder unknown"
     try:
         return _holder(fd)
     finally:
         os.close(fd)
+
+
+def _open_lock(path, flags: int) -> int:
+    """The lock file's descriptor; OSError where something else stands in its place: a symlink
+    is never followed (the lock is written to) and a FIFO never waited on."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EISDIR):
+            kind = "a symbolic link" if e.errno == errno.ELOOP else "a directory"
+            raise OSError(errno.EINVAL, f"is {kind}, not a file", str(path)) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "is not a regular file", str(path))
+    return fd
 
 
 def lock_run(run_dir: Path) -> RunLock:
@@ -127,12 +145,12 @@ def lock_run(run_dir: Path) -> RunLock:
     try:
         created = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
-        key = os.path.realpath(run_dir / LOCK)
+        key = os.path.join(os.path.realpath(run_dir), LOCK)  # the folder resolved, never the lock itself
         with _held_guard:
             if key in _held:  # this process is the writer already
                 _held[key][1] += 1
                 return RunLock(key, run_dir)
-            fd = os.open(key, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = _open_lock(key, os.O_RDWR | os.O_CREAT)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -157,4 +175,7 @@ def lock_run(run_dir: Path) -> RunLock:
             _held[key] = [fd, 1, created]
             return RunLock(key, run_dir)
     except OSError as e:
+        if e.errno == errno.EINVAL:  # something planted in the lock's place: not Airlock's to delete
+            raise UserError(f"cannot lock run {run_dir}: {run_dir / LOCK} {e.strerror}; move it away, then run "
+                            "this command again") from None
         raise UserError(f"cannot lock run {run_dir} ({e.strerror or e}); check that the folder is writable") from None

@@ -221,6 +221,15 @@ def negative_threads(ws, tmp, corpus):
     return _train(ws, corpus, "e2", **{"run.threads": -2}), {}, ["run.threads", "-2"]
 
 
+def threads_past_any_machine(ws, tmp, corpus):
+    return _train(ws, corpus, "e5", **{"run.threads": 10**12}), {}, ["run.threads", str(10**12)]
+
+
+def steps_past_a_checkpoint_name(ws, tmp, corpus):
+    # a step folder's name holds 12 digits: a longer run could never be saved or resumed
+    return _train(ws, corpus, "e6", **{"train.max_steps": 10**12}), {}, ["train.max_steps", str(10**12)]
+
+
 def repeated_override(ws, tmp, corpus):
     return [*_train(ws, corpus, "e3"), "--train.max_steps=3", "--train.max_steps=5"], {}, ["train.max_steps", "twice"]
 
@@ -357,7 +366,8 @@ CASES = [missing_config, malformed_yaml, yaml_list, unknown_cli_key, unknown_yam
          missing_corpus, blank_corpus, empty_folder, short_corpus, not_utf8, broken_jsonl, jsonl_no_field,
          token_ids_over_vocab, model_vocab_too_small, resume_no_runs, resume_only_checkpoint_corrupt,
          resume_changed_architecture, out_dir_under_file, prepared_dir_under_file,
-         bad_sample_value_in_train, prompt_with_no_tokens, negative_threads, repeated_override, stray_positional,
+         bad_sample_value_in_train, prompt_with_no_tokens, negative_threads, threads_past_any_machine,
+         steps_past_a_checkpoint_name, repeated_override, stray_positional,
          resume_non_numeric_extra_steps, sample_non_numeric_tokens, sample_negative_top_k, lora_targets_not_in_model,
          model_folder_without_weights, model_folder_broken_config, odd_length_bin, export_onto_a_file,
          export_onto_a_users_folder, resume_on_changed_data, checkpoint_state_with_code,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 
 import pytest
@@ -106,6 +107,13 @@ DAMAGE = {
     "manifest_without_optimizer": lambda d, mark: ((d / ckpt.OPTIMIZER).unlink(),
                                                    edit_manifest(d, lambda m: drop(m, ckpt.OPTIMIZER))),
     "manifest_without_tokenizer": lambda d, mark: edit_manifest(d, lambda m: drop(m, ckpt.TOKENIZER)),
+    # a reader must neither block, nor read without end, nor recurse out of the stack
+    "manifest_a_fifo": lambda d, mark: ((d / ckpt.MANIFEST).unlink(), os.mkfifo(d / ckpt.MANIFEST)),
+    "manifest_a_symlink_to_a_device": lambda d, mark: ((d / ckpt.MANIFEST).unlink(),
+                                                       (d / ckpt.MANIFEST).symlink_to("/dev/zero")),
+    "manifest_nested_too_deeply": lambda d, mark: (d / ckpt.MANIFEST).write_text("[" * 100_000 + "]" * 100_000),
+    "trainer_state_nested_too_deeply": lambda d, mark: put(d, ckpt.TRAINER_STATE, b"[" * 100_000 + b"]" * 100_000),
+    "config_a_symlink": lambda d, mark: ((d / ckpt.CONFIG).unlink(), (d / ckpt.CONFIG).symlink_to("/dev/zero")),
 }
 
 
@@ -175,3 +183,41 @@ def test_restore_reports_an_unusable_tokenizer_in_one_line(tmp_path):
     step_dir = save(tmp_path, 1, model, opt)  # its tokenizer.json is valid JSON but no tokenizer
     assert ckpt.verify(step_dir) is None
     assert ckpt.TOKENIZER in one_line_user_error(lambda: runs.restore(step_dir))
+
+
+def test_a_step_number_past_the_limit_is_no_checkpoint(tmp_path):
+    """Step numbers have 12 digits at most: a folder, `latest` or state.pt naming a larger step
+    (damage, or a planted checkpoint) is never resumed, where its number would overflow later."""
+    model, opt = tiny()
+    good = save(tmp_path, 1, model, opt)
+    huge = tmp_path / ckpt.step_name(10**20)
+    shutil.copytree(good, huge)
+    (tmp_path / ckpt.LATEST).write_text(huge.name + "\n")
+    assert ckpt.step_dirs(tmp_path) == [good] and ckpt.latest_name(tmp_path) is None
+    assert ckpt.find_valid(tmp_path) == good
+    put(good, ckpt.TRAINER_STATE, json.dumps({"step": 10**20}).encode())
+    assert "does not hold step" in ckpt.verify(good)
+
+
+def test_planted_entries_never_fail_a_save_or_lead_out_of_the_run(tmp_path, caplog):
+    """A dangling symlink inside an older checkpoint does not fail the next save's report; a
+    symlink with a newer step's name is set aside before that step is trained (the save then
+    finds its name free); a symlink with a step's name is never a checkpoint."""
+    model, opt = tiny()
+    save(tmp_path, 1, model, opt)
+    older = save(tmp_path, 2, model, opt)
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    shutil.copytree(older, outside / ckpt.step_name(5))
+    (older / "notes.txt").symlink_to(tmp_path / "nowhere")
+    (tmp_path / ckpt.step_name(4)).symlink_to(tmp_path / "nowhere")
+    (tmp_path / ckpt.step_name(5)).symlink_to(outside / ckpt.step_name(5))
+    before = {p.name: p.read_bytes() for p in (outside / ckpt.step_name(5)).iterdir()}
+    assert [d.name for d in ckpt.step_dirs(tmp_path)] == [ckpt.step_name(2), ckpt.step_name(1)]
+    assert "2 checkpoint(s) kept" in ckpt.storage_report(tmp_path)
+    with caplog.at_level("WARNING", logger="trainer"):
+        ckpt.set_aside_newer(tmp_path, 2)
+    assert "step_000004 belongs to the abandoned continuation" in caplog.text
+    saved = save(tmp_path, 4, model, opt)  # keep_last 0: nothing pruned
+    assert ckpt.verify(saved) is None and ckpt.find_valid(tmp_path) == saved
+    # what the planted link pointed to is untouched
+    assert {p.name: p.read_bytes() for p in (outside / ckpt.step_name(5)).iterdir()} == before

@@ -106,3 +106,22 @@ def test_run_folder_names_what_locate_reads(tmp_path, monkeypatch):
     assert runs.run_folder(out_dir=str(tmp_path)) == root / "a"
     with runlock.lock_run(runs.run_folder(run="a", out_dir=str(tmp_path))):
         assert runs.locate(run="a", out_dir=str(tmp_path)) == step
+
+
+def test_a_planted_lock_is_refused_and_what_it_points_to_is_untouched(tmp_path):
+    """A symlink or folder in the lock's place: the lock is written to, so following the link
+    would write elsewhere. One line names it and the fix; nothing outside the run changes."""
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep me\n")
+    linked, folder = tmp_path / "linked", tmp_path / "folder"
+    linked.mkdir()
+    (linked / runlock.LOCK).symlink_to(outside)
+    (folder / runlock.LOCK).mkdir(parents=True)
+    for run_dir, kind in ((linked, "symbolic link"), (folder, "directory")):
+        with pytest.raises(UserError) as refused:
+            runlock.lock_run(run_dir)
+        message = str(refused.value)
+        assert str(run_dir / runlock.LOCK) in message and kind in message and "move it away" in message
+        assert "\n" not in message
+        assert runlock.holder(run_dir) is None
+    assert outside.read_text() == "keep me\n" and (linked / runlock.LOCK).is_symlink()

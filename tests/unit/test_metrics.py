@@ -23,3 +23,18 @@ def test_resume_truncates_past_the_checkpoint_and_skips_a_torn_line(tmp_path):
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 6
     assert plot_loss(tmp_path).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_plot_skips_damaged_rows_and_an_unwritable_plot_is_only_a_warning(tmp_path, caplog):
+    m = Metrics(tmp_path)
+    for step in range(1, 5):
+        m.log({"step": step, "loss": 1.0 / step})
+    m.close()
+    (tmp_path / "eval.jsonl").write_text('{"step": "x", "val_loss": 0.6}\n{"step": 2, "val_loss": "nan"}\n'
+                                         '{"step": 3, "val_loss": 0.4}\n' + "[" * 100_000 + "\n")
+    assert plot_loss(tmp_path).read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "loss.png").unlink()
+    (tmp_path / "loss.png").mkdir()  # in the way: os.replace cannot put the plot there
+    assert plot_loss(tmp_path) is None
+    assert "could not write" in caplog.text and "metrics.csv" in caplog.text
+    assert [int(r["step"]) for r in read_rows(tmp_path / "metrics.csv")] == [1, 2, 3, 4]
