@@ -1,8 +1,11 @@
 """The padded output head (model.pad_head, which train.setup applies on CUDA): the GEMM runs on
-rows padded to a multiple of 64, and nothing else may change. On the CPU the padded and the
-plain head give bit-identical logits, gradients, training steps and checkpoints, so these tests
-compare exactly; a head that kept the padded rows, untied the embedding, renamed a state-dict
-key or let the padding reach the loss fails them."""
+rows padded to a multiple of 64, and nothing else may change. The padding adds only zeros, but
+a reduction over the vocabulary then runs in other blocks: on an AVX2 CPU the two heads train
+bit-identically, on an AVX-512/AMX one their gradients part at float32 rounding (~1e-7 of their
+size; AdamW's steps carry a near-zero gradient's rounding into the weights). So
+gradients and training are compared to that rounding, and checkpoints of the same weights
+byte for byte; a head that kept the padded rows, untied the embedding, renamed a state-dict
+key or let the padding reach the loss misses by orders of magnitude more."""
 
 from __future__ import annotations
 
@@ -53,6 +56,22 @@ def train(model, vocab: int, steps: int = 3, masked: bool = False) -> list[float
     return losses
 
 
+def assert_trains_alike(padded, plain, vocab: int, masked: bool = False) -> None:
+    """The same gradients at the first step and the same three AdamW steps, to float32 rounding."""
+    for model in (padded, plain):
+        lm.lm_loss(model, *batch(vocab, masked), masked=masked).backward()
+    for (name, a), (_, b) in zip(padded.named_parameters(), plain.named_parameters(), strict=True):
+        if a.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}'s gradient: {m}")
+    for model in (padded, plain):
+        model.zero_grad(set_to_none=True)
+    assert train(padded, vocab, masked=masked) == pytest.approx(train(plain, vocab, masked=masked), rel=1e-5)
+    # AdamW moves a weight by about lr (1e-2) whatever its gradient's size, so where a gradient is
+    # ~0 its rounding can move the weight by a fraction of lr; a wrong head moves them all by ~lr
+    for (name, a), (_, b) in zip(padded.state_dict().items(), plain.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-3, msg=lambda m: f"{name}: {m}")
+
+
 def test_gpt2_head_is_padded_to_a_multiple_of_64_and_stays_tied():
     model = gpt2()
     keys = list(model.state_dict())
@@ -68,17 +87,17 @@ def test_gpt2_head_is_padded_to_a_multiple_of_64_and_stays_tied():
 def test_padded_head_trains_exactly_as_the_plain_one(masked):
     plain, padded = gpt2(), gpt2()
     M.pad_head(padded)
-    assert train(padded, VOCAB, masked=masked) == train(plain, VOCAB, masked=masked)
-    assert M.weights_sha256(padded) == M.weights_sha256(plain)
+    assert_trains_alike(padded, plain, VOCAB, masked=masked)
 
 
 def test_checkpoint_of_a_padded_model_is_byte_identical_and_loads_into_a_plain_one():
     plain, padded = gpt2(), gpt2()
-    M.pad_head(padded)
     train(plain, VOCAB, steps=1)
+    padded.load_state_dict(plain.state_dict())
+    M.pad_head(padded)
+    padded(input_ids=batch(VOCAB)[0])  # a forward through the padded head changes nothing saved
     opt_plain = torch.optim.AdamW(M.param_groups(plain, 0.1))
     opt_padded = torch.optim.AdamW(M.param_groups(padded, 0.1))
-    train(padded, VOCAB, steps=1)
     args = ({ckpt.STEP: 1}, {"step": 1}, "run: {}\n")
     assert ckpt.serialize(padded, opt_padded, *args) == ckpt.serialize(plain, opt_plain, *args)
     fresh = gpt2()
@@ -91,14 +110,14 @@ def test_lora_gpt2_pads_its_frozen_head_and_trains_as_before():
                              "model.lora_dropout": 0.0})
     plain, padded = M.add_lora(gpt2(), cfg.model), M.add_lora(gpt2(), cfg.model)
     assert M.pad_head(padded) == 50304
-    assert train(padded, VOCAB) == train(plain, VOCAB)
+    assert_trains_alike(padded, plain, VOCAB)
 
 
 def test_untied_llama_head_pads_and_keeps_its_own_weight():
     plain, padded = llama(), llama()
     assert M.pad_head(padded) == 1024
     assert padded.lm_head.weight is not padded.model.embed_tokens.weight
-    assert train(padded, 1000) == train(plain, 1000)
+    assert_trains_alike(padded, plain, 1000)
 
 
 @pytest.mark.parametrize("vocab", [1024, 32000])
