@@ -84,14 +84,20 @@ def compute_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
 
 
 def check_dtype(device: torch.device, dtype: str) -> None:
-    """Warn once where run.dtype=bf16 will crawl: a CPU without native bf16 emulates it (a
-    512x768x3072 matmul ran at 0.9 GFLOP/s against 67 in float32 on an AVX2-only EPYC)."""
-    if compute_dtype(device, dtype) == torch.bfloat16 and device.type == "cpu" and not native_bf16():
-        import logging
+    """Warn where run.dtype=bf16 will crawl: a CPU without native bf16 emulates it (a
+    512x768x3072 matmul ran at 0.9 GFLOP/s against 67 in float32 on an AVX2-only EPYC). Where
+    a CPU has it and auto keeps float32, say once what bf16 would give (docs/config.md)."""
+    if device.type != "cpu":
+        return
+    import logging
 
-        logging.getLogger("trainer").warning(
-            "run.dtype=bf16, but this CPU has no native bf16 (AVX512-BF16 or AMX): torch emulates it, many times "
-            "slower than float32; use run.dtype=auto or fp32 here")
+    log = logging.getLogger("trainer")
+    if compute_dtype(device, dtype) == torch.bfloat16 and not native_bf16():
+        log.warning("run.dtype=bf16, but this CPU has no native bf16 (AVX512-BF16 or AMX): torch emulates it, many "
+                    "times slower than float32; use run.dtype=auto or fp32 here")
+    elif dtype == "auto" and native_bf16():
+        log.info("this CPU multiplies bf16 natively: run.dtype=bf16 can train faster here (1.1x on configs/default.yaml, "
+                 "1.8x at 6 layers x 384), with the same val loss and bit-exact resume (docs/config.md)")
 
 
 def autocast(device: torch.device, dtype: str = "auto"):

@@ -207,7 +207,6 @@ def setup(cfg, resume_dir: Path | None, paths: RunPaths) -> tuple[Run, TrainStat
         logging.getLogger("trainer").setLevel(logging.WARNING)  # one voice: rank 0's
     device = distributed.device_for(runtime.pick_device(cfg.run.device))
     runtime.configure(device, cfg.run.deterministic)
-    runtime.check_dtype(device, cfg.run.dtype)
     distributed.init(device)  # before the guard: it lets through the rendezvous host only
     if cfg.run.offline:
         offline.go_offline(allow_hosts=[h for h in [distributed.master_host()] if h])
@@ -267,6 +266,7 @@ def setup(cfg, resume_dir: Path | None, paths: RunPaths) -> tuple[Run, TrainStat
              f"({trainable:,} trainable), vocab {meta['vocab_size']}, block {block_size}, device {device}"
              f"{f' x {r.world} processes' if r.world > 1 else ''}; {t.max_steps} steps x "
              f"{r.world * t.batch_size * t.grad_accum} sequences; grad clip {clip}")
+    runtime.check_dtype(device, cfg.run.dtype)  # once the run is accepted: a refused one leaves its log alone
     info = provenance(cfg, meta, device, cfg.model, r.world)
     if r.writer:
         atomic.write_json(paths.metrics / "manifest.json", info)
