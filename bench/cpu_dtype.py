@@ -1,6 +1,6 @@
 """The main job in float32 and in bf16 autocast on this CPU: tokens/s and the val loss it reaches.
 
-    python bench/cpu_dtype.py                        # configs/default.yaml, 1,200 steps each (~15 min on 2 cores)
+    python bench/cpu_dtype.py                        # configs/default.yaml, 1,200 steps each (~10 min on 2 cores)
     python bench/cpu_dtype.py --steps 200 --dtypes fp32,bf16
     python bench/cpu_dtype.py --steps 60 --model.n_layer=6 --model.n_embd=384   # any config override
 

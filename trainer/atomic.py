@@ -176,12 +176,15 @@ def remove_dir(path: Path) -> None:
 SMALL_FILE_LIMIT = 16 << 20  # a manifest, a pointer, a config, a lock: kilobytes; more is damage
 
 
-def read_small(path: Path, limit: int = SMALL_FILE_LIMIT) -> bytes:
-    """The bytes of a small file that may be damaged or planted. Only a regular file is read:
-    a symlink, FIFO, device or directory in its place raises OSError (O_NOFOLLOW | O_NONBLOCK:
-    nothing is followed, nothing blocks), and so does a file larger than `limit`. A missing
-    file raises FileNotFoundError, as `open` does."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+def read_small(path: Path, limit: int = SMALL_FILE_LIMIT, follow: bool = True) -> bytes:
+    """The bytes of a small file that may be damaged or planted. Only a regular file is read: a
+    FIFO, device or directory in its place raises OSError (O_NONBLOCK: nothing blocks), and so
+    does a file larger than `limit`. A symlink to a regular file is read as the file (a
+    checkpoint copied with `cp -rs` or checked out by git-annex, whose large files are followed
+    too); with follow=False a symlink raises OSError (ELOOP). A missing file raises
+    FileNotFoundError, as `open` does."""
+    nofollow = 0 if follow else os.O_NOFOLLOW
+    fd = os.open(path, os.O_RDONLY | nofollow | os.O_NONBLOCK | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))

@@ -337,7 +337,7 @@ def read_latest(run_dir: Path) -> tuple[str | None, str | None]:
     if kind:
         return None, f"`latest` is {kind}, not a file"
     try:  # a symlink or FIFO put there since the lstat is refused, never followed or waited on
-        name = atomic.read_small(pointer, 4096).decode("utf-8").strip()  # a step dir name is a few bytes
+        name = atomic.read_small(pointer, 4096, follow=False).decode("utf-8").strip()  # a step dir name: a few bytes
     except FileNotFoundError:
         return None, None
     except (OSError, UnicodeDecodeError) as e:  # unreadable, not a file, too large, not text

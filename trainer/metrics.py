@@ -11,6 +11,7 @@ drops every point at or past that step from the older files, as metrics.csv drop
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import json
@@ -360,13 +361,14 @@ def plot_loss(metrics_dir: Path, out: Path | None = None) -> Path | None:
     if evals.exists():
         val += points(read_jsonl(evals), "step", "val_loss")
     out = Path(out or metrics_dir / "loss.png")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    tmp = out.with_name(out.stem + ".tmp.png")
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
         ax.plot([s for s, _ in train], [v for _, v in train], lw=0.8, alpha=0.8, label="train loss")
         if val:
             val = sorted(dict(val).items())
@@ -377,11 +379,13 @@ def plot_loss(metrics_dir: Path, out: Path | None = None) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        tmp = out.with_name(out.stem + ".tmp.png")
         fig.savefig(tmp)
-        plt.close(fig)
         os.replace(tmp, out)
     except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
         log.warning(f"could not write {out} ({e.strerror or e}); the numbers are in {metrics_dir / 'metrics.csv'}")
         return None
+    finally:
+        plt.close(fig)  # the evaluator draws one per checkpoint in one process
     return out

@@ -75,8 +75,10 @@ def _lock_held(lock_file: Path) -> bool:
     even shared and for a moment, could make a starting writer refuse the run. Where
     /proc/locks cannot be read (not Linux), a non-blocking shared flock probes it."""
     try:
-        st = os.stat(lock_file)
+        st = os.lstat(lock_file)  # a symlink is no lock of this run's, whatever it points to
     except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
         return False
     try:
         table = Path("/proc/locks").read_text()
@@ -122,19 +124,23 @@ def holder(run_dir: Path) -> str | None:
         os.close(fd)
 
 
+class NotALock(OSError):
+    """Something other than a regular file stands where the lock file goes."""
+
+
 def _open_lock(path, flags: int) -> int:
-    """The lock file's descriptor; OSError where something else stands in its place: a symlink
+    """The lock file's descriptor; NotALock where something else stands in its place: a symlink
     is never followed (the lock is written to) and a FIFO never waited on."""
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.EISDIR):
             kind = "a symbolic link" if e.errno == errno.ELOOP else "a directory"
-            raise OSError(errno.EINVAL, f"is {kind}, not a file", str(path)) from None
+            raise NotALock(errno.EINVAL, f"is {kind}, not a file", str(path)) from None
         raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise OSError(errno.EINVAL, "is not a regular file", str(path))
+        raise NotALock(errno.EINVAL, "is not a regular file", str(path))
     return fd
 
 
@@ -175,7 +181,7 @@ def lock_run(run_dir: Path) -> RunLock:
             _held[key] = [fd, 1, created]
             return RunLock(key, run_dir)
     except OSError as e:
-        if e.errno == errno.EINVAL:  # something planted in the lock's place: not Airlock's to delete
+        if isinstance(e, NotALock):  # something planted in the lock's place: not Airlock's to delete
             raise UserError(f"cannot lock run {run_dir}: {run_dir / LOCK} {e.strerror}; move it away, then run "
                             "this command again") from None
         raise UserError(f"cannot lock run {run_dir} ({e.strerror or e}); check that the folder is writable") from None

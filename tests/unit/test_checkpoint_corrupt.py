@@ -195,8 +195,27 @@ def test_a_step_number_past_the_limit_is_no_checkpoint(tmp_path):
     (tmp_path / ckpt.LATEST).write_text(huge.name + "\n")
     assert ckpt.step_dirs(tmp_path) == [good] and ckpt.latest_name(tmp_path) is None
     assert ckpt.find_valid(tmp_path) == good
-    put(good, ckpt.TRAINER_STATE, json.dumps({"step": 10**20}).encode())
-    assert "does not hold step" in ckpt.verify(good)
+    best = tmp_path / "best"  # a folder whose name holds no step: the bound alone refuses the number
+    shutil.copytree(good, best)
+    put(best, ckpt.TRAINER_STATE, json.dumps({"step": 10**12 - 1}).encode())
+    assert ckpt.verify(best) is None
+    put(best, ckpt.TRAINER_STATE, json.dumps({"step": 10**12}).encode())
+    assert "does not hold step (a number)" in ckpt.verify(best)
+
+
+def test_a_checkpoint_copied_as_symlinks_verifies(tmp_path):
+    """`cp -rs` of a run, or a git-annex / DVC checkout: every file a symlink to a regular file
+    with the same bytes. Small files are followed as the large ones are (only a FIFO, a device
+    or an oversized file in a small file's place is damage)."""
+    model, opt = tiny()
+    good = save(tmp_path / "run", 1, model, opt)
+    linked = tmp_path / "linked" / good.name
+    linked.mkdir(parents=True)
+    for f in good.iterdir():
+        (linked / f.name).symlink_to(f)
+    assert ckpt.verify(linked) is None
+    assert ckpt.find_valid(linked.parent) == linked
+    assert ckpt.read_trainer_state(linked)["step"] == 1
 
 
 def test_planted_entries_never_fail_a_save_or_lead_out_of_the_run(tmp_path, caplog):

@@ -125,3 +125,8 @@ def test_a_planted_lock_is_refused_and_what_it_points_to_is_untouched(tmp_path):
         assert "\n" not in message
         assert runlock.holder(run_dir) is None
     assert outside.read_text() == "keep me\n" and (linked / runlock.LOCK).is_symlink()
+    held, pointing = tmp_path / "held", tmp_path / "pointing"  # a link to another run's live lock
+    pointing.mkdir()
+    with runlock.lock_run(held):
+        (pointing / runlock.LOCK).symlink_to(held / runlock.LOCK)
+        assert runlock.holder(held) is not None and runlock.holder(pointing) is None

@@ -37,4 +37,8 @@ def test_the_plot_skips_damaged_rows_and_an_unwritable_plot_is_only_a_warning(tm
     (tmp_path / "loss.png").mkdir()  # in the way: os.replace cannot put the plot there
     assert plot_loss(tmp_path) is None
     assert "could not write" in caplog.text and "metrics.csv" in caplog.text
+    assert not (tmp_path / "loss.tmp.png").exists()
+    import matplotlib.pyplot as plt
+
+    assert plt.get_fignums() == []  # the evaluator draws one per checkpoint: none may stay open
     assert [int(r["step"]) for r in read_rows(tmp_path / "metrics.csv")] == [1, 2, 3, 4]
