@@ -59,8 +59,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         results = {d: run(args.config, args.steps, Path(tmp), d, overrides) for d in args.dtypes.split(",")}
     load1 = os.getloadavg()[0]
-    print(f"config {args.config} {' '.join(overrides)}, {args.steps} steps, {os.cpu_count()} CPUs, native bf16: {runtime.native_bf16()}; "
-          f"load: {load0:.2f} before, {load1:.2f} after (1-minute average)")
+    print(f"config {args.config} {' '.join(overrides)}, {args.steps} steps, {os.cpu_count()} CPUs, "
+          f"native bf16: {runtime.native_bf16()}; load: {load0:.2f} before, {load1:.2f} after (1-minute average)")
     base = next(iter(results.values()))
     evals = sorted(set.intersection(*(set(r["val"]) for r in results.values())))
     shown = [s for s in evals if s in (evals[0], evals[len(evals) // 2], evals[-1])] if evals else []

@@ -176,18 +176,34 @@ def remove_dir(path: Path) -> None:
 SMALL_FILE_LIMIT = 16 << 20  # a manifest, a pointer, a config, a lock: kilobytes; more is damage
 
 
+class NotAFile(OSError):
+    """Something other than a regular file stands at a path: a directory, a FIFO, a device, or
+    a symlink where none may be followed."""
+
+
+def open_file(path, flags: int = os.O_RDONLY, follow: bool = True) -> int:
+    """A descriptor of the regular file at `path`, which may be damaged or planted; NotAFile
+    where anything else stands there (O_NONBLOCK: a FIFO is never waited on). follow=False: a
+    symlink is NotAFile too (for a file that is written, or that names a path). With O_CREAT a
+    missing file is made 0644; otherwise a missing one raises FileNotFoundError, as `open` does."""
+    try:
+        fd = os.open(path, flags | (0 if follow else os.O_NOFOLLOW) | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if (e.errno == errno.ELOOP and not follow) or e.errno == errno.EISDIR:
+            kind = "a directory" if e.errno == errno.EISDIR else "a symbolic link"
+            raise NotAFile(errno.EINVAL, f"is {kind}, not a file", str(path)) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotAFile(errno.EINVAL, "is not a regular file", str(path))
+    return fd
+
+
 def read_small(path: Path, limit: int = SMALL_FILE_LIMIT, follow: bool = True) -> bytes:
-    """The bytes of a small file that may be damaged or planted. Only a regular file is read: a
-    FIFO, device or directory in its place raises OSError (O_NONBLOCK: nothing blocks), and so
-    does a file larger than `limit`. A symlink to a regular file is read as the file (a
-    checkpoint copied with `cp -rs` or checked out by git-annex, whose large files are followed
-    too); with follow=False a symlink raises OSError (ELOOP). A missing file raises
-    FileNotFoundError, as `open` does."""
-    nofollow = 0 if follow else os.O_NOFOLLOW
-    fd = os.open(path, os.O_RDONLY | nofollow | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
+    """The bytes of a small regular file (open_file), OSError for one larger than `limit`. A
+    symlink to a regular file is read as the file (a checkpoint copied with `cp -rs` or checked
+    out by git-annex, whose large files are followed too) unless follow=False."""
+    with os.fdopen(open_file(path, follow=follow), "rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:
         raise OSError(errno.EFBIG, f"larger than {limit:,} bytes", str(path))

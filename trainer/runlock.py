@@ -6,7 +6,6 @@ never blocks, and its text only names the holder."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import logging
@@ -18,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+from trainer import atomic
 from trainer.errors import UserError
 
 log = logging.getLogger("trainer")
@@ -96,7 +96,7 @@ def _lock_held(lock_file: Path) -> bool:
 
 def _probe(lock_file: Path) -> bool:
     try:
-        fd = _open_lock(lock_file, os.O_RDONLY)
+        fd = atomic.open_file(lock_file, follow=False)
     except OSError:
         return False
     try:
@@ -115,33 +115,13 @@ def holder(run_dir: Path) -> str | None:
     if not _lock_held(lock_file):
         return None
     try:
-        fd = _open_lock(lock_file, os.O_RDONLY)
+        fd = atomic.open_file(lock_file, follow=False)
     except OSError:
         return "holder unknown"
     try:
         return _holder(fd)
     finally:
         os.close(fd)
-
-
-class NotALock(OSError):
-    """Something other than a regular file stands where the lock file goes."""
-
-
-def _open_lock(path, flags: int) -> int:
-    """The lock file's descriptor; NotALock where something else stands in its place: a symlink
-    is never followed (the lock is written to) and a FIFO never waited on."""
-    try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        if e.errno in (errno.ELOOP, errno.EISDIR):
-            kind = "a symbolic link" if e.errno == errno.ELOOP else "a directory"
-            raise NotALock(errno.EINVAL, f"is {kind}, not a file", str(path)) from None
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise NotALock(errno.EINVAL, "is not a regular file", str(path))
-    return fd
 
 
 def lock_run(run_dir: Path) -> RunLock:
@@ -156,7 +136,7 @@ def lock_run(run_dir: Path) -> RunLock:
             if key in _held:  # this process is the writer already
                 _held[key][1] += 1
                 return RunLock(key, run_dir)
-            fd = _open_lock(key, os.O_RDWR | os.O_CREAT)
+            fd = atomic.open_file(key, os.O_RDWR | os.O_CREAT, follow=False)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -181,7 +161,7 @@ def lock_run(run_dir: Path) -> RunLock:
             _held[key] = [fd, 1, created]
             return RunLock(key, run_dir)
     except OSError as e:
-        if isinstance(e, NotALock):  # something planted in the lock's place: not Airlock's to delete
+        if isinstance(e, atomic.NotAFile):  # something planted in the lock's place: not Airlock's to delete
             raise UserError(f"cannot lock run {run_dir}: {run_dir / LOCK} {e.strerror}; move it away, then run "
                             "this command again") from None
         raise UserError(f"cannot lock run {run_dir} ({e.strerror or e}); check that the folder is writable") from None
