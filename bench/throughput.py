@@ -75,7 +75,7 @@ import torch
 
 from trainer import checkpoint as ckpt
 from trainer import config as configs
-from trainer import data, metrics, runtime
+from trainer import data, metrics, profiling, runtime
 from trainer import model as models
 from trainer import train as loop
 from trainer.lm import lm_loss
@@ -127,6 +127,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--deterministic", action="store_true",
                    help="CUDA: every loop with deterministic kernels (run.deterministic=true); its cost is this "
                         "run's tok/s against one without it")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after the timed rounds, one more trainer run (compiled with --compile) that traces N steps\n"
+                        "after the warm-up with torch.profiler (profile.steps); prints its table of ops")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's dense bf16 peak, for MFU; default from the GPU's name (H100 SXM, H200: 989)")
     known, _ = p.parse_known_args(argv)
@@ -151,10 +154,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def make_config(args, work: Path, run_name: str, compile: bool = False) -> configs.Config:
+def make_config(args, work: Path, run_name: str, compile: bool = False, profile: int = 0) -> configs.Config:
     """The one config every loop uses; eval, sample, export and checkpoints are off so the
-    trainer's loop does only what the bare loop does, plus its own bookkeeping."""
+    trainer's loop does only what the bare loop does, plus its own bookkeeping. `profile`: steps
+    traced after the warm-up (trainer/profiling.py)."""
     return configs.build(overrides={
+        "profile.steps": min(profile, args.steps - args.warmup), "profile.start": args.warmup,
         "run.name": run_name, "run.out_dir": str(work / "volumes"), "run.seed": args.seed, "run.device": args.device,
         "run.threads": args.threads, "run.compile": compile, "run.deterministic": args.deterministic,
         "run.dtype": args.dtype,
@@ -561,7 +566,20 @@ def bench(args, work: Path) -> dict:
         result["modes"][mode] = fig
     if cuda or args.compile or args.peak_tflops:
         side_by_side(result["modes"], modes, kinds, all_saves, total, peak, peak_from, args)
+    if args.profile:
+        result["profile"] = str(profile_trainer(args, work, modes[-1] == "compiled"))
     return result
+
+
+def profile_trainer(args, work: Path, compiled: bool) -> Path:
+    """One more trainer run with profile.steps: prints the table it writes; returns its path."""
+    if compiled:
+        torch._dynamo.reset()
+    cfg = make_config(args, work, "bench-profile", compiled, profile=args.profile)
+    run_trainer(cfg)
+    table = next(profiling.folder(RunPaths.of(cfg).metrics).glob("steps_*.txt"))
+    print(f"\ntrainer{' compiled' if compiled else ''}, {table}:\n{table.read_text()}", flush=True)
+    return table
 
 
 def side_by_side(figs: dict, modes, kinds, all_saves: dict, total: int, peak, peak_from: str, args) -> None:

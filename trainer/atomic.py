@@ -33,8 +33,11 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _tmp_prefix(dst: Path) -> str:
-    return f".{dst.name}{TMP_TAG}"
+def temp_path(dst: Path, kind: str = "tmp") -> Path:
+    """A fresh hidden name beside `dst` for its temp file ("tmp") or parked old version ("old"):
+    `tidy` knows these names and clears what a kill left."""
+    dst = Path(dst)
+    return dst.parent / f".{dst.name}{TMP_TAG}{secrets.token_hex(4)}.{kind}"
 
 
 def advice(e: OSError, space: str = "free disk space") -> str:
@@ -80,7 +83,7 @@ def replace_file(path: Path, data: bytes) -> None:
     """Replace `path` with `data`: temp file in the same folder, fsync, rename, fsync the folder.
     An error is the OSError itself (the old file stays, the temp file is removed)."""
     path = Path(path)
-    tmp = path.parent / f"{_tmp_prefix(path)}{secrets.token_hex(4)}.tmp"
+    tmp = temp_path(path)
     try:
         _write_synced(tmp, data)
         os.replace(tmp, path)
@@ -112,7 +115,7 @@ def staging_dir(dst: Path):
     tidy(dst.parent, dst.name)  # a kill may have fallen between replace_dir's renames
     # mkdir with a random name (exclusive, like mkdtemp) keeps the umask's mode: mkdtemp's 0700
     # would hide the image's build-time corpora and exports from other users of the volume
-    tmp = dst.parent / f"{_tmp_prefix(dst)}{secrets.token_hex(4)}.tmp"
+    tmp = temp_path(dst)
     tmp.mkdir()
     try:
         yield tmp
@@ -143,7 +146,7 @@ def replace_dir(new: Path, dst: Path) -> None:
     else:
         old = None
         if dst.exists():
-            old = dst.parent / f"{_tmp_prefix(dst)}{secrets.token_hex(4)}.old"
+            old = temp_path(dst, "old")
             os.rename(dst, old)
         try:
             os.rename(new, dst)
@@ -161,7 +164,7 @@ def remove_dir(path: Path) -> None:
     to a hidden staging name first (what `tidy` clears), then removed. A plain rmtree killed
     halfway would leave `path` with some of its files, a checkpoint without its MANIFEST."""
     path = Path(path)
-    hidden = path.parent / f"{_tmp_prefix(path)}{secrets.token_hex(4)}.tmp"
+    hidden = temp_path(path)
     try:
         os.rename(path, hidden)
     except FileNotFoundError:

@@ -179,6 +179,16 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class ProfileConfig:
+    """`trainer train` traces a window of steps with torch.profiler ([gpu.md](gpu.md#where-the-time-goes))"""
+    steps: int = field(0, "train: steps traced with torch.profiler into metrics/<run>/profile/ (0 = off)",
+                       range=Range(0, 100, why="a trace of more steps is too large to open"))
+    start: int = field(5, "train: steps this process runs before the traced ones (compilation and the allocator "
+                          "settle)", range=atleast(0))
+    memory: bool = field(False, "train: also record each op's shapes and memory (a larger trace)")
+
+
+@dataclass(frozen=True)
 class SampleConfig:
     prompt: str = field("", '"" = "QUESTION: " for gpt2, the start token for from-scratch')
     max_new_tokens: int = field(300, "tokens generated", range=atleast(1))
@@ -278,6 +288,7 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    profile: ProfileConfig = dataclasses.field(default_factory=ProfileConfig)
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     server: ServerConfig = dataclasses.field(default_factory=ServerConfig)

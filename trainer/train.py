@@ -39,7 +39,7 @@ import torch
 
 from trainer import checkpoint as ckpt
 from trainer import config as configs
-from trainer import atomic, data, distributed, lm, metrics, offline, runlock, runtime
+from trainer import atomic, data, distributed, lm, metrics, offline, profiling, runlock, runtime
 from trainer import model as models
 from trainer import tokenizer as tk
 from trainer.errors import UserError
@@ -447,6 +447,7 @@ def _train(cfg, resume_dir: Path | None, paths: RunPaths) -> dict:
     cfg, t = run.cfg, run.cfg.train
     progress = Progress(run, state.step)
     saver = ckpt.AsyncSaver()
+    profiler = profiling.StepProfiler(cfg.profile, run.device, paths.metrics, run.ranks.rank, run.ranks.writer)
 
     def record(step: int, result: StepResult, val: float | None = None) -> bool:
         state.record(result.loss, run.tokens_per_step)
@@ -460,6 +461,7 @@ def _train(cfg, resume_dir: Path | None, paths: RunPaths) -> dict:
             while state.step < t.max_steps:
                 step = state.step = state.step + 1
                 running, stop = train_step(run, step), False
+                profiler.step(step)
                 if queued is not None:  # the step before, read while this one runs
                     stop = record(queued.step, queued.result())
                 queued = running
@@ -499,6 +501,7 @@ def _train(cfg, resume_dir: Path | None, paths: RunPaths) -> dict:
         finally:
             saver.close()  # a pending write finishes (or raises its error) before anything else
             progress.close()
+            profiler.close()  # a window cut short is written for the steps it holds
         distributed.barrier()
         if not run.ranks.writer:
             return {"run": cfg.run.name, "step": state.step}
