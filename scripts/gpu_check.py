@@ -28,7 +28,8 @@ checks a number, not only an exit code:
   one `ran out of ... memory` line with the figures and the fix, no traceback.
 - bench: bench/throughput.py, few steps (on cuda the GPT-2 124M shape, two rounds), alone at the
   end; trainer and bare loop losses identical (on cuda: within twice the bare loop's own
-  round-to-round difference, as GPU kernels without run.deterministic are not reproducible).
+  round-to-round difference, as GPU kernels without run.deterministic are not reproducible); then
+  one trainer run profiled over 3 steps (--profile 3), whose table of kernels goes to the log.
 
 Writes gpu-check.md (the table), gpu-check.json and gpu-check.log (every command and its
 output) under --out (default $OUT when set, else gpu-check-out/) and exits 1 if any row failed.
@@ -454,13 +455,17 @@ def row_bench(c: Check, res: Result) -> str:
     # on a GPU two rounds: losses there may differ run to run, and the bench measures by how much
     rounds = "2" if c.cuda else "1"
     out = c.run(res, [sys.executable, str(ROOT / "bench" / "throughput.py"), "--device", c.device, "--rounds", rounds,
-                      "--skip-hf", "--saves", "1", "--dir", str(c.work / "bench"), *c.size["bench"]]).stdout
+                      "--skip-hf", "--saves", "1", "--profile", "3", "--dir", str(c.work / "bench"),
+                      *c.size["bench"]]).stdout
     if "every round: yes" not in out and "loops agree within" not in out:
         raise Failed("the trainer's and the bare loop's losses differ (see the log)")
     rate = re.search(rf"round {rounds}/{rounds} tok/s: trainer ([\d,]+)\s+bare ([\d,]+)", out)
     mfu = re.search(r"^trainer\s+[\d,]+\s+([\d.]+)%", out, re.M)  # the GPU table: tok/s, MFU, memory
+    busy = re.search(r"^(?:GPU kernels|ops on the host): ([\d.]+) ms per step", out, re.M)  # the profile's table
+    if not busy:
+        raise Failed("bench --profile printed no profile table (see the log)")
     figure = f"trainer {rate.group(1)} tok/s, bare {rate.group(2)}" if rate else "ran"
-    return figure + (f", MFU {mfu.group(1)} %" if mfu else "")
+    return figure + (f", MFU {mfu.group(1)} %" if mfu else "") + f"; profiled: {busy.group(1)} ms/step busy"
 
 
 def row_oom(c: Check, res: Result) -> str:
