@@ -37,7 +37,7 @@ def test_a_profiled_run_writes_its_window_and_changes_no_number(corpus_dir, tmp_
     assert "trace: steps_000003-000005.rank0.json.gz" in table
     line = next(li for li in traced.stdout.splitlines() if li.startswith("profile of "))
     assert re.match(r"profile of steps 3-5 on cpu: [\d.]+ ms/step wall, [\d.]+ ms/step busy on the host; "
-                    r"largest: aten::", line), line
+                    r"largest: .+ \d+%", line), line  # a tiny model's largest may be AdamW's own Python
 
     events = json.loads(gzip.decompress((folder / "steps_000003-000005.rank0.json.gz").read_bytes()))["traceEvents"]
     steps_traced = {e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")}
