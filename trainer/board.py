@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from trainer import checkpoint as ckpt
-from trainer import metrics, runlock
+from trainer import atomic, metrics, runlock
 from trainer.errors import UserError
 from trainer.runs import RunPaths
 
@@ -75,7 +75,7 @@ def _config(paths: RunPaths) -> dict:
 
     for path in (paths.metrics / ckpt.CONFIG, paths.checkpoints / ckpt.CONFIG):
         try:
-            tree = yaml.safe_load(path.read_text())
+            tree = yaml.safe_load(atomic.read_small(path))  # a regular file only: a FIFO would hang
         except (OSError, ValueError, yaml.YAMLError):
             continue
         if isinstance(tree, dict):
@@ -204,7 +204,7 @@ def run_info(out_dir, name: str, sweep: str | None = None, now: float | None = N
 
 def _summary_step(metrics_dir: Path) -> int | None:
     with contextlib.suppress(OSError, ValueError, AttributeError):
-        step = json.loads((metrics_dir / SUMMARY).read_text()).get("step")
+        step = atomic.parse_json(atomic.read_small(metrics_dir / SUMMARY)).get("step")
         return step if isinstance(step, int) else None
     return None
 
@@ -212,7 +212,7 @@ def _summary_step(metrics_dir: Path) -> int | None:
 def _stopped_cleanly(log_file: Path) -> bool:
     """A stop by a signal ends train.log with the loop's "stopped ..." line."""
     try:
-        with open(log_file, "rb") as f:
+        with os.fdopen(atomic.open_file(log_file), "rb") as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - 4096))
             lines = [line for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()]

@@ -281,8 +281,10 @@ def failure(log_file: Path) -> str | None:
     """The error that ended a run, when it is the last line of its train.log (a later start
     of the run writes lines after it): "failed after step N: <error>" (N the last step logged),
     else None."""
+    from trainer import atomic
+
     try:
-        with open(log_file, "rb") as f:
+        with os.fdopen(atomic.open_file(log_file), "rb") as f:  # a regular file only: a FIFO would hang
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - 8192))
             lines = f.read().decode("utf-8", "replace").splitlines()

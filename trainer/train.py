@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -547,6 +546,7 @@ def finish(run: Run, state: TrainState) -> dict:
 def run_complete(cfg, step: int) -> bool:
     """True when the end-of-run work for `step` is done: summary.json names it (written last)."""
     try:
-        return json.loads((RunPaths.of(cfg).metrics / "summary.json").read_text()).get("step") == step
+        summary = atomic.read_small(RunPaths.of(cfg).metrics / "summary.json")  # a FIFO would hang
+        return atomic.parse_json(summary).get("step") == step
     except (OSError, ValueError, AttributeError):
         return False
