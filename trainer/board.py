@@ -211,14 +211,8 @@ def _summary_step(metrics_dir: Path) -> int | None:
 
 def _stopped_cleanly(log_file: Path) -> bool:
     """A stop by a signal ends train.log with the loop's "stopped ..." line."""
-    try:
-        with os.fdopen(atomic.open_file(log_file), "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 4096))
-            lines = [line for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()]
-    except OSError:
-        return False
-    return bool(lines) and " stopped " in f" {lines[-1]} "
+    last = metrics.last_line(log_file, 4096)
+    return bool(last) and " stopped " in f" {last} "
 
 
 def list_runs(out_dir) -> list[Run]:

@@ -277,21 +277,26 @@ def _record_failure(message: str) -> None:
             handler.handle(record)
 
 
+def last_line(log_file: Path, tail: int = 8192) -> str:
+    """The last non-blank line of a log (read from its last `tail` bytes), "" when there is none
+    or it cannot be read. A regular file only: a FIFO planted there would hang the reader."""
+    from trainer import atomic
+
+    try:
+        with os.fdopen(atomic.open_file(log_file), "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - tail))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return ""
+    return next((line for line in reversed(lines) if line.strip()), "")
+
+
 def failure(log_file: Path) -> str | None:
     """The error that ended a run, when it is the last line of its train.log (a later start
     of the run writes lines after it): "failed after step N: <error>" (N the last step logged),
     else None."""
-    from trainer import atomic
-
-    try:
-        with os.fdopen(atomic.open_file(log_file), "rb") as f:  # a regular file only: a FIFO would hang
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 8192))
-            lines = f.read().decode("utf-8", "replace").splitlines()
-    except OSError:
-        return None
-    last = next((line for line in reversed(lines) if line.strip()), "")
-    _, found, message = last.partition(f" ERROR {FAILED}")
+    _, found, message = last_line(log_file).partition(f" ERROR {FAILED}")
     return FAILED + message if found else None
 
 

@@ -22,7 +22,6 @@ import contextlib
 import gzip
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -114,22 +113,16 @@ class StepProfiler:
 
 
 def _export_trace(prof, path: Path) -> None:
-    """The Chrome trace, gzipped, written as atomic.replace_file writes: temp files, then a rename."""
-    plain, packed = atomic.temp_path(path), atomic.temp_path(path)
+    """The Chrome trace, gzipped, written by atomic.replace_file (torch writes it plain first)."""
+    plain = atomic.temp_path(path)
     try:
         prof.export_chrome_trace(str(plain))
-        with open(plain, "rb") as src, gzip.open(packed, "wb", compresslevel=5) as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-        with open(packed, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(packed, path)
-        atomic.fsync_dir(path.parent)
+        atomic.replace_file(path, gzip.compress(plain.read_bytes(), compresslevel=5))
     except OSError as e:
         log.warning(f"profile: cannot write {path} ({atomic.cause(e)}); the run goes on without the trace")
     finally:
-        for tmp in (plain, packed):
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        with contextlib.suppress(OSError):
+            os.unlink(plain)
 
 
 def report(prof, device: torch.device, traced: list[int], t_first, t_last) -> tuple[str, str]:
