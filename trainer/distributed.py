@@ -9,6 +9,7 @@ Rank 0 is the writer: it alone locks the run and writes checkpoints, metrics and
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
 import logging
@@ -74,6 +75,10 @@ def init(device: torch.device) -> Ranks:
     if device.type == "cuda":
         torch.cuda.set_device(r.local_rank)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+    # left to the interpreter's teardown, the group's threads can outlive it and abort the
+    # process ("terminate called without an active exception"): a worker that had exited 2 with
+    # rank 0's one line then reads to the launcher as a crash, and it restarts the group
+    atexit.register(shutdown)
     return r
 
 
@@ -176,6 +181,7 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group (its threads end here); registered at exit by `init`."""
     if active():
         dist.destroy_process_group()
 
