@@ -57,7 +57,7 @@ def advice(e: OSError, space: str = "free disk space") -> str:
 def file_sha256(path: Path) -> str:
     """sha256 of a file's bytes, read in 1 MiB blocks (checkpoint manifests, prepared data)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with os.fdopen(open_file(path), "rb") as f:  # a FIFO or /dev/zero there is NotAFile, never read
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -200,6 +200,27 @@ def open_file(path, flags: int = os.O_RDONLY, follow: bool = True) -> int:
         os.close(fd)
         raise NotAFile(errno.EINVAL, "is not a regular file", str(path))
     return fd
+
+
+def check_appendable(path: Path) -> None:
+    """UserError unless nothing or a regular file (or a symlink to one) stands at `path`, a log or
+    a rows file that a command appends to: a FIFO there would hang the writer, a folder, a device
+    or a symlink to nothing would fail it halfway. The message names the path and the fix."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if not os.path.islink(path):
+            return
+        what = "is a symbolic link to a missing file"
+    except OSError:
+        return  # not to be told apart here (a permission): the writer's own error says what
+    else:
+        if stat.S_ISREG(mode):
+            return
+        what = ("is a directory" if stat.S_ISDIR(mode) else "is a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+                else "is not a regular file")
+    raise UserError(f"{path} {what}, where Airlock keeps a file it appends to; move it away, then run the "
+                    "command again")
 
 
 def read_small(path: Path, limit: int = SMALL_FILE_LIMIT, follow: bool = True) -> bytes:

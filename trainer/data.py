@@ -734,7 +734,11 @@ def fingerprint(path: Path, names=("train.bin", "val.bin", tk.TOKENIZER_FILE)) -
             continue
         key = (str(file.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
         if key not in _hashed:
-            _hashed[key] = atomic.file_sha256(file)
+            try:
+                _hashed[key] = atomic.file_sha256(file)
+            except OSError:  # a folder, a FIFO, a device in its place: no bytes of the data
+                out[name] = None
+                continue
         out[name] = _hashed[key]
     return out
 
@@ -1066,16 +1070,30 @@ def heldout_prompt(path: Path, search: int = 1 << 20) -> list[int] | None:
 META_KEYS = ("tokenizer", "vocab_size", "eot_id", "dtype", "train_tokens", "val_tokens")
 
 
+def _count(value, least: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _valid_meta(meta) -> bool:
+    """The keys every reader relies on, each of its type: a hand-edited or damaged meta.json
+    must be refused here, not fail as a library's error deep in a model build or a sampler."""
+    return (isinstance(meta, dict) and all(k in meta for k in META_KEYS) and meta["dtype"] in ("uint16", "uint32")
+            and isinstance(meta["tokenizer"], str) and _count(meta["vocab_size"], 1) and _count(meta["eot_id"])
+            and meta["eot_id"] < meta["vocab_size"] <= np.iinfo(meta["dtype"]).max + 1
+            and _count(meta["train_tokens"]) and _count(meta["val_tokens"])
+            and isinstance(meta.get("sha256", {}), dict)
+            and all(isinstance(v, str) for v in meta.get("sha256", {}).values()))
+
+
 def read_meta(path: Path) -> dict:
     meta_file = Path(path) / "meta.json"
     if not meta_file.is_file():
         raise UserError(f"prepared data {path} not found; run `trainer prepare --config <same config>`")
     try:
-        meta = json.loads(meta_file.read_bytes())
+        meta = atomic.parse_json(atomic.read_small(meta_file))
     except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         meta = None
-    if not isinstance(meta, dict) or any(k not in meta for k in META_KEYS) or \
-            meta["dtype"] not in ("uint16", "uint32"):
+    if not _valid_meta(meta):
         raise UserError(f"{meta_file} is not a readable Airlock meta.json; run `trainer prepare --config <same "
                         "config>` to prepare the data again")
     return meta

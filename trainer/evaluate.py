@@ -30,7 +30,7 @@ import torch
 from trainer import checkpoint as ckpt
 from trainer import atomic, data, metrics
 from trainer import model as models
-from trainer.errors import UserError
+from trainer.errors import UserError, reason
 from trainer import runs
 from trainer.runs import RunPaths
 
@@ -46,17 +46,7 @@ def _manifest_sha(step_dir: Path) -> str:
 
 def done(metrics_dir: Path) -> set[tuple[str, str]]:
     """(checkpoint name, manifest sha256) of every row already in eval.jsonl."""
-    path = metrics_dir / EVAL_FILE
-    if not path.is_file():
-        return set()
-    seen = set()
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a kill: the checkpoint is evaluated again
-        seen.add((row.get("checkpoint"), row.get("manifest_sha256")))
-    return seen
+    return {(row.get("checkpoint"), row.get("manifest_sha256")) for row in metrics.read_jsonl(metrics_dir / EVAL_FILE)}
 
 
 def _append(path: Path, row: dict) -> None:
@@ -76,6 +66,7 @@ def evaluate_checkpoint(step_dir: Path, device: torch.device, force: bool = Fals
 
     step_dir = Path(step_dir)
     out = RunPaths.of_step(step_dir).metrics
+    atomic.check_appendable(out / EVAL_FILE)  # before the work: a FIFO there would hang the append
     try:
         manifest_sha = _manifest_sha(step_dir)
         if not force and (step_dir.name, manifest_sha) in done(out):
@@ -90,9 +81,11 @@ def evaluate_checkpoint(step_dir: Path, device: torch.device, force: bool = Fals
         batches = data.Batches.open(prepared, min(cfg.model.block_size, positions), cfg.train.batch_size,
                                     cfg.run.seed)
     except Exception as e:  # pruned or damaged under the watcher: any library may raise; the watch goes on
-        if strict and isinstance(e, UserError):
-            raise
-        why = "pruned before it could be read" if not step_dir.exists() else f"unreadable ({e})"
+        why = "pruned before it could be read" if not step_dir.exists() else f"unreadable ({reason(e)})"
+        if strict:  # one checkpoint asked for: its error is the command's, never "already evaluated"
+            if isinstance(e, UserError):
+                raise
+            raise UserError(f"cannot evaluate {step_dir}: {why}") from None
         log.warning(f"evaluate: skipped {step_dir}: {why}")
         return None
 

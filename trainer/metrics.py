@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import itertools
 import json
 import logging
@@ -70,24 +71,40 @@ def setup_logging(log_file: Path | None = None, level=logging.INFO) -> logging.L
     logger.addHandler(console)
     if log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        atomic.check_appendable(log_file)
         fh = logging.FileHandler(log_file, encoding="utf-8")
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         logger.addHandler(fh)
     return logger
 
 
+def _read_text(path: Path) -> str:
+    """A rows file's text ("" when missing, or anything but a regular file: a FIFO must not hang
+    a reader, /dev/zero not fill memory); bytes that are not UTF-8 read as U+FFFD."""
+    try:
+        with os.fdopen(atomic.open_file(path), encoding="utf-8", errors="replace", newline="") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def read_rows(path: Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    """Rows of a CSV file; a line the csv module cannot parse is skipped."""
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    rows = []
+    while True:
+        try:
+            rows.append(next(reader))
+        except StopIteration:
+            return rows
+        except csv.Error:
+            continue
 
 
 def read_jsonl(path: Path) -> list[dict]:
     """Rows of a JSONL file; a line cut short by a crash or a full disk is skipped."""
     rows = []
-    for line in Path(path).read_text(errors="replace").splitlines():
+    for line in _read_text(path).splitlines():
         try:
             row = atomic.parse_json(line)
         except ValueError:
@@ -95,6 +112,13 @@ def read_jsonl(path: Path) -> list[dict]:
         if isinstance(row, dict):
             rows.append(row)
     return rows
+
+
+def row_step(value) -> int | None:
+    """A row's step (or iteration) as an int, from a JSON value or a CSV cell; None for damage."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return int(value) if isinstance(value, str) and re.fullmatch(r"[0-9]{1,15}", value) else None
 
 
 def tag(column: str) -> str:
@@ -203,15 +227,20 @@ class Metrics:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.fields, self.key = list(fields), key
         self.csv_path, self.jsonl_path = self.dir / "metrics.csv", self.dir / "metrics.jsonl"
-        if resume_step is not None:
-            self._truncate(resume_step)
+        for path in (self.csv_path, self.jsonl_path):
+            atomic.check_appendable(path)
+        try:
+            if resume_step is not None:
+                self._truncate(resume_step)
+            new = not self.csv_path.exists() or self.csv_path.stat().st_size == 0
+            self._csv = open(self.csv_path, "a", newline="")
+            self._jsonl = open(self.jsonl_path, "a")
+        except OSError as e:
+            raise _write_error(self.csv_path, e) from None
         self.last = resume_step or 0
-        new = not self.csv_path.exists() or self.csv_path.stat().st_size == 0
-        self._csv = open(self.csv_path, "a", newline="")
         self._writer = csv.DictWriter(self._csv, fieldnames=self.fields, extrasaction="ignore")
         if new:
             self._writer.writeheader()
-        self._jsonl = open(self.jsonl_path, "a")
         # a fresh start purges from step 0: the points of an earlier attempt that saved nothing go too
         try:
             self.events = Events(self.dir, purge_step=resume_step + 1 if resume_step else 0)
@@ -219,19 +248,25 @@ class Metrics:
             raise _write_error(self.dir, e) from None
 
     def _truncate(self, last: int) -> None:
-        """Rewrite both files without rows whose step is past `last` (tmp file + rename)."""
-        rows = [r for r in read_rows(self.csv_path) if int(r[self.key]) <= last]
-        tmp = self.csv_path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.csv_path)
+        """Rewrite both files without rows past step `last` (written before a crash), each replaced
+        whole (temp file, fsync, rename). A row with no step (damage: a torn line, a disk's NUL
+        fill after a power cut) goes too, with a warning that counts them."""
+        rows = read_rows(self.csv_path)
+        kept = [r for r in rows if (step := row_step(r.get(self.key))) is not None and step <= last]
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, fieldnames=self.fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(kept)
+        atomic.replace_file(self.csv_path, buffer.getvalue().encode())
+        damaged = {self.csv_path.name: sum(row_step(r.get(self.key)) is None for r in rows)}
         if self.jsonl_path.exists():
-            kept = [json.dumps(row) for row in read_jsonl(self.jsonl_path) if row.get(self.key, 0) <= last]
-            tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.jsonl_path)
+            rows = read_jsonl(self.jsonl_path)
+            kept = [r for r in rows if (step := row_step(r.get(self.key))) is not None and step <= last]
+            atomic.replace_file(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+            damaged[self.jsonl_path.name] = sum(row_step(r.get(self.key)) is None for r in rows)
+        for name, n in damaged.items():
+            if n:
+                log.warning(f"{self.dir / name}: left out {n} damaged row{'s' * (n != 1)} (no {self.key} number)")
 
     def log(self, row: dict) -> None:
         """One row: the CSV keeps `fields`; the JSONL and the event file take every column."""

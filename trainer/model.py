@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from trainer import atomic
 from trainer.errors import UserError
 
 log = logging.getLogger("trainer")
@@ -372,7 +373,7 @@ def check_export_target(out: str | Path, run: str, any_run: bool = False) -> Pat
                         f"inside it, e.g. --out {out / 'export'}")
     if out.is_dir() and any(out.iterdir()):
         try:
-            owner = json.loads((out / EXPORT_INFO).read_text()).get("run")
+            owner = atomic.parse_json(atomic.read_small(out / EXPORT_INFO)).get("run")
         except (OSError, ValueError, AttributeError):
             owner = None
         if owner is None or (owner != run and not any_run):

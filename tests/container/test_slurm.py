@@ -59,8 +59,16 @@ class Cluster:
         return int(out.strip().split(";")[0])
 
     def job(self, job: int) -> dict:
-        text = self.sh(f"scontrol show job {job}")
-        return dict(re.findall(r"(\w+)=(\S+)", text))
+        """The job's scontrol record. A slurmctld busy on a loaded host may answer without one
+        (a timed-out RPC): asked again for up to 30 s, then the answer is the failure."""
+        deadline = time.monotonic() + 30
+        while True:
+            text = self.sh(f"scontrol show job {job}", check=False)
+            info = dict(re.findall(r"(\w+)=(\S+)", text))
+            if "JobState" in info:
+                return info
+            assert time.monotonic() < deadline, f"`scontrol show job {job}` gave no record for 30 s:\n{text}"
+            time.sleep(1)
 
     def wait(self, job: int, timeout: float = 400) -> dict:
         """Until the job has ended; -> its scontrol record (JobState, ExitCode ...)."""

@@ -42,3 +42,23 @@ def test_the_plot_skips_damaged_rows_and_an_unwritable_plot_is_only_a_warning(tm
 
     assert plt.get_fignums() == []  # the evaluator draws one per checkpoint: none may stay open
     assert [int(r["step"]) for r in read_rows(tmp_path / "metrics.csv")] == [1, 2, 3, 4]
+
+
+def test_resume_leaves_out_rows_with_no_step_number_and_says_how_many(tmp_path, caplog):
+    """A power cut can leave NUL bytes or a torn line; a hand edit a step that is not a number.
+    Such rows are dropped when a resume rewrites the files, with a warning, never a traceback."""
+    m = Metrics(tmp_path)
+    for step in range(1, 5):
+        m.log({"step": step, "loss": 1.0})
+    m.close()
+    with open(tmp_path / "metrics.csv", "ab") as f:
+        f.write(b"\x00\x00\x00\nabc,1,,,,,,,\n\xff\xfe,2\n")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": "abc", "loss": 1}\n{"step": [1]}\n{"step": true}\n{"loss": 2}\n')
+    m = Metrics(tmp_path, resume_step=3)
+    m.log({"step": 4, "loss": 0.5})
+    m.close()
+    assert [r["step"] for r in read_rows(tmp_path / "metrics.csv")] == ["1", "2", "3", "4"]
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+    warned = [r.getMessage() for r in caplog.records if "damaged row" in r.getMessage()]
+    assert len(warned) == 2 and "left out 3 damaged rows" in warned[0] and "left out 4" in warned[1], warned

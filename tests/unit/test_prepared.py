@@ -133,6 +133,37 @@ def test_broken_meta_json_is_one_line(tmp_path, corpus_dir, content):
     assert D.prepare(c, **QUIET) == D.find_prepared(c) == folder
 
 
+@pytest.mark.parametrize("key, value", [("vocab_size", "52"), ("vocab_size", -3), ("vocab_size", True),
+                                        ("vocab_size", 1 << 20), ("eot_id", 10_000), ("train_tokens", 1.5),
+                                        ("tokenizer", 7), ("sha256", 5), ("sha256", {"train.bin": 5})])
+def test_a_meta_json_value_of_the_wrong_type_is_one_line(tmp_path, corpus_dir, key, value):
+    """Each value readers rely on is checked where meta.json is read, not found wrong later as a
+    library's traceback (a negative vocabulary reached torch.empty, an int sha256 an iteration)."""
+    folder = D.prepare(cfg(tmp_path, corpus_dir, **{"data.name": "b"}), **QUIET)
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, key: value}))
+    with pytest.raises(UserError, match="meta.json is not a readable Airlock meta.json"):
+        D.read_meta(folder)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "device"])
+def test_a_token_file_that_is_not_a_file_fingerprints_as_missing(tmp_path, corpus_dir, kind):
+    """A resume hashes the data it reads: a FIFO in train.bin's place must not hang it, nor
+    /dev/zero be hashed forever; either fingerprints as no file, which check_same_data refuses."""
+    import os
+    import signal
+
+    folder = D.prepare(cfg(tmp_path, corpus_dir, **{"data.name": "b"}), **QUIET)
+    target = folder / "train.bin"
+    target.unlink()
+    {"fifo": os.mkfifo, "directory": os.mkdir, "device": lambda p: os.symlink("/dev/zero", p)}[kind](target)
+    signal.alarm(30)
+    try:
+        assert D.fingerprint(folder)["train.bin"] is None
+    finally:
+        signal.alarm(0)
+
+
 def test_a_folder_airlock_did_not_write_is_never_touched(tmp_path, corpus_dir):
     mine = tmp_path / "prepared" / "mine"
     mine.mkdir(parents=True)
