@@ -47,7 +47,7 @@ import torch
 
 from trainer import atomic
 from trainer.atomic import fsync_dir
-from trainer.errors import UserError, reason
+from trainer.errors import UserError, one_line, reason
 from trainer.runlock import lock_run
 
 log = logging.getLogger("trainer")
@@ -533,6 +533,9 @@ def find_valid(run_dir: Path, attempt: int = 0) -> Path:
     run_dir = Path(run_dir)
     candidates = step_dirs(run_dir)
     named, problem = read_latest(run_dir)
+    if named and (run_dir / named) not in candidates:  # a file, a symlink or nothing under its name
+        kind = _not_a_file(run_dir / named) if os.path.lexists(run_dir / named) else "missing"
+        problem = f"`latest` names {named}, which is {'a file' if kind is None else kind}, not a checkpoint folder"
     problems = [problem] if problem else []
     if problem:
         log.warning(f"{run_dir}: {problem}; using the newest valid step directory")
@@ -627,6 +630,7 @@ def load_checkpoint(step_dir: Path, model, optimizer=None, map_location="cpu", v
         held, cfg = ("a LoRA adapter", "false") if not lora else ("full weights", "true")
         raise UserError(f"checkpoint {step_dir} holds {held} but the config has model.lora={cfg}")
     weights = read(ADAPTER if lora else MODEL, lambda p: load_file(p, device=str(map_location)))
+    _check_weights(step_dir, ADAPTER if lora else MODEL, weights, None if lora else model.state_dict())
     try:
         if lora:
             from peft import set_peft_model_state_dict
@@ -642,13 +646,49 @@ def load_checkpoint(step_dir: Path, model, optimizer=None, map_location="cpu", v
             model.tie_weights()
     except (RuntimeError, ValueError, KeyError) as e:  # shape mismatches
         raise misfit(e) from None
+    state = _upgrade_state(read(STATE, lambda p: torch.load(p, weights_only=True, map_location="cpu")))
     if optimizer is not None:
         opt_state = read(OPTIMIZER, lambda p: torch.load(p, weights_only=True, map_location=map_location))
         try:
             optimizer.load_state_dict(opt_state)
-        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise misfit(e) from None
-    return _upgrade_state(read(STATE, lambda p: torch.load(p, weights_only=True, map_location="cpu")))
+        problem = _optimizer_problem(optimizer, state.get(STEP))
+        if problem:
+            raise corrupt(step_dir, f"{OPTIMIZER} {problem}")
+    return state
+
+
+def _check_weights(step_dir: Path, fname: str, weights: dict, own: dict | None) -> None:
+    """A checkpoint holds what its run trained: finite values (a non-finite step is never saved),
+    each in the model's own dtype (`own`, its state_dict; None for an adapter, whose dtype peft
+    chooses). Anything else would load without a word: a cast drops bits, a NaN trains on."""
+    for key, tensor in weights.items():
+        want = (own or {}).get(key)
+        if want is not None and tensor.dtype != want.dtype:
+            raise corrupt(step_dir, f"{fname} holds {key} as {tensor.dtype}, not the model's {want.dtype}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise corrupt(step_dir, f"{fname} holds non-finite values (NaN or inf) in {key}")
+
+
+def _optimizer_problem(optimizer, step) -> str | None:
+    """What is wrong with the state just loaded into `optimizer`, or None. load_state_dict checks
+    the groups' sizes only: moments of another shape fail at the first step, moments missing
+    restart from zero without a word (no longer the same run), a NaN moment poisons every update."""
+    if isinstance(step, int) and step > 0 and not optimizer.state:
+        return "holds no state for any parameter, as if no step had been taken"
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+                    continue
+                if not isinstance(value, torch.Tensor):
+                    return f"holds {name} as {type(value).__name__}, not a tensor"
+                if value.dim() and value.shape != param.shape:
+                    return f"holds {name} of shape {list(value.shape)} for a parameter of shape {list(param.shape)}"
+                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    return f"holds non-finite values (NaN or inf) in {name}"
+    return None
 
 
 def resume_training(step_dir: Path, model, optimizer, tracker: dict, map_location="cpu",
@@ -670,8 +710,10 @@ def resume_training(step_dir: Path, model, optimizer, tracker: dict, map_locatio
         raise corrupt(step_dir, f"{STATE} has no {TRACKER} mapping")
     for key, value in saved.items():
         default = tracker.get(key)
-        if key in tracker and default is not None and value is not None and not _same_kind(default, value):
-            raise corrupt(step_dir, f"{STATE} {TRACKER}.{key} is {value!r}, not a {type(default).__name__}")
+        if key in tracker and value is not None and not _same_kind(default, value):
+            kind = "a list" if isinstance(default, list) else "a number" if default is None or isinstance(
+                default, (int, float)) else f"a {type(default).__name__}"
+            raise corrupt(step_dir, f"{STATE} {TRACKER}.{key} is {one_line(repr(value), 80)}, not {kind}")
     per_rank = state.get(RNG_RANKS)
     try:
         if rank == 0:
@@ -689,14 +731,18 @@ def resume_training(step_dir: Path, model, optimizer, tracker: dict, map_locatio
 
 
 def _same_kind(default, value) -> bool:
-    """A tracker value may replace its default: numbers for numbers, lists of the same shape."""
-    number = (int, float)
+    """A tracker value may replace its default: numbers for numbers (a None default stands for
+    a number not known yet: a first loss, a best val loss), lists of numbers or of lists of
+    numbers for lists."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
     if isinstance(default, bool) or isinstance(value, bool):
         return isinstance(default, bool) and isinstance(value, bool)
-    if isinstance(default, number):
-        return isinstance(value, number)
+    if default is None or number(default):
+        return number(value)
     if isinstance(default, list):
-        return isinstance(value, list) and all(isinstance(v, (number, list)) and not isinstance(v, bool)
+        return isinstance(value, list) and all(number(v) or isinstance(v, list) and all(map(number, v))
                                                for v in value)
     return isinstance(value, type(default))
 

@@ -364,22 +364,26 @@ EXPORT_INFO = "airlock.json"  # marks a folder as an Airlock export and names it
 def check_export_target(out: str | Path, run: str, any_run: bool = False) -> Path:
     """An export may create `out` or replace an earlier export of the same run (of any run with
     `any_run`: a run's own final/, which a copied or renamed run inherits); anything else there
-    (a file, someone's folder, another run's export) is refused, never deleted."""
+    (a file, someone's folder, another run's export) is refused, never deleted. A run checks its
+    final/ before step 1 as well, so a whole run never ends on this refusal."""
     out = Path(out)
+    fix = ("move it away, or set train.export_at_end=false" if any_run else
+           "pass an empty or new folder with --out")
     if out.exists() and not out.is_dir():
-        raise UserError(f"export destination {out} is a file; pass a folder path with --out")
+        raise UserError(f"export destination {out} is a file; {fix}")
     if os.path.ismount(out):
-        raise UserError(f"export destination {out} is a mount point, which cannot be replaced; pass a folder "
-                        f"inside it, e.g. --out {out / 'export'}")
+        raise UserError(f"export destination {out} is a mount point, which cannot be replaced; "
+                        + ("set train.export_at_end=false" if any_run else f"pass a folder inside it, e.g. --out "
+                                                                            f"{out / 'export'}"))
     if out.is_dir() and any(out.iterdir()):
         try:
             owner = atomic.parse_json(atomic.read_small(out / EXPORT_INFO)).get("run")
         except (OSError, ValueError, AttributeError):
             owner = None
         if owner is None or (owner != run and not any_run):
-            what = f"an export of run {owner!r}" if owner else f"not an Airlock export (no {EXPORT_INFO})"
+            what = f"an export of run {owner!r}" if owner else f"not an Airlock export (no readable {EXPORT_INFO})"
             raise UserError(f"export destination {out} is not empty and is {what}; Airlock replaces only an "
-                            f"earlier export of run {run!r}: pass an empty or new folder with --out")
+                            f"earlier export of run {run!r}: {fix}")
     return out
 
 

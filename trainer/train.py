@@ -218,6 +218,8 @@ def setup(cfg, resume_dir: Path | None, paths: RunPaths) -> tuple[Run, TrainStat
                     "bit-exact (slower); pass --run.threads=N to trade exactness for speed")
     if cfg.model.type in ("gpt2", "hf"):
         models.check_pretrained(cfg.model.path)  # before minutes of data preparation, not after
+    if r.writer and cfg.train.export_at_end and cfg.checkpoint.enabled:  # before the run, not at its end
+        models.check_export_target(paths.checkpoints / "final", cfg.run.name, any_run=True)
 
     expect = lm.expected_data(resume_dir, paths.metrics) if resume_dir is not None else None
     prepared = Path(distributed.from_writer(lambda: str(_prepared(cfg, expect, resume_dir))))  # one process prepares

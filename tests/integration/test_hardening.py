@@ -7,7 +7,8 @@
   default differs, so the resumed run stays bit-exact; overriding it warns;
 - one run, one writer: a second writer is refused naming the holder, and a holder killed with
   SIGKILL does not block the resume;
-- export replaces only its own earlier export, atomically, and leaves nothing behind;
+- export replaces only its own earlier export, atomically, and leaves nothing behind; a run
+  whose final/ holds something else is refused before step 1;
 - a `latest` that is not a file (a directory, a symlink to one, a FIFO) put there between a
   stop and the resume is set aside, kept, with one warning: the resume continues from the
   newest step, saves, and ends at the uninterrupted run's weights sha256.
@@ -144,6 +145,19 @@ def test_export_replaces_only_its_own_earlier_export(finished_run, tmp_path):
                       check=False)
     assert refused.returncode == 2 and "someone-else" in refused.stderr
     assert json.loads((dest / "airlock.json").read_text()) == {"run": "someone-else"}
+
+
+def test_a_final_folder_that_is_not_an_export_is_refused_before_step_1(tmp_path, corpus_dir):
+    """final/ is checked when the run starts, not found in the way after its last step, and the
+    fix named is one a run has (`--out` is export's)."""
+    final = tmp_path / "volumes" / "checkpoints" / "fin" / "final"
+    final.mkdir(parents=True)
+    (final / "notes.txt").write_text("mine")
+    done = run_cli(["train", *tiny_args(corpus_dir, tmp_path, "fin")], cwd=tmp_path, check=False)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert str(final) in done.stderr and "train.export_at_end=false" in done.stderr and "--out" not in done.stderr
+    assert not ckpt.step_dirs(final.parent) and not (tmp_path / "prepared").exists()  # before any work
+    assert sorted(p.name for p in final.iterdir()) == ["notes.txt"]
 
 
 def _resign(step_dir: Path, edit) -> None:

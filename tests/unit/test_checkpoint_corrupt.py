@@ -151,6 +151,74 @@ def test_damaged_file_with_matching_manifest_is_corrupt(tmp_path, damage, caplog
     assert not mark.exists(), "a file from the checkpoint ran code"
 
 
+def put_weights(step_dir, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = change(load_file(step_dir / ckpt.MODEL))
+    save_file(weights, step_dir / "w.tmp", metadata={"format": "pt"})
+    put(step_dir, ckpt.MODEL, (step_dir / "w.tmp").read_bytes())
+    (step_dir / "w.tmp").unlink()
+
+
+def put_optimizer(step_dir, change) -> None:
+    state = torch.load(step_dir / ckpt.OPTIMIZER, weights_only=True)
+    change(state["state"][0])
+    put(step_dir, ckpt.OPTIMIZER, torch_bytes(state))
+
+
+def with_nan(t):
+    t = t.clone()
+    t.view(-1)[0] = float("nan")
+    return t
+
+
+# well-formed files holding what this run could not have written: verify passes, so the loader
+# must see it (a cast would drop bits, a NaN train on, lost moments restart Adam without a word)
+LOADED = {
+    "weights_in_float16": (lambda d: put_weights(d, lambda w: {k: v.half() for k, v in w.items()}), "float16"),
+    "weights_with_a_nan": (lambda d: put_weights(d, lambda w: {k: with_nan(v) for k, v in w.items()}), "non-finite"),
+    "optimizer_without_state": (lambda d: put(d, ckpt.OPTIMIZER, torch_bytes(
+        {**torch.load(d / ckpt.OPTIMIZER, weights_only=True), "state": {}})), "no state"),
+    "optimizer_moment_of_another_shape": (lambda d: put_optimizer(
+        d, lambda s: s.update(exp_avg=s["exp_avg"].flatten()[:3].clone())), "of shape [3]"),
+    "optimizer_moment_with_a_nan": (lambda d: put_optimizer(d, lambda s: s.update(exp_avg=with_nan(s["exp_avg"]))),
+                                    "non-finite"),
+    "optimizer_moment_not_a_tensor": (lambda d: put_optimizer(d, lambda s: s.update(exp_avg=[1.0])), "not a tensor"),
+    "tracker_number_a_string": (lambda d: put(d, ckpt.STATE, torch_bytes(
+        {ckpt.STEP: 2, ckpt.TRACKER: {"first_loss": "abc"}})), "first_loss is 'abc', not a number"),
+    "tracker_list_of_strings": (lambda d: put(d, ckpt.STATE, torch_bytes(
+        {ckpt.STEP: 2, ckpt.TRACKER: {"recent": ["a"]}})), "recent is ['a'], not a list"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(LOADED))
+def test_content_no_run_writes_is_corrupt_when_loaded(tmp_path, damage):
+    model, opt = tiny()
+    bad = save(tmp_path, 2, model, opt)
+    change, said = LOADED[damage]
+    change(bad)
+    assert ckpt.verify(bad) is None
+    model, opt = tiny()
+    tracker = {"first_loss": None, "recent": []}
+    message = one_line_user_error(lambda: ckpt.resume_training(bad, model, opt, tracker))
+    assert "corrupt" in message and said in message, message
+
+
+@pytest.mark.parametrize("named", ["a_file", "a_symlink", "missing"])
+def test_latest_naming_no_step_folder_is_said_and_falls_back(tmp_path, named, caplog):
+    model, opt = tiny()
+    older = save(tmp_path, 1, model, opt)
+    newest = save(tmp_path, 2, model, opt)
+    shutil.rmtree(newest)
+    if named == "a_file":
+        newest.write_text("x")
+    elif named == "a_symlink":
+        newest.symlink_to(older)
+    with caplog.at_level("WARNING", logger="trainer"):
+        assert ckpt.find_valid(tmp_path) == older
+    assert f"`latest` names {newest.name}, which is" in caplog.text, caplog.text
+
+
 @pytest.mark.parametrize("latest", ["not_utf8", "a_folder", "outside", "garbage"])
 def test_damaged_latest_falls_back_to_the_step_dirs(tmp_path, latest, caplog):
     model, opt = tiny()
