@@ -470,7 +470,8 @@ def _check_contents(step_dir: Path, files: dict) -> str | None:
 
     named = STEP_DIR.match(step_dir.name)  # best/ is a copy: any step
     number = int(named.group(2)) if named else None
-    key = "iteration" if step_dir.name.startswith("iter_") else "step"  # what resume reads back
+    # what resume reads back; best/ copies either loop's checkpoint, so its file says which
+    keys = {"iter": ("iteration",), "step": ("step",)}[named.group(1)] if named else ("step", "iteration")
 
     def wrong_step(value) -> bool:
         return type(value) is not int or not 0 <= value < STEP_LIMIT or number not in (None, value)
@@ -499,8 +500,8 @@ def _check_contents(step_dir: Path, files: dict) -> str | None:
                 doc = atomic.parse_json(atomic.read_small(path))
                 if not isinstance(doc, dict):
                     return f"{fname} is not a JSON object"
-                if fname == TRAINER_STATE and wrong_step(doc.get(key)):
-                    return f"{TRAINER_STATE} does not hold {key} {number if named else '(a number)'}"
+                if fname == TRAINER_STATE and all(wrong_step(doc.get(key)) for key in keys):
+                    return f"{TRAINER_STATE} does not hold {' or '.join(keys)} {number if named else '(a number)'}"
         except Exception as e:  # untrusted bytes: whatever a parser raises means the file is damaged
             return f"{fname} is unreadable ({reason(e)})"
     return None

@@ -151,6 +151,23 @@ def test_keep_last_and_best(tmp_path):
     assert '"checkpoint": "step_000002"' in (tmp_path / "best.json").read_text()
 
 
+def test_a_grpo_runs_best_copy_verifies(tmp_path):
+    """best/ copies either loop's checkpoint: a GRPO iteration's trainer_state.json holds its
+    iteration, not a step (sample, export and evaluate of a GRPO best/ called it corrupt)."""
+    model, opt = tiny()
+    path = ckpt.save_checkpoint(tmp_path, ckpt.step_name(3, "iter"), model, opt, {ckpt.STEP: 3},
+                                {"iteration": 3, "eval_reward": 0.9}, "run: {}\n", best={"iteration": 3})
+    assert ckpt.verify(path) is None and ckpt.verify(tmp_path / "best") is None
+    for name, text in ((ckpt.MANIFEST, None), (ckpt.TRAINER_STATE, '{"eval_reward": 0.9}')):
+        copy = tmp_path / "best" / name  # hard links: the iteration keeps its files
+        text = text or copy.read_text()
+        copy.unlink()
+        copy.write_text(text)
+    resign(tmp_path / "best", ckpt.TRAINER_STATE)
+    assert ckpt.verify(tmp_path / "best") == f"{ckpt.TRAINER_STATE} does not hold step or iteration (a number)"
+    assert ckpt.verify(path) is None
+
+
 def test_mirror_copies_each_checkpoint(tmp_path):
     model, opt = tiny()
     run_dir, mirror_root = tmp_path / "primary" / "run1", tmp_path / "backup"

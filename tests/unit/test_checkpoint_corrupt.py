@@ -268,7 +268,7 @@ def test_a_step_number_past_the_limit_is_no_checkpoint(tmp_path):
     put(best, ckpt.TRAINER_STATE, json.dumps({"step": 10**12 - 1}).encode())
     assert ckpt.verify(best) is None
     put(best, ckpt.TRAINER_STATE, json.dumps({"step": 10**12}).encode())
-    assert "does not hold step (a number)" in ckpt.verify(best)
+    assert "does not hold step or iteration (a number)" in ckpt.verify(best)
 
 
 def test_a_checkpoint_copied_as_symlinks_verifies(tmp_path):
