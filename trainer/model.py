@@ -52,7 +52,7 @@ def build_model(model_cfg, vocab_size: int, eot_id: int, seed: int, device=None)
         config = GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=model_cfg.n_embd,
                             n_layer=model_cfg.n_layer, n_head=model_cfg.n_head, resid_pdrop=model_cfg.dropout,
                             embd_pdrop=model_cfg.dropout, attn_pdrop=model_cfg.dropout,
-                            bos_token_id=eot_id, eos_token_id=eot_id)
+                            activation_function=model_cfg.activation, bos_token_id=eot_id, eos_token_id=eot_id)
         model = GPT2LMHeadModel(config)
     else:
         keep_dtype = model_cfg.lora and device is not None and torch.device(device).type == "cuda"

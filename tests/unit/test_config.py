@@ -185,3 +185,32 @@ def test_for_resume_keeps_the_recorded_threads_and_names_what_costs_exactness():
     assert inexact == {"run.threads": (2, 1)}
     with pytest.raises(UserError, match="run.seed"):
         C.for_resume(saved, C.build(environ={}, overrides={"run.seed": 5}))
+
+
+def test_a_config_saved_before_model_activation_existed_keeps_gelu_new():
+    """from_scratch models were built with GPT-2's gelu_new before the key existed: a checkpoint
+    saved then resumes, samples and exports with it (bit-exact), and a resume cannot switch it."""
+    import torch
+
+    from trainer import model as M
+
+    older = C.Config().to_dict()
+    del older["model"]["activation"]
+    saved = C.from_dict(older)
+    assert saved.model.activation == "gelu_new" and C.Config().model.activation == "gelu_pytorch_tanh"
+    assert C.from_dict(C.Config().to_dict()).model.activation == "gelu_pytorch_tanh"
+    assert C.build(base=saved.to_dict(), environ={}).model.activation == "gelu_new"
+    with pytest.raises(UserError, match="model.activation"):
+        C.for_resume(saved, C.build(base=saved.to_dict(), environ={},
+                                    overrides={"model.activation": "gelu_pytorch_tanh"}))
+    # the two are one function, to rounding; the fused one is what is built now
+    ids = torch.randint(0, 64, (2, 16))
+    logits = {}
+    for act in ("gelu_new", "gelu_pytorch_tanh"):
+        cfg = C.build(environ={}, overrides={"model.activation": act, "model.n_layer": 2, "model.n_embd": 32,
+                                             "model.n_head": 2, "model.block_size": 16})
+        model, _ = M.build_model(cfg.model, vocab_size=64, eot_id=0, seed=1)
+        assert model.config.activation_function == act
+        logits[act] = model(ids).logits
+    assert not torch.equal(*logits.values())
+    torch.testing.assert_close(*logits.values(), rtol=1e-5, atol=1e-5)
