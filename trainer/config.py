@@ -258,7 +258,9 @@ class GRPOConfig:
     top_p: float = field(1.0, "rollout nucleus mass", range=Range(0, 1, lo_open=True))
     stop: list = field(["\n"], "stop strings")
     # the objective and its optimizer (trainer/grpo/algorithm.py)
-    lr: float = field(1e-4, "AdamW learning rate (constant)", range=above(0))
+    lr: float = field(1e-4, "AdamW learning rate (schedule=linear: at iteration 1)", range=above(0))
+    schedule: str = field("constant", "constant | linear (the rate falls by lr/iterations each iteration, TRL's "
+                          "default)", choices=("constant", "linear"))
     # GRPO's own AdamW betas (not train.beta1/beta2: a pretraining recipe must not move them)
     adam_beta1: float = field(0.9, "AdamW beta1 (grpo.beta is the KL weight)", range=PROB)
     adam_beta2: float = field(0.95, "AdamW beta2 (grpo.beta is the KL weight)", range=PROB)

@@ -68,6 +68,29 @@ def test_run_outputs_and_bit_exact_resume(tmp_path):
     assert new["iteration"] == 1 and ckpt.latest_name(tmp_path / "checkpoints" / "new") == "iter_000001"
 
 
+def test_a_linear_schedule_falls_each_iteration_and_resumes_bit_exactly(tmp_path):
+    """grpo.schedule=linear (TRL's default): iteration i of n trains at lr * (n - i + 1) / n. It
+    depends on the iteration alone, so a run cut after iteration 2 (its checkpoints and rows
+    copied, the later ones dropped) resumes to the uninterrupted run's weights."""
+    import shutil
+
+    full = grpo(cfg_for(tmp_path, "lin", **{"grpo.schedule": "linear"}))
+    m = tmp_path / "metrics" / "lin"
+    lrs = [json.loads((m / f"train_iter_{i:03d}.json").read_text())["lr"] for i in range(1, 5)]
+    assert lrs == [pytest.approx(SMALL["grpo.lr"] * k / 4) for k in (4, 3, 2, 1)]
+    cut = tmp_path / "cut"
+    for kind in ("checkpoints", "metrics"):
+        shutil.copytree(tmp_path / kind / "lin", cut / kind / "lin")
+    for name in ("iter_000003", "iter_000004", "best"):
+        shutil.rmtree(cut / "checkpoints" / "lin" / name)
+    (cut / "checkpoints" / "lin" / "latest").write_text("iter_000002\n")
+    resumed = grpo_command(resume="lin", **{"run.out_dir": str(cut)})
+    assert resumed["weights_sha256"] == full["weights_sha256"]
+    assert strip_times(rows(cut, "lin")) == strip_times(rows(tmp_path, "lin"))
+    constant = grpo(cfg_for(tmp_path, "constant"))
+    assert constant["weights_sha256"] != full["weights_sha256"]
+
+
 def test_single_update_per_iteration(tmp_path):
     """ppo_epochs 1 and one minibatch: pi_old is the update's own forward (no extra pass); with
     truncated completions masked out and the KL on, every statistic is still finite."""

@@ -153,6 +153,12 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
     return ids, attn, comp, sampler
 
 
+def lr_at(it: int, g) -> float:
+    """The learning rate of iteration `it` (from 1): grpo.lr, or with schedule=linear falling to
+    lr/iterations at the last one. A function of the iteration alone, so a resume sets the same."""
+    return g.lr if g.schedule == "constant" else g.lr * (g.iterations - it + 1) / g.iterations
+
+
 def make_optimizer(policy, cfg, device: torch.device) -> torch.optim.Optimizer:
     """AdamW over the trainable weights, no weight decay; fused on CUDA, as pretraining's."""
     return torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.grpo.lr,
@@ -472,8 +478,10 @@ def iteration(run: GRPORun, state: GRPOState, it: int) -> tuple[dict, list]:
     problems = envs.train_problems(g.env, it - 1, g.prompts_per_iter, **env_options(g))
     batch, stats, samples = rollout_batch(run.backend, cfg, problems, run.params, run.scorer, run.eos, run.tok, it)
     t2 = time.perf_counter()
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(it, g)
     stats.update(train_epoch(run.policy, run.ref, run.optimizer, batch, cfg, it, server=run.sync is not None))
-    stats.update(iteration=it, rollout_s=t2 - t1, train_s=time.perf_counter() - t2, sync_s=sync_s,
+    stats.update(iteration=it, lr=lr_at(it, g), rollout_s=t2 - t1, train_s=time.perf_counter() - t2, sync_s=sync_s,
                  adapter=state.adapter, adapter_sha256=state.sha256, sync_probe_diff=state.probe)
     return stats, samples
 
