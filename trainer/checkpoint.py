@@ -573,6 +573,15 @@ def read_config(step_dir: Path):
         raise corrupt(step_dir, f"{CONFIG} is not YAML ({reason(e)})") from None
 
 
+def loop_of(step_dir: Path) -> str:
+    """Which loop wrote a checkpoint: "step" (pretraining) or "iter" (GRPO). By its name, or for
+    a name without a step (best/, a copy) by what its trainer_state.json counts."""
+    named = STEP_DIR.match(Path(step_dir).name)
+    if named:
+        return named.group(1)
+    return "iter" if "iteration" in read_trainer_state(step_dir) else "step"
+
+
 def read_trainer_state(step_dir: Path) -> dict:
     try:
         doc = atomic.parse_json(atomic.read_small(Path(step_dir) / TRAINER_STATE))

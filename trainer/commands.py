@@ -121,6 +121,7 @@ def resume_command(run: str | None = None, checkpoint: str | None = None, extra_
     if launch.wanted:
         # the workers (and a restarted group) continue this run from its newest checkpoint, to a fixed length
         step_dir = runs.locate(run, checkpoint, probe.run.out_dir)
+        runs.refuse_other_loop(step_dir, "step")
         if extra_steps:
             overrides = {**overrides, "train.max_steps": ckpt.read_trainer_state(step_dir)["step"] + extra_steps}
         where = (["--checkpoint", checkpoint] if checkpoint

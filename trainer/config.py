@@ -249,7 +249,8 @@ class GRPOConfig:
     # rollouts: who samples, how many, and how
     backend: str = field("local", "local (sample with the policy) | openai (a vLLM-compatible server at server.url)",
                          choices=("local", "openai"))
-    iterations: int = field(20, "rollout -> train -> eval -> checkpoint cycles", range=STEPS)
+    # inexact with schedule=linear: the rate of every iteration depends on it (for_resume)
+    iterations: int = field(20, "rollout -> train -> eval -> checkpoint cycles", range=STEPS, resume="inexact")
     prompts_per_iter: int = field(16, "problems per iteration (B)", range=atleast(1))
     group_size: int = field(8, "completions per problem (G >= 2)",
                             range=atleast(2, why="GRPO compares completions of one prompt"))
@@ -259,8 +260,8 @@ class GRPOConfig:
     stop: list = field(["\n"], "stop strings")
     # the objective and its optimizer (trainer/grpo/algorithm.py)
     lr: float = field(1e-4, "AdamW learning rate (schedule=linear: at iteration 1)", range=above(0))
-    schedule: str = field("constant", "constant | linear (the rate falls by lr/iterations each iteration, TRL's "
-                          "default)", choices=("constant", "linear"))
+    schedule: str = field("constant", "constant | linear (the rate falls by lr/iterations each iteration: TRL's "
+                          "default, per iteration)", choices=("constant", "linear"), resume="inexact")
     # GRPO's own AdamW betas (not train.beta1/beta2: a pretraining recipe must not move them)
     adam_beta1: float = field(0.9, "AdamW beta1 (grpo.beta is the KL weight)", range=PROB)
     adam_beta2: float = field(0.95, "AdamW beta2 (grpo.beta is the KL weight)", range=PROB)
@@ -539,6 +540,8 @@ def for_resume(saved: Config, cfg: Config) -> tuple[Config, dict[str, tuple]]:
     inexact = changed_keys(saved, cfg, resume_keys("inexact"))
     if cfg.train.schedule == "constant":
         inexact.pop("train.max_steps", None)  # only the cosine schedule depends on the length
+    if cfg.grpo.schedule == saved.grpo.schedule == "constant":
+        inexact.pop("grpo.iterations", None)  # only the linear one does
     return cfg, inexact
 
 

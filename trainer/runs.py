@@ -202,6 +202,13 @@ KINDS = {"step": "a pretraining checkpoint; continue that run with `trainer resu
          "iter": "a GRPO iteration; continue that run with `trainer grpo --resume {run}`"}
 
 
+def refuse_other_loop(step_dir: Path, kind: str) -> None:
+    """A UserError naming the command that continues `step_dir` when the other loop wrote it."""
+    found = ckpt.loop_of(step_dir)
+    if found != kind:
+        raise UserError(f"{step_dir} is {KINDS[found].format(run=step_dir.parent.name)}")
+
+
 @contextlib.contextmanager
 def continuation(run: str | None = None, checkpoint: str | None = None, config: str | None = None,
                  overrides: dict | None = None, kind: str = "step", extra_steps: int = 0):
@@ -224,9 +231,7 @@ def continuation(run: str | None = None, checkpoint: str | None = None, config: 
         raise UserError(f"--extra_steps={extra_steps} must not be negative")
     probe = configs.build(yaml_path=config, overrides={k: v for k, v in overrides.items() if k == "run.out_dir"})
     with resume_point(run, checkpoint, probe.run.out_dir) as step_dir:
-        found = ckpt.STEP_DIR.match(step_dir.name)
-        if found and found.group(1) != kind:
-            raise UserError(f"{step_dir} is {KINDS[found.group(1)].format(run=step_dir.parent.name)}")
+        refuse_other_loop(step_dir, kind)
         saved = saved_config(step_dir)
         cfg = configs.build(base=saved.to_dict(), yaml_path=config, overrides=overrides)
         if extra_steps:

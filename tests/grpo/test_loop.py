@@ -11,7 +11,7 @@ import pytest
 from trainer import checkpoint as ckpt
 from trainer import config as configs
 from trainer.errors import UserError
-from trainer.commands import grpo_command
+from trainer.commands import grpo_command, resume_command
 from trainer.grpo.loop import CLOCKS, FIELDS, grpo
 from trainer.grpo.rollout import RolloutError
 from tests.grpo.conftest import RunningServer, free_port, save_hf_folder, tiny_model
@@ -89,6 +89,12 @@ def test_a_linear_schedule_falls_each_iteration_and_resumes_bit_exactly(tmp_path
     assert strip_times(rows(cut, "lin")) == strip_times(rows(tmp_path, "lin"))
     constant = grpo(cfg_for(tmp_path, "constant"))
     assert constant["weights_sha256"] != full["weights_sha256"]
+
+    # best/ is named by no step: its trainer_state.json says which loop continues it
+    best = tmp_path / "checkpoints" / "lin" / "best"
+    for extra in ({}, {"extra_steps": 5}, {"nproc": 2, "extra_steps": 5}):
+        with pytest.raises(UserError, match="is a GRPO iteration; continue that run with `trainer grpo --resume lin`"):
+            resume_command(checkpoint=str(best), **extra)
 
 
 def test_single_update_per_iteration(tmp_path):

@@ -173,7 +173,7 @@ def test_which_keys_a_resume_may_change():
     assert set(C.resume_keys("inexact")) == {
         "run.threads", "run.device", "run.compile", "run.dtype", "train.batch_size", "train.grad_accum", "train.lr",
         "train.min_lr", "train.warmup_steps", "train.schedule", "train.weight_decay", "train.beta1", "train.beta2",
-        "train.grad_clip", "train.max_steps"}
+        "train.grad_clip", "train.max_steps", "grpo.iterations", "grpo.schedule"}
 
 
 def test_for_resume_keeps_the_recorded_threads_and_names_what_costs_exactness():
@@ -185,6 +185,11 @@ def test_for_resume_keeps_the_recorded_threads_and_names_what_costs_exactness():
     assert inexact == {"run.threads": (2, 1)}
     with pytest.raises(UserError, match="run.seed"):
         C.for_resume(saved, C.build(environ={}, overrides={"run.seed": 5}))
+    # GRPO's length costs exactness only where the linear schedule's rates depend on it
+    for schedule, expected in (("constant", {}), ("linear", {"grpo.iterations": (20, 40)})):
+        saved = C.build(environ={}, overrides={"grpo.schedule": schedule})
+        longer = C.build(base=saved.to_dict(), environ={}, overrides={"grpo.iterations": 40})
+        assert C.for_resume(saved, longer)[1] == expected
 
 
 def test_a_config_saved_before_model_activation_existed_keeps_gelu_new():
