@@ -73,6 +73,7 @@ REQUIRED = (CONFIG, STATE, TRAINER_STATE, OPTIMIZER)  # plus MODEL, or ADAPTER +
 KNOWN = {MODEL, ADAPTER, ADAPTER_CONFIG, OPTIMIZER, STATE, TRAINER_STATE, CONFIG, TOKENIZER}
 STEP_LIMIT = 10**12  # steps (iterations) a checkpoint may hold: 12 digits at most
 STEP_DIR = re.compile(r"^(step|iter)_([0-9]{1,12})$")  # completed checkpoints; best/, final/, export_* are not
+COUNTS = {"step": "step", "iter": "iteration"}  # each loop's folder prefix -> its trainer_state.json counter
 LEFTOVER = re.compile(r"^(step|iter)_([0-9]{1,12})\.(tmp|old)$")  # what a save killed by Airlock before 2026-12 left
 ABANDONED = re.compile(r"^(step|iter)_([0-9]{1,12})\.abandoned(?:\.([0-9]+))?$")  # set aside by a resume from older
 FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # what a manifest may name: no paths, no odd bytes
@@ -471,7 +472,7 @@ def _check_contents(step_dir: Path, files: dict) -> str | None:
     named = STEP_DIR.match(step_dir.name)  # best/ is a copy: any step
     number = int(named.group(2)) if named else None
     # what resume reads back; best/ copies either loop's checkpoint, so its file says which
-    keys = {"iter": ("iteration",), "step": ("step",)}[named.group(1)] if named else ("step", "iteration")
+    keys = (COUNTS[named.group(1)],) if named else tuple(COUNTS.values())
 
     def wrong_step(value) -> bool:
         return type(value) is not int or not 0 <= value < STEP_LIMIT or number not in (None, value)
@@ -579,7 +580,7 @@ def loop_of(step_dir: Path) -> str:
     named = STEP_DIR.match(Path(step_dir).name)
     if named:
         return named.group(1)
-    return "iter" if "iteration" in read_trainer_state(step_dir) else "step"
+    return "iter" if COUNTS["iter"] in read_trainer_state(step_dir) else "step"
 
 
 def read_trainer_state(step_dir: Path) -> dict:

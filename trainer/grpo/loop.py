@@ -478,10 +478,11 @@ def iteration(run: GRPORun, state: GRPOState, it: int) -> tuple[dict, list]:
     problems = envs.train_problems(g.env, it - 1, g.prompts_per_iter, **env_options(g))
     batch, stats, samples = rollout_batch(run.backend, cfg, problems, run.params, run.scorer, run.eos, run.tok, it)
     t2 = time.perf_counter()
+    lr = lr_at(it, g)
     for group in run.optimizer.param_groups:
-        group["lr"] = lr_at(it, g)
+        group["lr"] = lr
     stats.update(train_epoch(run.policy, run.ref, run.optimizer, batch, cfg, it, server=run.sync is not None))
-    stats.update(iteration=it, lr=lr_at(it, g), rollout_s=t2 - t1, train_s=time.perf_counter() - t2, sync_s=sync_s,
+    stats.update(iteration=it, lr=lr, rollout_s=t2 - t1, train_s=time.perf_counter() - t2, sync_s=sync_s,
                  adapter=state.adapter, adapter_sha256=state.sha256, sync_probe_diff=state.probe)
     return stats, samples
 
